@@ -1,0 +1,51 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled core of pyswtask: the wire format and the loops on the per-task path.
+
+Channels
+--------
+Every worker has one AF_UNIX SOCK_SEQPACKET socket pair to every task worker, created by the
+master before it forks. SEQPACKET keeps record boundaries: a record is read whole or not at
+all, so when a process dies and its successor inherits the socket (the master holds both ends),
+the stream never needs resynchronising; at worst a fragmented body lost its start, and its
+remaining fragments are recognised and dropped. Sends are non-blocking: what the socket does not
+take stays queued and goes out on EPOLLOUT.
+
+Record
+------
+One ``send``: one or more whole frames, at most RECORD_MAX (65,536) bytes. Many small frames
+queued in one loop turn share a record, so a burst costs one syscall per ~600 tasks.
+
+Frame (little-endian, 20-byte header + body)
+--------------------------------------------
+::
+
+     0       2     3     4     5     6          8                      16          20
+     +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
+     | magic | ver |type |flags| rsv | src wid  |       task id        | body len  | body
+     | "SW"  |  1  | u8  | u8  |  0  |   u16    |         u64          |    u32    | ...
+     +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
+
+- type: 1 TASK (worker -> task worker), 2 RESULT, 3 ERROR (task worker -> worker).
+- flags: 0x01 ASYNC delivery. A body larger than one record (RECORD_MAX - 20 bytes) travels as
+  fragments, each a frame with the same type and task id: 0x02 FRAG_FIRST on the first, 0x04
+  FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last.
+- src wid: the worker id that sent a task, or the task worker id that sent a result.
+- task id: (epoch << 32) | counter; the epoch is the delivering process's pid, so ids are not
+  reused across a respawn and a stale result is recognised.
+- body len: < 4 GiB per frame; a whole body is limited only by memory (the server caps it with
+  its package_max_length setting).
+
+Bodies are msgpack. A TASK body is the envelope ``[name, method, params, type, logid, spanid]``
+(Swoft's TaskHelper::pack fields, in that order); a RESULT body is the return value; an ERROR
+body is ``[exception type, message, traceback text]``.
+"""
+
+cimport cython
+
+import msgpack
+
+include "includes/system.pxi"
+include "core/frame.pyx"
+include "core/channel.pyx"
+include "core/dispatcher.pyx"
+include "core/taskloop.pyx"

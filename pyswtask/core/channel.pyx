@@ -1,0 +1,158 @@
+# One end of a worker <-> task worker channel: an outgoing frame queue sent as whole records,
+# and the reassembly of bodies that were too large for one record.
+
+cdef struct Buf:
+    char *data
+    size_t start        # first byte not yet sent
+    size_t end          # first free byte
+    size_t cap
+
+
+cdef class Channel:
+    cdef readonly int fd
+    cdef readonly int peer
+    cdef Buf out
+    cdef uint32_t mask          # the epoll events registered now
+    cdef dict frags             # task id -> bytearray, bodies being reassembled
+    cdef readonly uint64_t stray_fragments
+
+    def __cinit__(self, int fd, int peer):
+        self.fd = fd
+        self.peer = peer
+        self.out.data = NULL
+        self.out.start = self.out.end = self.out.cap = 0
+        self.mask = 0
+        self.frags = {}
+
+    def __dealloc__(self):
+        free(self.out.data)
+
+    cdef inline size_t queued(self) noexcept:
+        return self.out.end - self.out.start
+
+    cdef char *reserve(self, size_t n) except NULL:
+        cdef size_t cap
+        cdef char *data
+        if self.out.start == self.out.end:
+            self.out.start = self.out.end = 0
+        if self.out.end + n > self.out.cap:
+            if self.out.start:
+                memmove(self.out.data, self.out.data + self.out.start,
+                        self.out.end - self.out.start)
+                self.out.end -= self.out.start
+                self.out.start = 0
+            if self.out.end + n > self.out.cap:
+                cap = self.out.cap * 2 if self.out.cap else 16384
+                while cap < self.out.end + n:
+                    cap *= 2
+                data = <char *>realloc(self.out.data, cap)
+                if data == NULL:
+                    raise MemoryError()
+                self.out.data = data
+                self.out.cap = cap
+        data = self.out.data + self.out.end
+        self.out.end += n
+        return data
+
+    cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                 const char *body, size_t n) except -1:
+        """Queues one frame, split into fragments when its body exceeds one record."""
+        cdef char *p
+        cdef size_t off = 0, chunk
+        cdef uint8_t fl
+        if n <= _FRAG_BODY_MAX:
+            p = self.reserve(_HEADER_SIZE + n)
+            write_header(p, ftype, flags, task_id, src, <uint32_t>n)
+            if n:
+                memcpy(p + _HEADER_SIZE, body, n)
+            return 0
+        fl = _FLAG_FRAG_FIRST
+        while off < n:
+            chunk = n - off
+            if chunk > _FRAG_BODY_MAX:
+                chunk = _FRAG_BODY_MAX
+            fl |= _FLAG_FRAG_MORE if off + chunk < n else _FLAG_FRAG_LAST
+            p = self.reserve(_HEADER_SIZE + chunk)
+            write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk)
+            memcpy(p + _HEADER_SIZE, body + off, chunk)
+            off += chunk
+            fl = 0
+        return 0
+
+    cdef int flush(self) except -1:
+        """Sends queued frames, as many whole frames per record as fit, until the queue is empty
+        (returns 1) or the socket is full (returns 0; the rest stays queued)."""
+        cdef FrameHeader h
+        cdef size_t off, total, fsize
+        cdef ssize_t r
+        while self.out.start < self.out.end:
+            off = self.out.start
+            total = 0
+            while off < self.out.end:
+                memcpy(&h, self.out.data + off, _HEADER_SIZE)
+                fsize = _HEADER_SIZE + h.body_len
+                if total and total + fsize > _RECORD_MAX:
+                    break
+                total += fsize
+                off += fsize
+            r = send(self.fd, self.out.data + self.out.start, total, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if r < 0:
+                if errno == EAGAIN:
+                    return 0
+                if errno == EINTR:
+                    continue
+                raise OSError(errno, f"send to channel {self.peer} failed")
+            # SOCK_SEQPACKET sends a record whole or not at all.
+            self.out.start += total
+        self.out.start = self.out.end = 0
+        return 1
+
+    cdef int update_interest(self, int epfd, size_t high_water) except -1:
+        """Registers EPOLLOUT while frames are queued, and stops reading from a peer whose
+        replies we cannot send (so a slow reader throttles its writer instead of growing us)."""
+        cdef uint32_t mask = 0
+        cdef epoll_event ev
+        cdef size_t q = self.queued()
+        if q < high_water:
+            mask |= EPOLLIN
+        if q:
+            mask |= EPOLLOUT
+        if mask != self.mask:
+            ev.events = mask
+            ev.data.u64 = 0
+            ev.data.u32 = <uint32_t>self.peer
+            if epoll_ctl(epfd, EPOLL_CTL_MOD if self.mask else EPOLL_CTL_ADD, self.fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed")
+            self.mask = mask
+        return 0
+
+    cdef object assemble(self, FrameHeader *h, const char *p):
+        """Adds a fragment; returns the whole body once its last fragment came, else None."""
+        cdef object buf
+        if h.flags & _FLAG_FRAG_FIRST:
+            buf = bytearray(PyBytes_FromStringAndSize(p, h.body_len))
+            self.frags[h.task_id] = buf
+        else:
+            buf = self.frags.get(h.task_id)
+            if buf is None:
+                # The start was read by a process that has since died: drop the rest.
+                self.stray_fragments += 1
+                return None
+            buf += PyBytes_FromStringAndSize(p, h.body_len)
+        if not h.flags & _FLAG_FRAG_LAST:
+            return None
+        del self.frags[h.task_id]
+        return bytes(buf)
+
+
+cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
+    """One record into buf (RECORD_MAX bytes); -1 when none is waiting."""
+    cdef ssize_t r
+    while True:
+        r = recv(fd, buf, _RECORD_MAX, MSG_DONTWAIT)
+        if r >= 0:
+            return r
+        if errno == EAGAIN:
+            return -1
+        if errno != EINTR:
+            raise OSError(errno, "recv from channel failed")

@@ -1,0 +1,393 @@
+# The worker's side: pick a task worker, queue task frames, match results to their callers.
+
+cdef enum:
+    _P_ASYNC = 0
+    _P_SYNC = 1
+    _P_FUTURE = 2
+    _P_BATCH = 3
+    _EVENTS_MAX = 32
+    # Records read from one channel per turn, so that one busy peer cannot starve the others.
+    _READ_BUDGET = 64
+
+
+cdef class _TimeoutMarker:
+    def __repr__(self):
+        return "<pyswtask._core.TIMEOUT>"
+
+    def __reduce__(self):
+        return "TIMEOUT"
+
+
+TIMEOUT = _TimeoutMarker()
+
+
+@cython.final
+@cython.freelist(64)
+cdef class _Pending:
+    cdef int kind
+    cdef bint done
+    cdef object obj             # ASYNC: callback or None; FUTURE: future; BATCH: _Batch
+    cdef object value
+    cdef Py_ssize_t index
+
+
+@cython.final
+cdef class _Batch:
+    cdef list results
+    cdef Py_ssize_t remaining
+
+
+cdef class Dispatcher:
+    """Delivers task frames from one worker to the task workers and routes results back.
+
+    Results are matched by task id. A task id carries this process's epoch (its pid) in the high
+    32 bits, so a result meant for an earlier process with the same worker id is never taken
+    for one of ours, and ids are never reused, so a late result never reaches a later call.
+    """
+    cdef int epfd
+    cdef list channels
+    cdef int nchan
+    cdef unsigned char[:] busy
+    cdef int rr
+    cdef uint64_t epoch
+    cdef uint32_t counter
+    cdef uint16_t worker_id
+    cdef dict pending
+    cdef list deferred
+    cdef object on_finish           # on_finish(task_id, result, callback): user code
+    cdef object make_error          # make_error(unpacked error body) -> exception instance
+    cdef object on_protocol_error   # on_protocol_error(message)
+    cdef object schedule            # loop.call_soon, or None outside an event loop
+    cdef bint flush_scheduled
+    cdef bint deferred_scheduled
+    cdef char *scratch
+    cdef readonly uint64_t late_results
+    cdef readonly uint64_t bad_records
+    cdef public double spin
+    cdef public size_t high_water
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.scratch = <char *>malloc(_RECORD_MAX)
+        if self.scratch == NULL:
+            raise MemoryError()
+
+    def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
+                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20):
+        cdef Channel ch
+        self.worker_id = worker_id
+        self.epoch = epoch & 0xFFFFFFFF
+        self.busy = busy
+        self.nchan = len(fds)
+        if self.nchan == 0:
+            raise ValueError("a dispatcher needs at least one task worker channel")
+        if self.busy.shape[0] < self.nchan:
+            raise ValueError("busy flags are fewer than the channels")
+        self.on_finish = on_finish
+        self.make_error = make_error
+        self.on_protocol_error = on_protocol_error
+        self.spin = spin
+        self.high_water = high_water
+        self.pending = {}
+        self.deferred = []
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.channels = []
+        for i, fd in enumerate(fds):
+            ch = Channel(fd, i)
+            ch.update_interest(self.epfd, self.high_water)
+            self.channels.append(ch)
+
+    def __dealloc__(self):
+        free(self.scratch)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def fileno(self):
+        """The epoll descriptor: readable whenever a result or send space is waiting."""
+        return self.epfd
+
+    def set_scheduler(self, schedule):
+        """Gives the dispatcher loop.call_soon, so that ASYNC frames queued in one loop turn go
+        out together (one send per record, not per task) and finish callbacks run from the loop."""
+        self.schedule = schedule
+
+    @property
+    def pending_count(self):
+        return len(self.pending)
+
+    # -- choosing a task worker ---------------------------------------------------------------
+
+    cdef Channel _pick(self, int dst):
+        cdef int k, j
+        if dst >= 0:
+            if dst >= self.nchan:
+                raise ValueError(f"dst_worker_id {dst} is out of range: there are "
+                                 f"{self.nchan} task workers (0..{self.nchan - 1})")
+            return <Channel>self.channels[dst]
+        # An idle task worker first, starting after the last one picked; round-robin when
+        # every one is busy.
+        j = self.rr
+        for k in range(self.nchan):
+            if self.busy[j] == 0:
+                break
+            j += 1
+            if j == self.nchan:
+                j = 0
+        else:
+            j = self.rr
+        self.rr = j + 1
+        if self.rr == self.nchan:
+            self.rr = 0
+        return <Channel>self.channels[j]
+
+    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
+        cdef Channel ch = self._pick(dst)
+        cdef uint64_t task_id
+        self.counter += 1
+        if self.counter == 0:
+            self.counter = 1
+        task_id = (self.epoch << 32) | self.counter
+        ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
+               PyBytes_GET_SIZE(body))
+        self.pending[task_id] = entry
+        if ch.queued() >= _RECORD_MAX:
+            self._flush_channel(ch)
+        return task_id
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    def submit(self, bytes body, int dst=-1, callback=None):
+        """Queues an ASYNC task; returns its id. The frame leaves at the end of this loop turn
+        (or at once without a loop); the result comes back through on_finish."""
+        cdef _Pending entry = _Pending.__new__(_Pending)
+        entry.kind = _P_ASYNC
+        entry.obj = callback
+        cdef uint64_t task_id = self._submit(body, dst, _FLAG_ASYNC, entry)
+        self._schedule_flush()
+        return task_id
+
+    def submit_future(self, bytes body, int dst, future):
+        """Queues a task whose result resolves future (an asyncio future of this loop)."""
+        cdef _Pending entry = _Pending.__new__(_Pending)
+        entry.kind = _P_FUTURE
+        entry.obj = future
+        cdef uint64_t task_id = self._submit(body, dst, 0, entry)
+        self._schedule_flush()
+        return task_id
+
+    def call(self, bytes body, int dst, double timeout):
+        """Sends a task and blocks until its result: the value, an error instance from
+        make_error, or TIMEOUT. Other results arriving meanwhile are kept for the loop."""
+        cdef _Pending entry = _Pending.__new__(_Pending)
+        entry.kind = _P_SYNC
+        cdef uint64_t task_id = self._submit(body, dst, 0, entry)
+        self.flush()
+        self._wait(entry, None, monotonic() + timeout)
+        if entry.done:
+            return entry.value
+        self.pending.pop(task_id, None)
+        return TIMEOUT
+
+    def call_many(self, list bodies, int dst, double timeout):
+        """Sends every task at once and waits for all under one timeout; returns one outcome
+        per task, in order: the value, an error instance, or TIMEOUT."""
+        cdef Py_ssize_t i, n = len(bodies)
+        cdef _Batch batch = _Batch.__new__(_Batch)
+        cdef _Pending entry
+        cdef list ids = []
+        batch.results = [TIMEOUT] * n
+        batch.remaining = n
+        for i in range(n):
+            entry = _Pending.__new__(_Pending)
+            entry.kind = _P_BATCH
+            entry.obj = batch
+            entry.index = i
+            ids.append(self._submit(<bytes>bodies[i], dst, 0, entry))
+        self.flush()
+        self._wait(None, batch, monotonic() + timeout)
+        if batch.remaining:
+            for task_id in ids:
+                self.pending.pop(task_id, None)
+        return batch.results
+
+    def forget(self, uint64_t task_id):
+        """Drops a pending task (its caller gave up); a result that comes later is discarded."""
+        return self.pending.pop(task_id, None) is not None
+
+    # -- sending --------------------------------------------------------------------------------
+
+    cdef int _schedule_flush(self) except -1:
+        if self.flush_scheduled:
+            return 0
+        if self.schedule is None:
+            self.flush()
+        else:
+            self.flush_scheduled = True
+            self.schedule(self._scheduled_flush)
+        return 0
+
+    def _scheduled_flush(self):
+        self.flush_scheduled = False
+        self.flush()
+
+    def flush(self):
+        """Sends what is queued on every channel, as far as the sockets take it."""
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                self._flush_channel(ch)
+
+    cdef int _flush_channel(self, Channel ch) except -1:
+        ch.flush()
+        ch.update_interest(self.epfd, self.high_water)
+        if ch.queued() >= self.high_water:
+            # Backpressure: the task worker is not keeping up. Wait for room, reading results
+            # meanwhile (a task worker blocked on sending us results would otherwise never read).
+            while ch.queued() >= self.high_water // 2:
+                self._poll(100)
+        return 0
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1:
+        cdef double now, spin_until = 0.0
+        cdef int timeout_ms
+        if self.spin > 0:
+            spin_until = monotonic() + self.spin
+        while True:
+            if entry is not None and entry.done:
+                break
+            if batch is not None and batch.remaining == 0:
+                break
+            now = monotonic()
+            if now >= deadline:
+                break
+            if now < spin_until:
+                timeout_ms = 0
+            else:
+                timeout_ms = <int>((deadline - now) * 1000.0) + 1
+            self._poll(timeout_ms)
+        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
+            self.deferred_scheduled = True
+            self.schedule(self.run_deferred)
+        return 0
+
+    def poll(self, double timeout=0.0):
+        """Handles whatever is ready, waiting up to timeout seconds for something, then runs
+        the finish callbacks due. Returns the number of ready descriptors."""
+        cdef int n = self._poll(<int>(timeout * 1000.0) if timeout > 0 else 0)
+        self.run_deferred()
+        return n
+
+    def on_readable(self):
+        """The event loop's reader callback for fileno()."""
+        self._poll(0)
+        self.run_deferred()
+
+    def run_deferred(self):
+        """Runs the finish callbacks of ASYNC tasks whose results have come."""
+        cdef list items
+        cdef tuple item
+        self.deferred_scheduled = False
+        while self.deferred:
+            items = self.deferred
+            self.deferred = []
+            for item in items:
+                self.on_finish(item[0], item[1], item[2])
+
+    cdef int _poll(self, int timeout_ms) except -1:
+        cdef epoll_event evs[_EVENTS_MAX]
+        cdef int n, i
+        cdef Channel ch
+        if timeout_ms == 0:
+            n = epoll_wait(self.epfd, evs, _EVENTS_MAX, 0)
+        else:
+            with nogil:
+                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, timeout_ms)
+        if n < 0:
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                return 0
+            raise OSError(errno, "epoll_wait failed")
+        for i in range(n):
+            ch = <Channel>self.channels[evs[i].data.u32]
+            if evs[i].events & EPOLLOUT:
+                ch.flush()
+                ch.update_interest(self.epfd, self.high_water)
+            if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                self._read(ch)
+        return n
+
+    cdef int _read(self, Channel ch) except -1:
+        cdef ssize_t r
+        cdef int k
+        for k in range(_READ_BUDGET):
+            r = recv_record(ch.fd, self.scratch)
+            if r <= 0:
+                # -1: nothing waiting. 0: an empty record; a closed peer cannot happen while the
+                # master holds both ends.
+                return 0
+            self._on_record(ch, <size_t>r)
+        return 0
+
+    cdef int _on_record(self, Channel ch, size_t n) except -1:
+        cdef size_t off = 0
+        cdef FrameHeader h
+        cdef const char *why
+        cdef const char *body
+        cdef object whole
+        while off < n:
+            why = check_header(self.scratch + off, n - off, &h)
+            if why == NULL and h.type == _FRAME_TASK:
+                why = "task frame sent to a worker"
+            if why != NULL:
+                # Records are atomic, so dropping the rest of this one loses no alignment.
+                self.bad_records += 1
+                self.on_protocol_error(
+                    f"worker {self.worker_id}: record from task worker {ch.peer} dropped at "
+                    f"offset {off}: {why.decode()}")
+                return 0
+            body = self.scratch + off + _HEADER_SIZE
+            off += _HEADER_SIZE + h.body_len
+            if h.flags & _FLAGS_FRAG:
+                whole = ch.assemble(&h, body)
+                if whole is not None:
+                    self._on_result(h.task_id, h.type, PyBytes_AS_STRING(whole),
+                                    PyBytes_GET_SIZE(whole))
+            else:
+                self._on_result(h.task_id, h.type, body, h.body_len)
+        return 0
+
+    cdef int _on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1:
+        cdef _Pending entry
+        cdef object value
+        cdef object found = self.pending.pop(task_id, None)
+        if found is None:
+            self.late_results += 1
+            return 0
+        entry = <_Pending>found
+        try:
+            value = unpackb(p, n)
+        except Exception as exc:
+            ftype = _FRAME_ERROR
+            value = ["ProtocolError", f"task result is not valid msgpack: {exc}", ""]
+        if ftype == _FRAME_ERROR:
+            value = self.make_error(value)
+        if entry.kind == _P_SYNC:
+            entry.done = True
+            entry.value = value
+        elif entry.kind == _P_BATCH:
+            (<_Batch>entry.obj).results[entry.index] = value
+            (<_Batch>entry.obj).remaining -= 1
+        elif entry.kind == _P_FUTURE:
+            if not entry.obj.done():
+                if ftype == _FRAME_ERROR:
+                    entry.obj.set_exception(value)
+                else:
+                    entry.obj.set_result(value)
+        else:
+            # Never run user code here: it may deliver again and reuse the scratch buffer.
+            self.deferred.append((task_id, value, entry.obj))
+        return 0

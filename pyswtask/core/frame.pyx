@@ -1,0 +1,165 @@
+# The frame format and the task envelope. Layout diagram and limits: the docstring of _core.pyx.
+
+cdef enum:
+    _FRAME_MAGIC = 0x5753          # b"SW" read as a little-endian u16
+    _FRAME_VERSION = 1
+    _HEADER_SIZE = 20
+    # One SOCK_SEQPACKET record at most. 64 KiB stays far below the default AF_UNIX send
+    # buffer (about 208 KiB), so a record never fails with EMSGSIZE on an untuned kernel.
+    _RECORD_MAX = 65536
+    _FRAG_BODY_MAX = _RECORD_MAX - _HEADER_SIZE
+
+    _FRAME_TASK = 1
+    _FRAME_RESULT = 2
+    _FRAME_ERROR = 3
+    _FRAME_TYPE_MAX = 3
+
+    _FLAG_ASYNC = 0x01
+    _FLAG_FRAG_FIRST = 0x02
+    _FLAG_FRAG_MORE = 0x04
+    _FLAG_FRAG_LAST = 0x08
+    _FLAGS_FRAG = 0x0E
+
+
+cdef packed struct FrameHeader:
+    uint16_t magic
+    uint8_t version
+    uint8_t type
+    uint8_t flags
+    uint8_t reserved
+    uint16_t src_worker
+    uint64_t task_id
+    uint32_t body_len
+
+
+HEADER_SIZE = _HEADER_SIZE
+RECORD_MAX = _RECORD_MAX
+FRAME_VERSION = _FRAME_VERSION
+FRAME_TASK = _FRAME_TASK
+FRAME_RESULT = _FRAME_RESULT
+FRAME_ERROR = _FRAME_ERROR
+FLAG_ASYNC = _FLAG_ASYNC
+FLAG_FRAG_FIRST = _FLAG_FRAG_FIRST
+FLAG_FRAG_MORE = _FLAG_FRAG_MORE
+FLAG_FRAG_LAST = _FLAG_FRAG_LAST
+
+# Envelope field order, as TaskHelper::pack had it: name, method, params, type, logid, spanid.
+ENVELOPE_FIELDS = ("name", "method", "params", "type", "logid", "spanid")
+
+
+class ProtocolError(ValueError):
+    """A frame or an envelope that does not follow the wire format."""
+
+
+cdef object _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+cdef object _unpackb = msgpack.unpackb
+
+
+cdef inline bytes packb(object value):
+    return _packb(value)
+
+
+cdef inline object unpackb(const char *p, Py_ssize_t n):
+    return _unpackb(PyBytes_FromStringAndSize(p, n), raw=False, strict_map_key=False,
+                    use_list=True)
+
+
+cdef inline void write_header(char *dst, uint8_t ftype, uint8_t flags, uint64_t task_id,
+                              uint16_t src, uint32_t body_len) noexcept nogil:
+    cdef FrameHeader h
+    h.magic = _FRAME_MAGIC
+    h.version = _FRAME_VERSION
+    h.type = ftype
+    h.flags = flags
+    h.reserved = 0
+    h.src_worker = src
+    h.task_id = task_id
+    h.body_len = body_len
+    memcpy(dst, &h, _HEADER_SIZE)
+
+
+cdef inline const char *check_header(const char *p, size_t avail, FrameHeader *h) noexcept nogil:
+    """Reads the header at p into h; returns NULL when it is valid and complete, else why not."""
+    if avail < _HEADER_SIZE:
+        return "truncated header"
+    memcpy(h, p, _HEADER_SIZE)
+    if h.magic != _FRAME_MAGIC:
+        return "bad magic"
+    if h.version != _FRAME_VERSION:
+        return "unsupported frame version"
+    if h.type == 0 or h.type > _FRAME_TYPE_MAX:
+        return "unknown frame type"
+    if <size_t>h.body_len > avail - _HEADER_SIZE:
+        return "truncated body"
+    return NULL
+
+
+def pack_frame(int ftype, int flags, uint64_t task_id, int src_worker, body):
+    """One frame as bytes (header + body). The body must fit one record."""
+    cdef const unsigned char[:] view = body
+    cdef Py_ssize_t n = view.shape[0]
+    if n > _FRAG_BODY_MAX:
+        raise ValueError(f"body of {n} bytes exceeds one record ({_FRAG_BODY_MAX} bytes); "
+                         "channels fragment larger bodies")
+    if not 0 < ftype <= _FRAME_TYPE_MAX:
+        raise ValueError(f"unknown frame type {ftype}")
+    out = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE + n)
+    cdef char *p = PyBytes_AS_STRING(out)
+    write_header(p, <uint8_t>ftype, <uint8_t>flags, task_id, <uint16_t>src_worker, <uint32_t>n)
+    if n:
+        memcpy(p + _HEADER_SIZE, &view[0], n)
+    return out
+
+
+def parse_frames(data):
+    """Splits one record into (type, flags, task_id, src_worker, body) tuples.
+
+    Raises ProtocolError naming the first defect; never reads past the buffer.
+    """
+    cdef const unsigned char[:] view = data
+    cdef size_t n = view.shape[0], off = 0
+    cdef FrameHeader h
+    cdef const char *why
+    cdef const char *base = <const char *>&view[0] if n else NULL
+    frames = []
+    while off < n:
+        why = check_header(base + off, n - off, &h)
+        if why != NULL:
+            raise ProtocolError(f"frame at offset {off}: {why.decode()}")
+        frames.append((h.type, h.flags, h.task_id, h.src_worker,
+                       PyBytes_FromStringAndSize(base + off + _HEADER_SIZE, h.body_len)))
+        off += _HEADER_SIZE + h.body_len
+    return frames
+
+
+def pack_envelope(str name, str method, params, int type=1, str logid="", int spanid=0):
+    """Packs a task call. params must be a list or tuple; raises TypeError from msgpack when a
+    value cannot be packed (the facade names the value)."""
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
+    return packb((name, method, params, type, logid, spanid))
+
+
+cdef tuple _check_envelope(obj):
+    if (type(obj) is not list or len(<list>obj) != 6 or type((<list>obj)[0]) is not str
+            or type((<list>obj)[1]) is not str or type((<list>obj)[2]) is not list
+            or type((<list>obj)[3]) is not int or type((<list>obj)[4]) is not str
+            or type((<list>obj)[5]) is not int):
+        raise ProtocolError(f"malformed task envelope: {obj!r:.200}")
+    return tuple(<list>obj)
+
+
+cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
+    try:
+        obj = unpackb(p, n)
+    except Exception as exc:
+        raise ProtocolError(f"task envelope is not valid msgpack: {exc}") from None
+    return _check_envelope(obj)
+
+
+def unpack_envelope(body):
+    """(name, method, params, type, logid, spanid) from an envelope; ProtocolError if malformed."""
+    cdef const unsigned char[:] view = body
+    if view.shape[0] == 0:
+        raise ProtocolError("empty task envelope")
+    return unpack_envelope_c(<const char *>&view[0], view.shape[0])

@@ -1,0 +1,201 @@
+# The task worker's side: read task frames from every worker, run each synchronously, reply.
+
+cdef enum:
+    _STOP_TAG = 0xFFFFFFFF
+    _DURATIONS_MAX = 4096
+
+# A method whose runs average more than this is "slow": results already queued are sent before
+# it starts, so a fast task's result never waits behind a slow one that shared its record.
+cdef double _SLOW_TASK = 0.0002
+
+
+cdef class TaskLoop:
+    """Serves task frames from every worker's channel until a stop signal arrives.
+
+    execute(envelope, task_id, src_worker) runs one task and returns (ok, value): value is the
+    result when ok, else [exception type, message, traceback text]. It must not raise.
+    While tasks run, this worker's busy flag is 1, so dispatchers prefer an idle task worker.
+    """
+    cdef int epfd
+    cdef int stop_fd
+    cdef list channels
+    cdef unsigned char[:] busy
+    cdef int index
+    cdef uint16_t worker_id
+    cdef object execute
+    cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
+    cdef object on_protocol_error   # on_protocol_error(message)
+    cdef char *scratch
+    cdef dict durations             # (name, method) -> moving average of run time, seconds
+    cdef readonly uint64_t tasks_done
+    cdef readonly uint64_t bad_records
+    cdef public size_t high_water
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.scratch = <char *>malloc(_RECORD_MAX)
+        if self.scratch == NULL:
+            raise MemoryError()
+
+    def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
+                 on_protocol_error, size_t high_water=4 << 20):
+        cdef Channel ch
+        cdef epoll_event ev
+        self.worker_id = worker_id
+        self.index = index
+        self.busy = busy
+        self.stop_fd = stop_fd
+        self.execute = execute
+        self.on_signal = on_signal
+        self.on_protocol_error = on_protocol_error
+        self.high_water = high_water
+        self.durations = {}
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.channels = []
+        for i, fd in enumerate(fds):
+            ch = Channel(fd, i)
+            ch.update_interest(self.epfd, self.high_water)
+            self.channels.append(ch)
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.u32 = _STOP_TAG
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl failed on the stop descriptor")
+
+    def __dealloc__(self):
+        free(self.scratch)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def run(self, double max_wait):
+        """Serves until on_signal says stop; then drains what the workers already sent, for at
+        most max_wait seconds, and returns the number of tasks run."""
+        cdef epoll_event evs[_EVENTS_MAX]
+        cdef int n, i, timeout_ms = -1
+        cdef bint stopping = False
+        cdef double deadline = 0.0
+        cdef Channel ch
+        cdef char sigbuf[64]
+        cdef ssize_t r
+        while True:
+            self.busy[self.index] = 0
+            with nogil:
+                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, timeout_ms)
+            if n < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                raise OSError(errno, "epoll_wait failed")
+            self.busy[self.index] = 1
+            for i in range(n):
+                if evs[i].data.u32 == _STOP_TAG:
+                    r = read(self.stop_fd, sigbuf, sizeof(sigbuf))
+                    if r > 0 and not stopping and self.on_signal(sigbuf[:r]):
+                        stopping = True
+                        deadline = monotonic() + max_wait
+                        # Poll briefly from now on: exit as soon as nothing is left to serve.
+                        timeout_ms = 20
+                    continue
+                ch = <Channel>self.channels[evs[i].data.u32]
+                if evs[i].events & EPOLLOUT:
+                    ch.flush()
+                if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    self._read(ch)
+                ch.update_interest(self.epfd, self.high_water)
+            if stopping:
+                if monotonic() >= deadline:
+                    break
+                if n == 0 and not self._queued():
+                    break
+        self.busy[self.index] = 0
+        return self.tasks_done
+
+    cdef bint _queued(self):
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                return True
+        return False
+
+    cdef int _read(self, Channel ch) except -1:
+        cdef ssize_t r = recv_record(ch.fd, self.scratch)
+        cdef int k = 0
+        while r > 0:
+            self._on_record(ch, <size_t>r)
+            k += 1
+            r = -1
+            if k < _READ_BUDGET and ch.queued() < self.high_water:
+                r = recv_record(ch.fd, self.scratch)
+            if r <= 0:
+                # Idle before the replies leave: a caller that sends its next task as soon as
+                # it has this reply must already see this task worker as idle.
+                self.busy[self.index] = 0
+            # The replies to one record go out together: one send for many small results.
+            ch.flush()
+        return 0
+
+    cdef int _on_record(self, Channel ch, size_t n) except -1:
+        cdef size_t off = 0
+        cdef FrameHeader h
+        cdef const char *why
+        cdef const char *body
+        cdef object whole
+        while off < n:
+            why = check_header(self.scratch + off, n - off, &h)
+            if why == NULL and h.type != _FRAME_TASK:
+                why = "a task worker takes only task frames"
+            if why != NULL:
+                self.bad_records += 1
+                self.on_protocol_error(
+                    f"task worker {self.worker_id}: record from worker {ch.peer} dropped at "
+                    f"offset {off}: {why.decode()}")
+                return 0
+            body = self.scratch + off + _HEADER_SIZE
+            off += _HEADER_SIZE + h.body_len
+            if h.flags & _FLAGS_FRAG:
+                whole = ch.assemble(&h, body)
+                if whole is not None:
+                    self._run_task(ch, &h, PyBytes_AS_STRING(whole), PyBytes_GET_SIZE(whole))
+            else:
+                self._run_task(ch, &h, body, h.body_len)
+        return 0
+
+    cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1:
+        cdef uint64_t task_id = h.task_id
+        cdef uint16_t src = h.src_worker
+        cdef bint ok
+        cdef bytes out
+        cdef double started
+        cdef object expected
+        try:
+            envelope = unpack_envelope_c(p, n)
+        except ProtocolError as exc:
+            ok, value = False, ["ProtocolError", str(exc), ""]
+        else:
+            key = (envelope[0], envelope[1])
+            expected = self.durations.get(key)
+            if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
+                ch.flush()
+            started = monotonic()
+            ok, value = self.execute(envelope, task_id, src)
+            started = monotonic() - started
+            if expected is None:
+                if len(self.durations) >= _DURATIONS_MAX:
+                    self.durations.clear()
+                self.durations[key] = started
+            else:
+                self.durations[key] = <double>expected * 0.8 + started * 0.2
+        self.tasks_done += 1
+        if ok:
+            try:
+                out = packb(value)
+            except Exception as exc:
+                ok = False
+                value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
+        if not ok:
+            out = packb(value)
+        ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
+               PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
+        return 0

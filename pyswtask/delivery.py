@@ -1,0 +1,199 @@
+"""Task: delivering task calls from a worker to the task workers (Swoft's Task::deliver)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+from . import context
+from ._core import TIMEOUT, Dispatcher, pack_envelope
+from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
+from .events import Event, events
+from .executor import trace_ids
+
+__all__ = ["Task"]
+
+log = logging.getLogger("pyswtask.task")
+
+FinishCallback = Callable[[int, Any], Any]
+
+
+class Task:
+    """Delivers task calls. Every method is static: ``Task.deliver("name", "method", [args])``.
+
+    ``type`` chooses how *delivery* behaves; the task itself always runs synchronously in a task
+    worker:
+
+    - ``TYPE_CO`` blocks the caller until the result (Swoole's taskCo / taskwait).
+    - ``TYPE_ASYNC`` returns a task id at once; the result comes back as the FINISH_TASK event
+      in this worker, and to ``callback(task_id, result)`` when given.
+    """
+
+    TYPE_CO = 1
+    TYPE_ASYNC = 2
+
+    @staticmethod
+    def deliver(name: str, method: str, params: Sequence[Any] = (), type: int = TYPE_CO,
+                timeout: float = 3.0, *, callback: FinishCallback | None = None,
+                dst_worker_id: int = -1) -> Any:
+        """Delivers one call of ``name.method(*params)`` to a task worker.
+
+        CO returns the method's return value, raises TaskTimeout after ``timeout`` seconds, or
+        TaskError when the task raised or is unknown. ASYNC returns the int task id.
+        ``dst_worker_id`` picks a task worker by index (0..task_worker_num-1); by default an
+        idle one, round-robin when all are busy. Params must be msgpack-able: a value that is
+        not raises TypeError naming it, and nothing is sent.
+        """
+        dispatcher = _dispatcher("Task.deliver")
+        body = _pack(name, method, params, type)
+        if type == Task.TYPE_ASYNC:
+            return dispatcher.submit(body, dst_worker_id, callback)
+        if type != Task.TYPE_CO:
+            raise ValueError(f"type must be Task.TYPE_CO or Task.TYPE_ASYNC, not {type!r}")
+        result = dispatcher.call(body, dst_worker_id, _check_timeout(timeout))
+        if result is TIMEOUT:
+            raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+        if result.__class__ is TaskError:
+            raise result
+        return result
+
+    @staticmethod
+    def deliver_batch(calls: Iterable[Sequence[Any]], timeout: float = 3.0, *,
+                      dst_worker_id: int = -1) -> list[Any]:
+        """Delivers many calls at once and waits for all of them under one timeout
+        (Swoole's taskCo / taskWaitMulti, without its 1024 cap).
+
+        ``calls`` holds ``(name, method)`` or ``(name, method, params)`` items. Returns one
+        outcome per call, in order: its value, or a TaskError / TaskTimeout instance.
+        """
+        dispatcher = _dispatcher("Task.deliver_batch")
+        bodies = [_pack_call(call, i) for i, call in enumerate(calls)]
+        results = dispatcher.call_many(bodies, dst_worker_id, _check_timeout(timeout))
+        for i, result in enumerate(results):
+            if result is TIMEOUT:
+                results[i] = TaskTimeout(f"batch item {i} gave no result within {timeout} s")
+        return results
+
+    @staticmethod
+    async def co(name: str, method: str, params: Sequence[Any] = (), timeout: float = 3.0, *,
+                 dst_worker_id: int = -1) -> Any:
+        """CO delivery for asyncio code in a worker: awaits the result without blocking the
+        worker's other coroutines. Raises as ``deliver`` does."""
+        dispatcher = _dispatcher("Task.co")
+        body = _pack(name, method, params, Task.TYPE_CO)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        task_id = dispatcher.submit_future(body, dst_worker_id, future)
+        expiry = loop.call_later(_check_timeout(timeout), _expire, future,
+                                 f"task {name}.{method} gave no result within {timeout} s")
+        try:
+            return await future
+        finally:
+            expiry.cancel()
+            dispatcher.forget(task_id)
+
+    @staticmethod
+    async def co_batch(calls: Iterable[Sequence[Any]], timeout: float = 3.0, *,
+                       dst_worker_id: int = -1) -> list[Any]:
+        """``deliver_batch`` for asyncio code: one timeout, one outcome per call."""
+        dispatcher = _dispatcher("Task.co_batch")
+        bodies = [_pack_call(call, i) for i, call in enumerate(calls)]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in bodies]
+        ids = [dispatcher.submit_future(body, dst_worker_id, fut)
+               for body, fut in zip(bodies, futures)]
+        if futures:
+            await asyncio.wait(futures, timeout=_check_timeout(timeout))
+        outcomes: list[Any] = []
+        for i, (task_id, fut) in enumerate(zip(ids, futures)):
+            if not fut.done():
+                dispatcher.forget(task_id)
+                fut.cancel()
+                outcomes.append(TaskTimeout(f"batch item {i} gave no result within {timeout} s"))
+            elif fut.exception() is not None:
+                outcomes.append(fut.exception())
+            else:
+                outcomes.append(fut.result())
+        return outcomes
+
+
+def _dispatcher(api: str) -> Dispatcher:
+    ctx = context.current
+    if ctx.role == context.WORKER:
+        if ctx.dispatcher is None:
+            raise DeliveryError(f"{api}: this server has no task workers (task_worker_num=0)")
+        return ctx.dispatcher
+    if ctx.role == context.TASK_WORKER:
+        raise DeliveryError(f"{api} cannot be called from a task worker: task workers run one "
+                            "task at a time, and waiting there on another task can deadlock; "
+                            "return a value, or deliver from the worker that gets the result")
+    if ctx.role == context.MASTER:
+        raise DeliveryError(f"{api} cannot be called from the master process: deliver from a "
+                            "worker (a worker_start hook, a timer or a listener)")
+    raise ServerNotRunning(
+        f"{api} works inside a worker of a running pyswtask server (a worker_start hook, a "
+        "timer, a listener, or code they call); this process is not one, and it has no "
+        "message queue configured to reach a server from a separate program")
+
+
+def _check_timeout(timeout: float) -> float:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def _pack(name: str, method: str, params: Sequence[Any], type: int) -> bytes:
+    if not isinstance(name, str) or not isinstance(method, str):
+        raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
+    logid, spanid = trace_ids.get()
+    try:
+        return pack_envelope(name, method, params, type, logid, spanid)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"params of {name}.{method} cannot be packed: "
+                        f"{_describe_unpackable(params, exc)}") from None
+
+
+def _pack_call(call: Sequence[Any], index: int) -> bytes:
+    if isinstance(call, (str, bytes)) or not 2 <= len(call) <= 3:
+        raise TypeError(f"batch item {index} must be (name, method) or (name, method, params), "
+                        f"not {call!r:.100}")
+    return _pack(call[0], call[1], call[2] if len(call) == 3 else (), Task.TYPE_CO)
+
+
+def _describe_unpackable(params: Any, exc: Exception) -> str:
+    """Names the first value msgpack refuses, with its path inside params."""
+    if not isinstance(params, (list, tuple)):
+        return str(exc)
+    stack: list[tuple[str, Any]] = [(f"params[{i}]", v) for i, v in reversed(list(enumerate(params)))]
+    while stack:
+        path, value = stack.pop()
+        if value is None or isinstance(value, (bool, int, float, str, bytes, bytearray, memoryview)):
+            if isinstance(value, int) and not -(2 ** 63) <= value < 2 ** 64:
+                return f"{path} = {value!r} is out of msgpack's integer range"
+            continue
+        if isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                stack.append((f"{path}[{k!r}]", v))
+                stack.append((f"{path} key {k!r}", k))
+        else:
+            return f"{path} = {value!r:.100} ({type(value).__name__}) is not msgpack-able"
+    return str(exc)
+
+
+def _expire(future: asyncio.Future[Any], message: str) -> None:
+    if not future.done():
+        future.set_exception(TaskTimeout(message))
+
+
+def fire_finish(task_id: int, result: Any, callback: FinishCallback | None) -> None:
+    """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""
+    if events.has_listeners(Event.FINISH_TASK):
+        events.trigger(Event.FINISH_TASK, None, task_id, result)
+    if callback is not None:
+        try:
+            callback(task_id, result)
+        except Exception:
+            log.exception("finish callback %r of task %d failed", callback, task_id)

@@ -1,0 +1,68 @@
+"""The exceptions pyswtask raises to its users."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._core import ProtocolError
+
+__all__ = [
+    "PyswtaskError",
+    "TaskError",
+    "TaskTimeout",
+    "DeliveryError",
+    "ServerNotRunning",
+    "UnknownTask",
+    "UnknownMethod",
+    "ProtocolError",
+]
+
+
+class PyswtaskError(Exception):
+    """Base class of the errors raised by pyswtask."""
+
+
+class TaskError(PyswtaskError):
+    """A task failed in its task worker, or could not be run there (unknown task or method).
+
+    ``remote_type`` is the name of the exception raised remotely, ``remote_message`` its text and
+    ``remote_traceback`` the formatted traceback (empty when the task never started).
+    """
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
+        super().__init__(remote_type, remote_message, remote_traceback)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {self.remote_message}"
+
+    @classmethod
+    def from_wire(cls, body: Any) -> TaskError:
+        """Builds the error from an ERROR frame body: [type, message, traceback]."""
+        if (isinstance(body, list) and len(body) == 3
+                and all(isinstance(part, str) for part in body)):
+            return cls(body[0], body[1], body[2])
+        return cls("ProtocolError", f"malformed error reply: {body!r:.200}", "")
+
+
+class TaskTimeout(PyswtaskError, TimeoutError):
+    """No result came within the timeout; a result that comes later is discarded."""
+
+
+class DeliveryError(PyswtaskError):
+    """A task cannot be delivered from this process, or to this destination."""
+
+
+class ServerNotRunning(DeliveryError):
+    """There is no running server to deliver to."""
+
+
+class UnknownTask(LookupError):
+    """No task is registered under that name (raised in the task worker, sent back as
+    a TaskError with remote_type 'UnknownTask')."""
+
+
+class UnknownMethod(LookupError):
+    """The task has no public method of that name."""

@@ -1,0 +1,305 @@
+"""The master: forks and supervises the children, and stops them in order.
+
+Signal handlers only queue the signal; the loop below dispatches it (gunicorn's arbiter). The
+wake-up comes through ``signal.set_wakeup_fd``, so the master sleeps in one ``select`` between
+events and never does work inside a handler.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from . import context
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("pyswtask.master")
+
+WORKER = "worker"
+TASK_WORKER = "task worker"
+
+# A child exits with this when it could not even start; respawning it would only spin.
+EXIT_BOOT_ERROR = 3
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+
+class Child:
+    """One supervised slot: the process in it changes on respawn, the slot does not."""
+
+    __slots__ = ("kind", "worker_id", "index", "pid", "started", "failures", "respawn_at")
+
+    def __init__(self, kind: str, worker_id: int, index: int) -> None:
+        self.kind = kind
+        self.worker_id = worker_id
+        self.index = index          # index among its kind
+        self.pid = 0
+        self.started = 0.0
+        self.failures = 0
+        self.respawn_at: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.worker_id} (pid {self.pid})"
+
+
+class Master:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.children = [Child(WORKER, i, i) for i in range(server.worker_num)]
+        self.children += [Child(TASK_WORKER, server.worker_num + i, i)
+                          for i in range(server.task_worker_num)]
+        self.by_pid: dict[int, Child] = {}
+        self.signals: collections.deque[int] = collections.deque(maxlen=32)
+        self.stopping = False
+        self.exit_code = 0
+        self.pairs: list[list[tuple[socket.socket, socket.socket]]] = []
+        self.busy: mmap.mmap | None = None
+        self.wakeup: tuple[int, int] | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        server = self.server
+        self._open_ipc()
+        old_handlers = self._install_signals()
+        server.master_pid = os.getpid()
+        context.current.enter(context.MASTER, -1, server)
+        pid_file = self.settings["pid_file"]
+        try:
+            if pid_file:
+                with open(pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            for child in self.children:
+                self._spawn(child)
+            log.info("master %d started %d worker(s) and %d task worker(s)", os.getpid(),
+                     server.worker_num, server.task_worker_num)
+            server._run_hook("start")
+            while not self.stopping:
+                self._sleep(self._next_respawn_delay())
+                self._handle_signals()
+                self._respawn_due()
+        finally:
+            self._stop_children()
+            server._run_hook("shutdown")
+            self._restore_signals(old_handlers)
+            self._close_ipc()
+            if pid_file:
+                try:
+                    os.unlink(pid_file)
+                except FileNotFoundError:
+                    pass
+            server.master_pid = None
+            context.current.__init__()  # type: ignore[misc]
+        log.info("master %d stopped", os.getpid())
+        return self.exit_code
+
+    def _open_ipc(self) -> None:
+        n, m = self.server.worker_num, self.server.task_worker_num
+        # Busy flags, one byte per task worker, shared by every child (MAP_SHARED, anonymous).
+        self.busy = mmap.mmap(-1, max(m, 1))
+        self.pairs = []
+        for _ in range(n):
+            row = []
+            for _ in range(m):
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                a.setblocking(False)
+                b.setblocking(False)
+                row.append((a, b))
+            self.pairs.append(row)
+
+    def _close_ipc(self) -> None:
+        for row in self.pairs:
+            for a, b in row:
+                a.close()
+                b.close()
+        self.pairs = []
+        if self.busy is not None:
+            self.busy.close()
+            self.busy = None
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, object]:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = (rfd, wfd)
+        old = {sig: signal.signal(sig, self._queue_signal) for sig in _SIGNALS}
+        old[-1] = signal.set_wakeup_fd(wfd)
+        return old
+
+    def _restore_signals(self, old: dict[int, object]) -> None:
+        signal.set_wakeup_fd(old.pop(-1))  # type: ignore[arg-type]
+        for sig, handler in old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        if self.wakeup:
+            for fd in self.wakeup:
+                os.close(fd)
+            self.wakeup = None
+
+    def _queue_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def _sleep(self, timeout: float) -> None:
+        assert self.wakeup is not None
+        try:
+            ready, _, _ = select.select([self.wakeup[0]], [], [], timeout)
+        except InterruptedError:
+            return
+        if ready:
+            try:
+                while os.read(self.wakeup[0], 64):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif not self.stopping:
+                log.info("master got %s: stopping", signal.Signals(signum).name)
+                self.stopping = True
+
+    # -- children -------------------------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        child.respawn_at = None
+        pid = os.fork()
+        if pid:
+            child.pid = pid
+            child.started = time.monotonic()
+            self.by_pid[pid] = child
+            return
+        code = 1
+        try:
+            code = self._child_main(child)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("%s crashed", child)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+
+    def _child_main(self, child: Child) -> int:
+        # Back to default signal handling before anything else; the terminal's Ctrl-C reaches
+        # every process of the group, and only the master decides the stopping order.
+        signal.set_wakeup_fd(-1)
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert self.wakeup is not None
+        for fd in self.wakeup:
+            os.close(fd)
+        keep = self._channel_fds(child)
+        for row in self.pairs:
+            for a, b in row:
+                for s in (a, b):
+                    if s.fileno() not in keep:
+                        s.close()
+        assert self.busy is not None
+        try:
+            if child.kind == WORKER:
+                from .worker import run_worker
+                runner = lambda: run_worker(self.server, child.worker_id, keep, self.busy)
+            else:
+                from .taskworker import run_task_worker
+                runner = lambda: run_task_worker(self.server, child.worker_id, child.index,
+                                                 keep, self.busy)
+        except Exception:
+            log.exception("%s could not start", child)
+            return EXIT_BOOT_ERROR
+        return runner()
+
+    def _channel_fds(self, child: Child) -> list[int]:
+        if child.kind == WORKER:
+            return [a.fileno() for a, _ in self.pairs[child.index]]
+        return [row[child.index][1].fileno() for row in self.pairs]
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.by_pid.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            child.pid = 0
+            if self.stopping:
+                continue
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if code == EXIT_BOOT_ERROR:
+                log.error("%s %d could not start (%s): stopping the server", child.kind,
+                          child.worker_id, how)
+                self.exit_code = EXIT_BOOT_ERROR
+                self.stopping = True
+                continue
+            lived = time.monotonic() - child.started
+            child.failures = child.failures + 1 if lived < 1.0 else 0
+            delay = 0.0 if child.failures == 0 else min(
+                0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
+            child.respawn_at = time.monotonic() + delay
+            log.warning("%s %d (pid %d) died with %s; respawning in %.1f s", child.kind,
+                        child.worker_id, pid, how, delay)
+
+    def _next_respawn_delay(self) -> float:
+        due = [c.respawn_at for c in self.children if c.respawn_at is not None]
+        if not due:
+            return 1.0
+        return max(0.0, min(due) - time.monotonic())
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.respawn_at is not None and child.respawn_at <= now and not self.stopping:
+                self._spawn(child)
+
+    def _stop_children(self) -> None:
+        """Workers first (they wait for their in-flight results), then task workers (they run
+        what is already queued), within max_wait_time; whatever is left then is killed."""
+        self.stopping = True
+        deadline = time.monotonic() + self.settings["max_wait_time"]
+        for kind, until in ((WORKER, deadline), (TASK_WORKER, deadline + 1.0)):
+            self._signal(kind, signal.SIGTERM)
+            self._wait_for(kind, until)
+        for child in self.children:
+            if child.pid:
+                log.warning("%s did not stop in time: killing it", child)
+        self._signal(None, signal.SIGKILL)
+        self._wait_for(None, time.monotonic() + 5.0)
+
+    def _signal(self, kind: str | None, signum: int) -> None:
+        for child in self.children:
+            if child.pid and (kind is None or child.kind == kind):
+                try:
+                    os.kill(child.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _wait_for(self, kind: str | None, deadline: float) -> None:
+        while any(c.pid and (kind is None or c.kind == kind) for c in self.children):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._reap()
+            self._sleep(min(left, 0.05))
+        self._reap()

@@ -1,0 +1,185 @@
+"""Server: the user-facing handle of a pyswtask server (Swoole\\Server's task side).
+
+``Server(...)`` only records the configuration; ``start()`` hands it to the master, which forks
+the workers and task workers and blocks until the server stops. The same object is inherited by
+every child, where ``tick``/``after``/``clear_timer`` and ``shutdown`` act on that process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+from typing import Any, Callable
+
+from . import context
+
+__all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
+
+log = logging.getLogger("pyswtask.server")
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    # Seconds a stopping server lets in-flight tasks finish before killing what is left.
+    "max_wait_time": 3.0,
+    # Seconds a CO caller polls before it sleeps in epoll: a result that comes within the spin
+    # saves the wake-up of a sleeping process (tens of microseconds across CPUs).
+    "task_wait_spin": 0.0,
+    # Write the master's pid here while it runs.
+    "pid_file": None,
+    # Longest pause before respawning a child that keeps dying right after it starts.
+    "respawn_backoff_max": 5.0,
+}
+
+HOOKS = ("start", "shutdown", "worker_start", "worker_stop", "task_worker_start",
+         "task_worker_stop")
+
+_timer_ids = itertools.count(1)
+
+
+class Server:
+    """A master, ``worker_num`` workers and ``task_worker_num`` task workers.
+
+    Worker ids are 0..worker_num-1; task worker ids follow them, as in Swoole
+    (worker_num..worker_num+task_worker_num-1). ``dst_worker_id`` in ``Task.deliver`` is the
+    task worker's index, 0..task_worker_num-1.
+    """
+
+    def __init__(self, worker_num: int = 2, task_worker_num: int = 2, **settings: Any) -> None:
+        for label, value in (("worker_num", worker_num), ("task_worker_num", task_worker_num)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{label} must be a non-negative int, not {value!r}")
+        if worker_num < 1:
+            raise ValueError("worker_num must be at least 1: tasks are delivered from workers")
+        unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown server setting(s): {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(DEFAULT_SETTINGS))})")
+        self.worker_num = worker_num
+        self.task_worker_num = task_worker_num
+        self.settings: dict[str, Any] = {**DEFAULT_SETTINGS, **settings}
+        for key in ("max_wait_time", "task_wait_spin", "respawn_backoff_max"):
+            value = self.settings[key]
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"setting {key} must be a non-negative number, not {value!r}")
+        self._hooks: dict[str, list[Callable[..., Any]]] = {}
+        self.master_pid: int | None = None
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def on(self, hook: str, fn: Callable[..., Any]) -> None:
+        """Adds a hook: ``fn(server, worker_id)`` for worker_start / worker_stop /
+        task_worker_start / task_worker_stop (run in that process), ``fn(server)`` for start
+        and shutdown (run in the master)."""
+        if hook not in HOOKS:
+            raise ValueError(f"unknown hook {hook!r} (hooks: {', '.join(HOOKS)})")
+        if not callable(fn):
+            raise TypeError(f"hook {hook!r} needs a callable, not {fn!r}")
+        self._hooks.setdefault(hook, []).append(fn)
+
+    def _run_hook(self, hook: str, *args: Any) -> None:
+        for fn in self._hooks.get(hook, ()):
+            try:
+                result = fn(self, *args)
+                if asyncio.iscoroutine(result):
+                    _spawn_coroutine(result)
+            except Exception:
+                log.exception("%s hook %r failed", hook, fn)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Forks the children and blocks in the master until the server stops (SIGTERM,
+        SIGINT or ``shutdown()``); returns the master's exit code (0 on a clean stop)."""
+        if context.current.role is not None:
+            raise RuntimeError("start() was called inside a server process")
+        from .master import Master
+        return Master(self).run()
+
+    def shutdown(self) -> None:
+        """Stops the whole server: from any of its processes, asks the master to stop."""
+        if self.master_pid is None:
+            raise RuntimeError("the server is not running")
+        os.kill(self.master_pid, signal.SIGTERM)
+
+    @property
+    def worker_id(self) -> int:
+        """This process's worker id; -1 in the master or outside the server."""
+        return context.current.worker_id
+
+    # -- timers (worker processes) ----------------------------------------------------------
+
+    def tick(self, ms: int, fn: Callable[[int], Any]) -> int:
+        """Calls ``fn(timer_id)`` every ``ms`` milliseconds in this worker; returns the id.
+
+        Due times are kept on a fixed grid from the first one, so the tick does not drift."""
+        loop, interval = self._timer_loop("tick", ms)
+        timer_id = next(_timer_ids)
+        timers = context.current.timers
+        when = loop.time() + interval
+
+        def fire() -> None:
+            nonlocal when
+            if timer_id not in timers:
+                return
+            when += interval
+            timers[timer_id] = loop.call_at(when, fire)
+            _call_timer(fn, timer_id)
+
+        timers[timer_id] = loop.call_at(when, fire)
+        return timer_id
+
+    def after(self, ms: int, fn: Callable[[], Any]) -> int:
+        """Calls ``fn()`` once after ``ms`` milliseconds in this worker; returns the id."""
+        loop, interval = self._timer_loop("after", ms)
+        timer_id = next(_timer_ids)
+        timers = context.current.timers
+
+        def fire() -> None:
+            if timers.pop(timer_id, None) is not None:
+                _call_timer(fn)
+
+        timers[timer_id] = loop.call_later(interval, fire)
+        return timer_id
+
+    def clear_timer(self, timer_id: int) -> bool:
+        """Cancels a timer of this worker; returns whether it existed."""
+        handle = context.current.timers.pop(timer_id, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    @staticmethod
+    def _timer_loop(api: str, ms: int) -> tuple[asyncio.AbstractEventLoop, float]:
+        if not isinstance(ms, (int, float)) or ms <= 0:
+            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+        loop = context.current.loop
+        if context.current.role != context.WORKER or loop is None:
+            raise RuntimeError(f"{api}() works in worker processes: call it from a "
+                               "worker_start hook or from code running in a worker")
+        return loop, ms / 1000.0
+
+
+def _call_timer(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        result = fn(*args)
+        if asyncio.iscoroutine(result):
+            _spawn_coroutine(result)
+    except Exception:
+        log.exception("timer callback %r failed", fn)
+
+
+def _spawn_coroutine(coro: Any) -> None:
+    loop = context.current.loop
+    if loop is None:
+        coro.close()
+        raise RuntimeError("coroutine hooks and timers run in worker processes only")
+    task = loop.create_task(coro)
+    task.add_done_callback(_log_task_failure)
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("coroutine %r failed", task.get_coro(), exc_info=task.exception())

@@ -1,0 +1,85 @@
+"""A worker process: an asyncio loop that also drives the dispatcher's epoll descriptor.
+
+The dispatcher's epoll fd is registered as a reader of the asyncio loop, so results of ASYNC
+tasks and of ``await Task.co`` arrive while coroutines run, and a synchronous ``Task.deliver``
+(CO) simply blocks the loop until its result, as Swoole's taskwait blocks its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import context
+from ._core import Dispatcher
+from .errors import TaskError
+from .events import Event, events
+from .delivery import fire_finish
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("pyswtask.worker")
+
+
+def run_worker(server: Server, worker_id: int, fds: list[int], busy: Any) -> int:
+    ctx = context.current
+    ctx.enter(context.WORKER, worker_id, server)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    ctx.loop = loop
+    settings = server.settings
+    if fds:
+        dispatcher = Dispatcher(
+            worker_id, fds, busy, on_finish=fire_finish, make_error=TaskError.from_wire,
+            on_protocol_error=log.error, epoch=os.getpid(), spin=settings["task_wait_spin"])
+        dispatcher.set_scheduler(loop.call_soon)
+        loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
+        ctx.dispatcher = dispatcher
+    stopping = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, _set_once, stopping)
+    try:
+        server._run_hook("worker_start", worker_id)
+        events.trigger(Event.WORKER_START, server, worker_id)
+        loop.run_until_complete(stopping)
+        server._run_hook("worker_stop", worker_id)
+        events.trigger(Event.WORKER_STOP, server, worker_id)
+        _finish_in_flight(loop, ctx.dispatcher, settings["max_wait_time"])
+    finally:
+        for handle in ctx.timers.values():
+            handle.cancel()
+        ctx.timers.clear()
+        _cancel_tasks(loop)
+        loop.close()
+    return 0
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _finish_in_flight(loop: asyncio.AbstractEventLoop, dispatcher: Dispatcher | None,
+                      max_wait: float) -> None:
+    """Lets results of tasks already delivered come back, for at most max_wait seconds."""
+    if dispatcher is None:
+        return
+    dispatcher.flush()
+    deadline = time.monotonic() + max_wait
+    while dispatcher.pending_count and time.monotonic() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.005))
+    if dispatcher.pending_count:
+        log.warning("worker %d stopped with %d task(s) still without a result",
+                    context.current.worker_id, dispatcher.pending_count)
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -1,0 +1,119 @@
+"""The wire format of the compiled core: frames and task envelopes."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pyswtask import _core
+from pyswtask._core import (FRAME_ERROR, FRAME_RESULT, FRAME_TASK, HEADER_SIZE, RECORD_MAX,
+                            ProtocolError, pack_envelope, pack_frame, parse_frames,
+                            unpack_envelope)
+
+
+def test_header_layout_matches_the_documented_diagram() -> None:
+    frame = pack_frame(FRAME_TASK, 0x01, 0x0102030405060708, 7, b"xyz")
+    assert HEADER_SIZE == 20
+    magic, ver, ftype, flags, rsv, src, task_id, body_len = struct.unpack_from("<2sBBBBHQI", frame)
+    assert (magic, ver, ftype, flags, rsv) == (b"SW", 1, FRAME_TASK, 0x01, 0)
+    assert (src, task_id, body_len) == (7, 0x0102030405060708, 3)
+    assert frame[HEADER_SIZE:] == b"xyz"
+    assert "| magic | ver |type |flags|" in (_core.__doc__ or "")
+
+
+def test_frames_round_trip_in_one_record() -> None:
+    frames = [(FRAME_TASK, 0, 1, 0, b""), (FRAME_RESULT, 2, 2**64 - 1, 65535, b"a" * 1000),
+              (FRAME_ERROR, 4, 3, 1, b"\x00\xff")]
+    record = b"".join(pack_frame(*f) for f in frames)
+    assert parse_frames(record) == frames
+
+
+@pytest.mark.parametrize("cut", [1, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 2])
+def test_truncated_frames_are_rejected(cut: int) -> None:
+    frame = pack_frame(FRAME_TASK, 0, 9, 0, b"body")
+    with pytest.raises(ProtocolError, match="truncated"):
+        parse_frames(frame[:cut])
+
+
+@pytest.mark.parametrize("offset,value,message", [
+    (0, b"XX", "bad magic"), (2, b"\x09", "unsupported frame version"),
+    (3, b"\x00", "unknown frame type"), (3, b"\x09", "unknown frame type"),
+    (16, b"\xff\xff\xff\x7f", "truncated body"),
+])
+def test_corrupt_headers_are_rejected(offset: int, value: bytes, message: str) -> None:
+    frame = bytearray(pack_frame(FRAME_TASK, 0, 9, 0, b"body"))
+    frame[offset:offset + len(value)] = value
+    with pytest.raises(ProtocolError, match=message):
+        parse_frames(bytes(frame))
+
+
+def test_second_frame_defect_names_its_offset() -> None:
+    good = pack_frame(FRAME_RESULT, 0, 1, 0, b"ok")
+    with pytest.raises(ProtocolError, match=f"offset {len(good)}"):
+        parse_frames(good + b"\x00" * 5)
+
+
+def test_pack_frame_refuses_bodies_larger_than_a_record_and_unknown_types() -> None:
+    with pytest.raises(ValueError, match="exceeds one record"):
+        pack_frame(FRAME_TASK, 0, 1, 0, b"x" * RECORD_MAX)
+    with pytest.raises(ValueError, match="unknown frame type"):
+        pack_frame(9, 0, 1, 0, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash_the_parser(data: bytes) -> None:
+    try:
+        frames = parse_frames(data)
+    except ProtocolError:
+        return
+    assert sum(HEADER_SIZE + len(f[4]) for f in frames) == len(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=60), st.integers(0, 200), st.binary(min_size=1, max_size=4))
+def test_mutated_frames_parse_or_fail_cleanly(body: bytes, pos: int, patch: bytes) -> None:
+    frame = bytearray(pack_frame(FRAME_TASK, 0, 5, 1, body))
+    pos %= len(frame)
+    frame[pos:pos + len(patch)] = patch
+    try:
+        parse_frames(bytes(frame))
+    except ProtocolError:
+        pass
+
+
+def test_envelope_round_trip_keeps_swoft_field_order() -> None:
+    body = pack_envelope("demo", "echo", [1, "abc", 3.5], 2, "log-1", 7)
+    assert msgpack.unpackb(body) == ["demo", "echo", [1, "abc", 3.5], 2, "log-1", 7]
+    assert unpack_envelope(body) == ("demo", "echo", [1, "abc", 3.5], 2, "log-1", 7)
+    assert _core.ENVELOPE_FIELDS == ("name", "method", "params", "type", "logid", "spanid")
+
+
+def test_envelope_params_keep_nested_values_and_int_map_keys() -> None:
+    params = [{"a": [1, 2], 3: b"raw"}, None, True, -(2**63), 2**64 - 1]
+    assert unpack_envelope(pack_envelope("t", "m", params))[2] == params
+
+
+@pytest.mark.parametrize("obj", [
+    [], ["t", "m", [], 1, ""], ["t", "m", "notalist", 1, "", 0], [1, "m", [], 1, "", 0],
+    {"name": "t"}, ["t", "m", [], "1", "", 0], "text",
+])
+def test_malformed_envelopes_are_rejected(obj: object) -> None:
+    with pytest.raises(ProtocolError, match="malformed task envelope"):
+        unpack_envelope(msgpack.packb(obj))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x96\xa1t"])
+def test_invalid_msgpack_envelopes_are_rejected(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        unpack_envelope(data)
+
+
+def test_pack_envelope_needs_a_list_or_tuple_of_packable_params() -> None:
+    with pytest.raises(TypeError, match="list or tuple, not dict"):
+        pack_envelope("t", "m", {"a": 1})
+    with pytest.raises(TypeError):
+        pack_envelope("t", "m", [object()])
