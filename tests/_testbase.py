@@ -26,7 +26,8 @@ PRELUDE = textwrap.dedent('''
                         format="%(process)d %(name)s %(levelname)s %(message)s")
 
     def emit(**fields):
-        print(json.dumps(fields, default=repr), flush=True)
+        # One write per line, so that lines of concurrent processes never interleave.
+        os.write(1, (json.dumps(fields, default=repr) + "\\n").encode())
 
     @task()
     class Demo:

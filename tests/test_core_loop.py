@@ -1,0 +1,186 @@
+"""The compiled Dispatcher and TaskLoop over real SOCK_SEQPACKET sockets, without a server.
+
+The peer of the dispatcher is either a real TaskLoop in a forked process or the test itself
+writing raw records, which is how malformed input is injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from typing import Any, Iterator
+
+import msgpack
+import pytest
+
+from pyswtask._core import (FLAG_FRAG_MORE, FRAME_ERROR, FRAME_RESULT, FRAME_TASK, TIMEOUT,
+                            Dispatcher, TaskLoop, pack_envelope, pack_frame, parse_frames)
+from pyswtask.errors import TaskError
+
+
+def make_dispatcher(fd: int, **kw: Any) -> tuple[Dispatcher, list[Any], list[str]]:
+    finished: list[Any] = []
+    errors: list[str] = []
+    d = Dispatcher(0, [fd], bytearray(1), on_finish=lambda *a: finished.append(a),
+                   make_error=TaskError.from_wire, on_protocol_error=errors.append,
+                   epoch=77, **kw)
+    return d, finished, errors
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def task_loop(pair: tuple[socket.socket, socket.socket], tmp_path: Any) -> Iterator[Any]:
+    """A TaskLoop in a forked child serving echo/len/boom; its protocol errors go to a file."""
+    worker_end, task_end = pair
+    log = tmp_path / "protocol-errors.txt"
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            worker_end.close()
+            task_end.setblocking(False)
+
+            def execute(env: tuple[Any, ...], task_id: int, src: int) -> tuple[bool, Any]:
+                name, method, params = env[:3]
+                if method == "boom":
+                    return False, ["ValueError", "boom", "tb"]
+                return True, (len(params[0]) if method == "len" else params)
+
+            def on_error(message: str) -> None:
+                with open(log, "a") as f:
+                    f.write(message + "\n")
+
+            loop = TaskLoop(1, 0, [task_end.fileno()], bytearray(1), rfd, execute=execute,
+                            on_signal=lambda b: True, on_protocol_error=on_error)
+            loop.run(1.0)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        yield worker_end, log, wfd
+    finally:
+        os.write(wfd, b"\x0f")
+        deadline = time.monotonic() + 5
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        os.close(rfd)
+        os.close(wfd)
+
+
+def body(*params: Any, method: str = "echo") -> bytes:
+    return pack_envelope("t", method, list(params))
+
+
+def test_call_round_trip_errors_and_large_bodies(task_loop: Any) -> None:
+    sock, _, _ = task_loop
+    d, _, _ = make_dispatcher(sock.fileno())
+    assert d.call(body(1, "a"), -1, 5.0) == [1, "a"]
+    err = d.call(body(method="boom"), -1, 5.0)
+    assert isinstance(err, TaskError) and (err.remote_type, err.remote_message) == ("ValueError", "boom")
+    big = b"x" * (3 * 65536 + 17)
+    assert d.call(body(big, method="len"), 0, 5.0) == len(big)
+    assert d.call(body(big), 0, 5.0) == [big]
+    assert d.call_many([body(i) for i in range(3000)], -1, 10.0) == [[i] for i in range(3000)]
+
+
+def test_a_malformed_record_is_dropped_and_the_channel_keeps_serving(task_loop: Any) -> None:
+    sock, log, _ = task_loop
+    d, _, _ = make_dispatcher(sock.fileno())
+    sock.send(b"\x00" * 30)                                           # garbage
+    sock.send(pack_frame(FRAME_TASK, 0, 5, 0, b"\xc1"))               # invalid msgpack
+    sock.send(pack_frame(FRAME_RESULT, 0, 6, 0, b"\x90"))             # wrong direction
+    sock.send(pack_frame(FRAME_TASK, 0, (77 << 32) | 999, 0, msgpack.packb(["t"])))
+    assert d.call(body("after garbage"), -1, 5.0) == ["after garbage"]
+    text = log.read_text()
+    assert "bad magic" in text and "a task worker takes only task frames" in text
+    # A task whose envelope is broken still gets an answer, so no caller waits for nothing.
+    assert d.late_results == 2  # the ERROR replies for ids 5 and 77<<32|999 matched no call
+
+
+def test_results_are_matched_by_id_late_and_foreign_ones_dropped(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    mine, peer = pair
+    scheduled: list[Any] = []
+    d, finished, errors = make_dispatcher(mine.fileno())
+    d.set_scheduler(scheduled.append)
+    ids = [d.submit(body(i), -1, None) for i in range(3)]
+    assert all(i >> 32 == 77 for i in ids) and len(set(ids)) == 3
+    for fn in scheduled:
+        fn()
+    assert [f[2] for f in parse_frames(peer.recv(65536))] == ids     # one record, three frames
+    peer.send(pack_frame(FRAME_RESULT, 0, ids[1], 1, msgpack.packb("one")))
+    peer.send(pack_frame(FRAME_RESULT, 0, (12 << 32) | 1, 1, msgpack.packb("stale epoch")))
+    peer.send(pack_frame(FRAME_RESULT, FLAG_FRAG_MORE, ids[2], 1, b"stray fragment"))
+    peer.send(b"SW\x09" + b"\x00" * 40)
+    peer.send(pack_frame(FRAME_ERROR, 0, ids[0], 1, msgpack.packb(["KeyError", "k", ""])))
+    time.sleep(0.05)
+    d.poll(0.5)
+    assert [(f[0], f[1]) for f in finished] == [(ids[1], "one"), (ids[0], finished[1][1])]
+    assert isinstance(finished[1][1], TaskError) and finished[1][1].remote_type == "KeyError"
+    assert d.late_results == 1 and d.bad_records == 1 and d.pending_count == 1
+    assert "unsupported frame version" in errors[0]
+    assert d.forget(ids[2]) and not d.forget(ids[2])
+
+
+def test_a_burst_is_coalesced_and_survives_a_full_socket(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    mine, peer = pair
+    scheduled: list[Any] = []
+    d, _, _ = make_dispatcher(mine.fileno(), high_water=64 << 20)
+    d.set_scheduler(scheduled.append)
+    n = 20_000
+    payload = b"p" * 1000
+    ids = [d.submit(body(payload), -1, None) for _ in range(n)]  # ~20 MB: more than the socket holds
+    for fn in scheduled:
+        fn()
+    peer.setblocking(False)
+    got: list[int] = []
+    records = 0
+    deadline = time.monotonic() + 30
+    while len(got) < n and time.monotonic() < deadline:
+        try:
+            data = peer.recv(65536)
+        except BlockingIOError:
+            d.poll(0.01)  # EPOLLOUT: the rest of the queue goes out as room appears
+            continue
+        records += 1
+        got.extend(f[2] for f in parse_frames(data))
+    assert got == ids
+    assert records < n / 30, f"{records} records for {n} frames: not coalesced"
+
+
+def test_call_times_out_and_the_late_result_is_dropped(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    mine, peer = pair
+    d, _, _ = make_dispatcher(mine.fileno())
+    t0 = time.monotonic()
+    assert d.call(body(1), -1, 0.2) is TIMEOUT
+    assert 0.19 <= time.monotonic() - t0 < 1.0
+    (frame,) = parse_frames(peer.recv(65536))
+    peer.send(pack_frame(FRAME_RESULT, 0, frame[2], 1, msgpack.packb("late")))
+    assert d.call(body(2), -1, 0.2) is TIMEOUT
+    assert d.late_results == 1
+
+
+def test_dispatcher_refuses_bad_destinations(pair: tuple[socket.socket, socket.socket]) -> None:
+    d, _, _ = make_dispatcher(pair[0].fileno())
+    with pytest.raises(ValueError, match="dst_worker_id 3 is out of range: there are 1 task workers"):
+        d.submit(body(1), 3, None)
+    with pytest.raises(ValueError, match="at least one task worker channel"):
+        Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print,
+                   on_protocol_error=print, epoch=1)
