@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 
-from pyswtask import Event, Server, Task, TaskError, TaskTimeout, listener, task
+from pyswtask import Event, EventObject, Server, Task, TaskError, TaskTimeout, listener, task
 
 RUN_SECONDS = float(os.environ.get("PYSWTASK_DEMO_SECONDS", "4"))
 
@@ -42,7 +42,7 @@ def say(worker_id: int, text: str) -> None:
 
 
 @listener(Event.FINISH_TASK)
-def on_finish(event) -> None:  # type: ignore[no-untyped-def]
+def on_finish(event: EventObject) -> None:
     task_id, result = event.params
     say(server.worker_id, f"ASYNC task {task_id} finished: {result}")
 

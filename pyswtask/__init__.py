@@ -22,12 +22,20 @@ if sys.byteorder != "little":
     raise ImportError("pyswtask's wire format is little-endian; this machine is big-endian")
 
 from ._version import __version__
-from .errors import (DeliveryError, ProtocolError, PyswtaskError, ServerNotRunning, TaskError,
-                     TaskTimeout, UnknownMethod, UnknownTask)
+from .delivery import Task
+from .errors import (
+    DeliveryError,
+    ProtocolError,
+    PyswtaskError,
+    ServerNotRunning,
+    TaskError,
+    TaskTimeout,
+    UnknownMethod,
+    UnknownTask,
+)
 from .events import Event, EventObject, events, listener
 from .registry import task
 from .server import Server
-from .delivery import Task
 
 __all__ = [
     "__version__",

@@ -18,6 +18,10 @@ MASTER = "master"
 WORKER = "worker"
 TASK_WORKER = "task worker"
 
+# A child exits with this when it could not even set itself up; the master then stops instead of
+# respawning it in a loop (gunicorn's WORKER_BOOT_ERROR).
+EXIT_BOOT_ERROR = 3
+
 
 class ProcessContext:
     __slots__ = ("role", "worker_id", "server", "dispatcher", "loop", "timers")

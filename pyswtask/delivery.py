@@ -148,7 +148,7 @@ def _pack(name: str, method: str, params: Sequence[Any], type: int) -> bytes:
         raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
     logid, spanid = trace_ids.get()
     try:
-        return pack_envelope(name, method, params, type, logid, spanid)
+        return pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"params of {name}.{method} cannot be packed: "
                         f"{_describe_unpackable(params, exc)}") from None

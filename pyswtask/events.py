@@ -65,11 +65,13 @@ class EventObject:
 class EventManager:
     """Listeners by event name, kept sorted by (-priority, registration order)."""
 
-    __slots__ = ("_listeners", "_seq")
+    __slots__ = ("_listeners", "_seq", "version")
 
     def __init__(self) -> None:
         self._listeners: dict[str, list[tuple[int, int, Callable[[EventObject], Any]]]] = {}
         self._seq = itertools.count()
+        # Bumped on every change, so hot paths can cache "has listeners" answers.
+        self.version = 0
 
     def listen(self, name: str, fn: Callable[[EventObject], Any], priority: int = 0) -> None:
         """Registers fn for the event name."""
@@ -80,6 +82,7 @@ class EventManager:
         entries = self._listeners.setdefault(name, [])
         entries.append((-priority, next(self._seq), fn))
         entries.sort(key=lambda e: (e[0], e[1]))
+        self.version += 1
 
     def remove(self, name: str, fn: Callable[[EventObject], Any]) -> bool:
         """Unregisters fn; returns whether it was registered."""
@@ -87,6 +90,7 @@ class EventManager:
         for i, entry in enumerate(entries):
             if entry[2] == fn:
                 del entries[i]
+                self.version += 1
                 return True
         return False
 

@@ -19,26 +19,48 @@ from .events import Event, EventManager
 
 log = logging.getLogger("pyswtask.task")
 
+_TASK_EVENTS = (Event.BEFORE_TASK, Event.AFTER_TASK, Event.RESOURCE_RELEASE)
+
 trace_ids: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar(
     "pyswtask_trace_ids", default=("", 0))
 """(logid, spanid) of the current request or task; carried in every envelope."""
 
 
 class TaskExecutor:
-    __slots__ = ("events", "_loop")
+    __slots__ = ("events", "_loop", "_resolved", "_version", "_hooked")
 
     def __init__(self, events: EventManager) -> None:
         self.events = events
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (name, method) -> (bound method, runs on a loop); only registered names get here.
+        self._resolved: dict[tuple[str, str], tuple[Any, bool]] = {}
+        self._version = -1
+        self._hooked = False
 
     def execute(self, envelope: tuple[Any, ...], task_id: int, src_worker: int) -> tuple[bool, Any]:
         """Runs one task; returns (True, result) or (False, [type, message, traceback])."""
         name, method, params, _type, logid, spanid = envelope
+        resolved = self._resolved.get((name, method))
+        if resolved is None:
+            try:
+                resolved = self._resolved[name, method] = registry.resolve(name, method)
+            except LookupError as exc:
+                log.warning("task %d from worker %d refused: %s", task_id, src_worker, exc)
+                return False, [type(exc).__name__, str(exc), ""]
+        fn, on_loop = resolved
+        if self._version != self.events.version:
+            self._version = self.events.version
+            self._hooked = any(self.events.has_listeners(e) for e in _TASK_EVENTS)
+        if self._hooked or logid or spanid or on_loop:
+            return self._execute_fully(fn, on_loop, name, method, params, logid, spanid, task_id)
+        # The common case, kept lean: no listeners, no trace ids, a plain method.
         try:
-            fn, on_loop = registry.resolve(name, method)
-        except LookupError as exc:
-            log.warning("task %d from worker %d refused: %s", task_id, src_worker, exc)
-            return False, [type(exc).__name__, str(exc), ""]
+            return True, fn(*params)
+        except Exception as exc:
+            return False, self._failure(exc, name, method, task_id)
+
+    def _execute_fully(self, fn: Any, on_loop: bool, name: str, method: str, params: list[Any],
+                       logid: str, spanid: int, task_id: int) -> tuple[bool, Any]:
         events = self.events
         token = trace_ids.set((logid, spanid))
         ok = False

@@ -16,9 +16,12 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import context
+from .context import EXIT_BOOT_ERROR
+from .taskworker import run_task_worker
+from .worker import run_worker
 
 if TYPE_CHECKING:
     from .server import Server
@@ -27,9 +30,6 @@ log = logging.getLogger("pyswtask.master")
 
 WORKER = "worker"
 TASK_WORKER = "task worker"
-
-# A child exits with this when it could not even start; respawning it would only spin.
-EXIT_BOOT_ERROR = 3
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -112,10 +112,9 @@ class Master:
         for _ in range(n):
             row = []
             for _ in range(m):
-                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                a.setblocking(False)
-                b.setblocking(False)
-                row.append((a, b))
+                # Blocking at the file level: the core passes MSG_DONTWAIT on every call that
+                # must not block, and a CO caller waits in a plain recv.
+                row.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
             self.pairs.append(row)
 
     def _close_ipc(self) -> None:
@@ -130,17 +129,16 @@ class Master:
 
     # -- signals --------------------------------------------------------------------------------
 
-    def _install_signals(self) -> dict[int, object]:
+    def _install_signals(self) -> tuple[int, dict[int, Any]]:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = (rfd, wfd)
-        old = {sig: signal.signal(sig, self._queue_signal) for sig in _SIGNALS}
-        old[-1] = signal.set_wakeup_fd(wfd)
-        return old
+        old: dict[int, Any] = {sig: signal.signal(sig, self._queue_signal) for sig in _SIGNALS}
+        return signal.set_wakeup_fd(wfd), old
 
-    def _restore_signals(self, old: dict[int, object]) -> None:
-        signal.set_wakeup_fd(old.pop(-1))  # type: ignore[arg-type]
-        for sig, handler in old.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+    def _restore_signals(self, old: tuple[int, dict[int, Any]]) -> None:
+        signal.set_wakeup_fd(old[0])
+        for sig, handler in old[1].items():
+            signal.signal(sig, handler)
         if self.wakeup:
             for fd in self.wakeup:
                 os.close(fd)
@@ -213,18 +211,9 @@ class Master:
                     if s.fileno() not in keep:
                         s.close()
         assert self.busy is not None
-        try:
-            if child.kind == WORKER:
-                from .worker import run_worker
-                runner = lambda: run_worker(self.server, child.worker_id, keep, self.busy)
-            else:
-                from .taskworker import run_task_worker
-                runner = lambda: run_task_worker(self.server, child.worker_id, child.index,
-                                                 keep, self.busy)
-        except Exception:
-            log.exception("%s could not start", child)
-            return EXIT_BOOT_ERROR
-        return runner()
+        if child.kind == WORKER:
+            return run_worker(self.server, child.worker_id, keep, self.busy)
+        return run_task_worker(self.server, child.worker_id, child.index, keep, self.busy)
 
     def _channel_fds(self, child: Child) -> list[int]:
         if child.kind == WORKER:

@@ -20,14 +20,18 @@ log = logging.getLogger("pyswtask.task_worker")
 
 def run_task_worker(server: Server, worker_id: int, index: int, fds: list[int], busy: Any) -> int:
     context.current.enter(context.TASK_WORKER, worker_id, server)
-    # The loop learns of SIGTERM through this pipe; the handler itself does nothing, so a task
-    # in progress is never interrupted and the loop decides when to stop.
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGTERM, _ignore)
-    signal.set_wakeup_fd(wfd)
-    executor = TaskExecutor(events)
-    loop = TaskLoop(worker_id, index, fds, busy, rfd, execute=executor.execute,
-                    on_signal=_is_stop, on_protocol_error=log.error)
+    try:
+        # The loop learns of SIGTERM through this pipe; the handler itself does nothing, so a
+        # task in progress is never interrupted and the loop decides when to stop.
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGTERM, _ignore)
+        signal.set_wakeup_fd(wfd)
+        executor = TaskExecutor(events)
+        loop = TaskLoop(worker_id, index, fds, busy, rfd, execute=executor.execute,
+                        on_signal=_is_stop, on_protocol_error=log.error)
+    except Exception:
+        log.exception("task worker %d could not start", worker_id)
+        return context.EXIT_BOOT_ERROR
     server._run_hook("task_worker_start", worker_id)
     events.trigger(Event.TASK_WORKER_START, server, worker_id)
     loop.run(server.settings["max_wait_time"])

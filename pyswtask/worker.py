@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import context
 from ._core import Dispatcher
+from .delivery import fire_finish
 from .errors import TaskError
 from .events import Event, events
-from .delivery import fire_finish
 
 if TYPE_CHECKING:
     from .server import Server
@@ -29,19 +29,23 @@ log = logging.getLogger("pyswtask.worker")
 def run_worker(server: Server, worker_id: int, fds: list[int], busy: Any) -> int:
     ctx = context.current
     ctx.enter(context.WORKER, worker_id, server)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    ctx.loop = loop
     settings = server.settings
-    if fds:
-        dispatcher = Dispatcher(
-            worker_id, fds, busy, on_finish=fire_finish, make_error=TaskError.from_wire,
-            on_protocol_error=log.error, epoch=os.getpid(), spin=settings["task_wait_spin"])
-        dispatcher.set_scheduler(loop.call_soon)
-        loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
-        ctx.dispatcher = dispatcher
-    stopping = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, _set_once, stopping)
+    try:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        ctx.loop = loop
+        if fds:
+            dispatcher = Dispatcher(
+                worker_id, fds, busy, on_finish=fire_finish, make_error=TaskError.from_wire,
+                on_protocol_error=log.error, epoch=os.getpid(), spin=settings["task_wait_spin"])
+            dispatcher.set_scheduler(loop.call_soon)
+            loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
+            ctx.dispatcher = dispatcher
+        stopping = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, _set_once, stopping)
+    except Exception:
+        log.exception("worker %d could not start", worker_id)
+        return context.EXIT_BOOT_ERROR
     try:
         server._run_hook("worker_start", worker_id)
         events.trigger(Event.WORKER_START, server, worker_id)

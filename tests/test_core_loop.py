@@ -15,8 +15,18 @@ from typing import Any, Iterator
 import msgpack
 import pytest
 
-from pyswtask._core import (FLAG_FRAG_MORE, FRAME_ERROR, FRAME_RESULT, FRAME_TASK, TIMEOUT,
-                            Dispatcher, TaskLoop, pack_envelope, pack_frame, parse_frames)
+from pyswtask._core import (
+    FLAG_FRAG_MORE,
+    FRAME_ERROR,
+    FRAME_RESULT,
+    FRAME_TASK,
+    TIMEOUT,
+    Dispatcher,
+    TaskLoop,
+    pack_envelope,
+    pack_frame,
+    parse_frames,
+)
 from pyswtask.errors import TaskError
 
 
@@ -31,8 +41,8 @@ def make_dispatcher(fd: int, **kw: Any) -> tuple[Dispatcher, list[Any], list[str
 
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    # Blocking at the file level, as the master makes them: the core passes MSG_DONTWAIT.
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    a.setblocking(False)
     yield a, b
     a.close()
     b.close()

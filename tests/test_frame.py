@@ -6,12 +6,22 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyswtask import _core
-from pyswtask._core import (FRAME_ERROR, FRAME_RESULT, FRAME_TASK, HEADER_SIZE, RECORD_MAX,
-                            ProtocolError, pack_envelope, pack_frame, parse_frames,
-                            unpack_envelope)
+from pyswtask._core import (
+    FRAME_ERROR,
+    FRAME_RESULT,
+    FRAME_TASK,
+    HEADER_SIZE,
+    RECORD_MAX,
+    ProtocolError,
+    pack_envelope,
+    pack_frame,
+    parse_frames,
+    unpack_envelope,
+)
 
 
 def test_header_layout_matches_the_documented_diagram() -> None:

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from _testbase import ServerRunner, wait_for
 
 

@@ -61,6 +61,7 @@ cdef class Dispatcher:
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
     cdef char *scratch
+    cdef Channel last               # the channel of the last task queued
     cdef readonly uint64_t late_results
     cdef readonly uint64_t bad_records
     cdef public double spin
@@ -144,6 +145,7 @@ cdef class Dispatcher:
 
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
         cdef Channel ch = self._pick(dst)
+        self.last = ch
         cdef uint64_t task_id
         self.counter += 1
         if self.counter == 0:
@@ -183,8 +185,12 @@ cdef class Dispatcher:
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_SYNC
         cdef uint64_t task_id = self._submit(body, dst, 0, entry)
+        cdef Channel ch = self.last
         self.flush()
-        self._wait(entry, None, monotonic() + timeout)
+        if self._all_sent():
+            self._wait_on(ch, entry, monotonic() + timeout)
+        else:
+            self._wait(entry, None, monotonic() + timeout)
         if entry.done:
             return entry.value
         self.pending.pop(task_id, None)
@@ -250,6 +256,35 @@ cdef class Dispatcher:
         return 0
 
     # -- receiving ------------------------------------------------------------------------------
+
+    cdef bint _all_sent(self):
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                return False
+        return True
+
+    cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1:
+        """Waits for one CO result on the channel it will come from, reading that channel only;
+        results on other channels wait for the loop."""
+        cdef double now, spin_until = 0.0
+        cdef ssize_t r
+        if self.spin > 0:
+            spin_until = monotonic() + self.spin
+        while not entry.done:
+            now = monotonic()
+            if now >= deadline:
+                break
+            if now < spin_until:
+                r = recv_record(ch.fd, self.scratch)
+            else:
+                r = recv_record_blocking(ch, self.scratch, deadline - now)
+            if r > 0:
+                self._on_record(ch, <size_t>r)
+        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
+            self.deferred_scheduled = True
+            self.schedule(self.run_deferred)
+        return 0
 
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1:
         cdef double now, spin_until = 0.0

@@ -60,8 +60,8 @@ cdef inline bytes packb(object value):
 
 
 cdef inline object unpackb(const char *p, Py_ssize_t n):
-    return _unpackb(PyBytes_FromStringAndSize(p, n), raw=False, strict_map_key=False,
-                    use_list=True)
+    # raw=False and use_list=True are msgpack's defaults; int map keys must be allowed.
+    return _unpackb(PyBytes_FromStringAndSize(p, n), strict_map_key=False)
 
 
 cdef inline void write_header(char *dst, uint8_t ftype, uint8_t flags, uint64_t task_id,

@@ -120,18 +120,17 @@ cdef class TaskLoop:
         return False
 
     cdef int _read(self, Channel ch) except -1:
-        cdef ssize_t r = recv_record(ch.fd, self.scratch)
-        cdef int k = 0
-        while r > 0:
+        # One record per wake-up: epoll is level-triggered, so a channel with more waiting comes
+        # straight back, the channels take turns, and no recv is spent finding the queue empty.
+        cdef ssize_t r
+        if ch.queued() >= self.high_water:
+            return 0
+        r = recv_record(ch.fd, self.scratch)
+        if r > 0:
             self._on_record(ch, <size_t>r)
-            k += 1
-            r = -1
-            if k < _READ_BUDGET and ch.queued() < self.high_water:
-                r = recv_record(ch.fd, self.scratch)
-            if r <= 0:
-                # Idle before the replies leave: a caller that sends its next task as soon as
-                # it has this reply must already see this task worker as idle.
-                self.busy[self.index] = 0
+            # Idle before the replies leave: a caller that sends its next task as soon as it has
+            # this reply must already see this task worker as idle.
+            self.busy[self.index] = 0
             # The replies to one record go out together: one send for many small results.
             ch.flush()
         return 0

@@ -32,13 +32,21 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
 
+cdef extern from "<sys/time.h>" nogil:
+    struct timeval:
+        long tv_sec
+        long tv_usec
+
 cdef extern from "<sys/socket.h>" nogil:
     enum:
+        SOL_SOCKET
+        SO_RCVTIMEO
         MSG_DONTWAIT
         MSG_NOSIGNAL
         MSG_TRUNC
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void *val, unsigned int n)
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)

@@ -1,0 +1,214 @@
+"""Dispatch benchmark: pyswtask against multiprocessing.Pool and ProcessPoolExecutor.
+
+    python perf/bench_dispatch.py [--quick] [--runs N] [--spin SECONDS]
+
+Workloads (2 workers + 2 task workers, a task returning its input, params [1, 'abc', 3.5]):
+
+- async_throughput: 200,000 ASYNC tasks, 1,000 in flight per worker (a finish callback sends
+  the next), tasks/s from the first delivery to the last finish, over both workers;
+- co_roundtrip: 20,000 sequential CO calls from worker 0; p50/p99/mean in microseconds, with
+  the worker and its task worker on the same CPU, on different CPUs, and unpinned, each next to
+  a raw SOCK_SEQPACKET ping-pong with the same placement (the floor);
+- batch_co_100: Task.deliver_batch of 100 tasks, repeated; tasks/s.
+
+Runs are interleaved (pyswtask, peers, pyswtask, peers, ...) and the medians reported, since this
+machine is shared and noisy. Prints one JSON line per result, then one per ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _peers  # noqa: E402
+
+SERVER = textwrap.dedent('''
+    import json, os, sys, time
+    from pyswtask import Server, Task, task
+
+    WORKLOAD, N, PIN = os.environ["BENCH_WORKLOAD"], int(os.environ["BENCH_N"]), os.environ["BENCH_PIN"]
+    SPIN = float(os.environ["BENCH_SPIN"])
+
+    @task("demo")
+    class Demo:
+        def echo(self, *params):
+            return params
+
+    def report(**fields):
+        os.write(1, (json.dumps(fields) + "\\n").encode())
+
+    def pin_task_worker(server, wid):
+        if PIN in ("same", "cross"):
+            os.sched_setaffinity(0, {0 if PIN == "same" else 1})
+
+    def run_async(server, wid):
+        per = N // server.worker_num
+        state = {"sent": 0, "done": 0}
+        t0 = time.monotonic()
+
+        def on_done(task_id, result):
+            state["done"] += 1
+            if state["sent"] < per:
+                state["sent"] += 1
+                Task.deliver("demo", "echo", [1, "abc", 3.5], Task.TYPE_ASYNC, callback=on_done)
+            elif state["done"] == per:
+                report(wid=wid, start=t0, end=time.monotonic(), n=per)
+
+        for _ in range(min(1000, per)):
+            state["sent"] += 1
+            Task.deliver("demo", "echo", [1, "abc", 3.5], Task.TYPE_ASYNC, callback=on_done)
+
+    def run_co(server, wid):
+        if wid != 0:
+            return
+        if PIN in ("same", "cross"):
+            os.sched_setaffinity(0, {0})
+        for _ in range(2000):
+            Task.deliver("demo", "echo", [1, "abc", 3.5], dst_worker_id=0)
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(N):
+            t = clock()
+            Task.deliver("demo", "echo", [1, "abc", 3.5], dst_worker_id=0)
+            samples.append(clock() - t)
+        samples.sort()
+        report(wid=wid, n=N, p50=samples[N // 2] / 1e3, p99=samples[int(N * 0.99)] / 1e3,
+               mean=sum(samples) / N / 1e3)
+
+    def run_batch(server, wid):
+        if wid != 0:
+            return
+        calls = [("demo", "echo", [1, "abc", 3.5])] * 100
+        for _ in range(20):
+            Task.deliver_batch(calls)
+        t0 = time.monotonic()
+        for _ in range(N // 100):
+            out = Task.deliver_batch(calls)
+        report(wid=wid, n=N, start=t0, end=time.monotonic(), ok=out[0] == [1, "abc", 3.5])
+
+    server = Server(worker_num=2, task_worker_num=2, task_wait_spin=SPIN)
+    server.on("task_worker_start", pin_task_worker)
+    server.on("worker_start", {"async": run_async, "co": run_co, "batch": run_batch}[WORKLOAD])
+    sys.exit(server.start())
+''')
+
+
+def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0,
+               timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Starts a server that runs one workload, collects its reports, and stops it."""
+    expected = 2 if workload == "async" else 1
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(SERVER)
+    env = dict(os.environ, BENCH_WORKLOAD=workload, BENCH_N=str(n), BENCH_PIN=pin,
+               BENCH_SPIN=str(spin))
+    proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    reports: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while len(reports) < expected and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            reports.append(json.loads(line))
+        if len(reports) < expected:
+            raise RuntimeError(f"the {workload} server gave {len(reports)} of {expected} reports")
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        os.unlink(f.name)
+    return reports
+
+
+def pyswtask_async(n: int) -> dict[str, Any]:
+    reports = run_server("async", n)
+    elapsed = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    total = sum(r["n"] for r in reports)
+    return _peers._result("async_throughput", "pyswtask", total / elapsed, "tasks/s", total,
+                          elapsed_s=round(elapsed, 3))
+
+
+def pyswtask_co(n: int, pin: str, spin: float) -> dict[str, Any]:
+    r = run_server("co", n, pin=pin, spin=spin)[0]
+    placement = {"same": "same_cpu", "cross": "cross_cpu", "": "unpinned"}[pin]
+    return _peers._result(f"co_roundtrip:{placement}", "pyswtask", r["p50"], "us", n,
+                          p50_us=r["p50"], p99_us=r["p99"], mean_us=r["mean"], spin_s=spin)
+
+
+def pyswtask_batch(n: int) -> dict[str, Any]:
+    r = run_server("batch", n)[0]
+    if not r["ok"]:
+        raise RuntimeError("batch results were wrong")
+    return _peers._result("batch_co_100", "pyswtask", n / (r["end"] - r["start"]), "tasks/s", n)
+
+
+def one_round(quick: bool, spin: float) -> list[dict[str, Any]]:
+    scale = 10 if quick else 1
+    n_async, n_co, n_batch = 200_000 // scale, 20_000 // scale, 100_000 // scale
+    results = [pyswtask_async(n_async)]
+    results += _peers.pool_async(n_async)
+    results += _peers.executor_async(n_async // 4)
+    for pin, same in (("same", True), ("cross", False), ("", None)):
+        results.append(pyswtask_co(n_co, pin, spin))
+        floor = _peers.socketpair_pingpong(n_co, same_cpu=same)[0]
+        placement = {"same": "same_cpu", "cross": "cross_cpu", "": "unpinned"}[pin]
+        floor["workload"] = f"co_roundtrip:{placement}"
+        results.append(floor)
+    for r in _peers.pool_co(n_co // 4) + _peers.executor_co(n_co // 4):
+        r["workload"] = "co_roundtrip:unpinned"
+        results.append(r)
+    results.append(pyswtask_batch(n_batch))
+    results += _peers.pool_batch(n_batch // 100 // 4)
+    results += _peers.executor_batch(n_batch // 100 // 10)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10x smaller runs")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--spin", type=float, default=0.0, help="task_wait_spin for CO")
+    args = parser.parse_args()
+    rounds = [one_round(args.quick, args.spin) for _ in range(args.runs)]
+    medians: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in dict.fromkeys((r["workload"], r["system"]) for r in rounds[0]):
+        samples = [r for rnd in rounds for r in rnd if (r["workload"], r["system"]) == key]
+        values = sorted(r["value"] for r in samples)
+        row = dict(samples[0], value=round(statistics.median(values), 3), runs=len(values),
+                   min=round(values[0], 3), max=round(values[-1], 3))
+        for extra in ("p99_us", "mean_us"):
+            if extra in row:
+                row[extra] = round(statistics.median(r[extra] for r in samples), 3)
+        medians[key] = row
+        print(json.dumps(row), flush=True)
+    for (workload, system), row in medians.items():
+        if system == "pyswtask":
+            continue
+        ours = medians.get((workload, "pyswtask"))
+        if ours is None:
+            continue
+        # Throughput: higher is better; latency: lower is better. A ratio > 1 favours pyswtask.
+        ratio = (ours["value"] / row["value"] if row["unit"] == "tasks/s"
+                 else row["value"] / ours["value"])
+        print(json.dumps({"ratio": f"pyswtask vs {system}", "workload": workload,
+                          "value": round(ratio, 3), "meaning": "> 1 favours pyswtask"}))
+
+
+if __name__ == "__main__":
+    main()
