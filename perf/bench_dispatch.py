@@ -183,7 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10x smaller runs")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (median kept)")
-    parser.add_argument("--spin", type=float, default=0.0, help="task_wait_spin for CO")
+    parser.add_argument("--spin", type=float, default=0.00003, help="task_wait_spin for CO")
     args = parser.parse_args()
     rounds = [one_round(args.quick, args.spin) for _ in range(args.runs)]
     medians: dict[tuple[str, str], dict[str, Any]] = {}

@@ -32,6 +32,7 @@ class Dispatcher:
     late_results: int
     bad_records: int
     spin: float
+    rtt: float
     high_water: int
     def __init__(self, worker_id: int, fds: list[int], busy: Any, *,
                  on_finish: Callable[[int, Any, Any], Any],

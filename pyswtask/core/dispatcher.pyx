@@ -65,6 +65,7 @@ cdef class Dispatcher:
     cdef readonly uint64_t late_results
     cdef readonly uint64_t bad_records
     cdef public double spin
+    cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water
 
     def __cinit__(self):
@@ -186,12 +187,14 @@ cdef class Dispatcher:
         entry.kind = _P_SYNC
         cdef uint64_t task_id = self._submit(body, dst, 0, entry)
         cdef Channel ch = self.last
+        cdef double started = monotonic()
         self.flush()
         if self._all_sent():
-            self._wait_on(ch, entry, monotonic() + timeout)
+            self._wait_on(ch, entry, started + timeout)
         else:
-            self._wait(entry, None, monotonic() + timeout)
+            self._wait(entry, None, started + timeout)
         if entry.done:
+            self.rtt = self.rtt * 0.9 + (monotonic() - started) * 0.1
             return entry.value
         self.pending.pop(task_id, None)
         return TIMEOUT
@@ -269,7 +272,9 @@ cdef class Dispatcher:
         results on other channels wait for the loop."""
         cdef double now, spin_until = 0.0
         cdef ssize_t r
-        if self.spin > 0:
+        # Spin only while results usually come within twice the spin: with slow tasks it would
+        # burn CPU for nothing (an adaptive spin, as in adaptive mutexes).
+        if self.spin > 0 and self.rtt <= 2 * self.spin:
             spin_until = monotonic() + self.spin
         while not entry.done:
             now = monotonic()
