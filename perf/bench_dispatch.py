@@ -192,7 +192,7 @@ def main() -> None:
         values = sorted(r["value"] for r in samples)
         row = dict(samples[0], value=round(statistics.median(values), 3), runs=len(values),
                    min=round(values[0], 3), max=round(values[-1], 3))
-        for extra in ("p99_us", "mean_us"):
+        for extra in ("p50_us", "p99_us", "mean_us"):
             if extra in row:
                 row[extra] = round(statistics.median(r[extra] for r in samples), 3)
         medians[key] = row

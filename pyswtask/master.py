@@ -8,6 +8,7 @@ events and never does work inside a handler.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import mmap
 import os
@@ -211,6 +212,9 @@ class Master:
                     if s.fileno() not in keep:
                         s.close()
         assert self.busy is not None
+        # Everything inherited from the master lives as long as the child: keep the collector
+        # from walking it again and again on the per-task path.
+        gc.freeze()
         if child.kind == WORKER:
             return run_worker(self.server, child.worker_id, keep, self.busy)
         return run_task_worker(self.server, child.worker_id, child.index, keep, self.busy)
