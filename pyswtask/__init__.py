@@ -34,6 +34,7 @@ from .errors import (
     UnknownTask,
 )
 from .events import Event, EventObject, events, listener
+from .process import Process, process
 from .registry import task
 from .server import Server
 
@@ -42,6 +43,8 @@ __all__ = [
     "Server",
     "Task",
     "task",
+    "process",
+    "Process",
     "Event",
     "EventObject",
     "events",

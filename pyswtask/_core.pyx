@@ -10,6 +10,13 @@ the stream never needs resynchronising; at worst a fragmented body lost its star
 remaining fragments are recognised and dropped. Sends are non-blocking: what the socket does not
 take stays queued and goes out on EPOLLOUT.
 
+Inboxes
+-------
+Pipe messages travel apart from tasks: every process has an inbox, the read end of one more
+SEQPACKET pair whose write end every process of the server holds. Concurrent senders cannot
+interleave inside a record; fragments of different senders are told apart by the message id,
+which is made like a task id.
+
 Record
 ------
 One ``send``: one or more whole frames, at most RECORD_MAX (65,536) bytes. Many small frames
@@ -25,7 +32,8 @@ Frame (little-endian, 20-byte header + body)
      | "SW"  |  1  | u8  | u8  |  0  |   u16    |         u64          |    u32    | ...
      +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
 
-- type: 1 TASK (worker -> task worker), 2 RESULT, 3 ERROR (task worker -> worker).
+- type: 1 TASK (worker -> task worker), 2 RESULT, 3 ERROR (task worker -> worker), 4 PIPE (a
+  pipe message, into any process's inbox).
 - flags: 0x01 ASYNC delivery. A body larger than one record (RECORD_MAX - 20 bytes) travels as
   fragments, each a frame with the same type and task id: 0x02 FRAG_FIRST on the first, 0x04
   FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last.
@@ -37,7 +45,7 @@ Frame (little-endian, 20-byte header + body)
 
 Bodies are msgpack. A TASK body is the envelope ``[name, method, params, type, logid, spanid]``
 (Swoft's TaskHelper::pack fields, in that order); a RESULT body is the return value; an ERROR
-body is ``[exception type, message, traceback text]``.
+body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, data]``.
 """
 
 cimport cython
@@ -49,3 +57,4 @@ include "core/frame.pyx"
 include "core/channel.pyx"
 include "core/dispatcher.pyx"
 include "core/taskloop.pyx"
+include "core/mailbox.pyx"

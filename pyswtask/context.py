@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import asyncio
 
-    from ._core import Dispatcher
+    from ._core import Dispatcher, Mailbox
+    from .process import Process
     from .server import Server
 
 MASTER = "master"
 WORKER = "worker"
 TASK_WORKER = "task worker"
+PROCESS = "process"
 
 # A child exits with this when it could not even set itself up; the master then stops instead of
 # respawning it in a loop (gunicorn's WORKER_BOOT_ERROR).
@@ -24,7 +26,8 @@ EXIT_BOOT_ERROR = 3
 
 
 class ProcessContext:
-    __slots__ = ("role", "worker_id", "server", "dispatcher", "loop", "timers")
+    __slots__ = ("role", "worker_id", "server", "dispatcher", "loop", "timers", "mailbox",
+                 "process", "load", "writers")
 
     def __init__(self) -> None:
         self.role: str | None = None
@@ -33,14 +36,16 @@ class ProcessContext:
         self.dispatcher: Dispatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timers: dict[int, Any] = {}
+        self.mailbox: Mailbox | None = None
+        self.process: Process | None = None
+        self.load: memoryview | None = None     # uint32 per worker: tasks without a result
+        self.writers: set[int] = set()          # inboxes a worker waits to finish writing to
 
     def enter(self, role: str, worker_id: int, server: Server) -> None:
+        self.__init__()  # type: ignore[misc]
         self.role = role
         self.worker_id = worker_id
         self.server = server
-        self.dispatcher = None
-        self.loop = None
-        self.timers = {}
 
 
 current = ProcessContext()

@@ -76,6 +76,23 @@ class Task:
         return results
 
     @staticmethod
+    def deliver_by_process(name: str, method: str, params: Sequence[Any] = (),
+                           timeout: float = 3.0, worker_id: int = 0, type: int = TYPE_ASYNC, *,
+                           callback: Callable[[int, Any], Any] | None = None) -> Any:
+        """Delivers a task from a user process, through a worker (Swoft's deliverByProcess).
+
+        A pipe message of type "task" goes to worker ``worker_id`` (-1: the one with the fewest
+        tasks waiting for a result), whose built-in listener delivers it ASYNC. Blocks until
+        the message is written (TimeoutError after ``timeout``). ASYNC returns a request id;
+        ``callback(request_id, result)`` then runs when the process reads its messages
+        (``process.read_messages()`` / ``process.sleep()``, or by itself in an async process).
+        CO waits for the result and returns it, or raises TaskTimeout / TaskError.
+        """
+        from .pipe import deliver_by_process
+        return deliver_by_process(name, method, params, _check_timeout(timeout), worker_id,
+                                  type, callback)
+
+    @staticmethod
     async def co(name: str, method: str, params: Sequence[Any] = (), timeout: float = 3.0, *,
                  dst_worker_id: int = -1) -> Any:
         """CO delivery for asyncio code in a worker: awaits the result without blocking the

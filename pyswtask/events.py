@@ -17,6 +17,9 @@ BEFORE_TASK         task worker     (task_name, method, params, task_id)
 AFTER_TASK          task worker     (task_name, method, task_id, ok)
 RESOURCE_RELEASE    task worker     (task_name, method, task_id)
 FINISH_TASK         worker          (task_id, result); result is a TaskError on failure
+PIPE_MESSAGE        any child       (type, data, src_id); target: the server
+PROCESS_START       user process    (name, id)
+PROCESS_STOP        user process    (name, id)
 ==================  ==============  =====================================================
 
 Application events work the same way: any string names an event.
@@ -46,6 +49,9 @@ class Event:
     AFTER_TASK = "task.after"
     RESOURCE_RELEASE = "resource.release"
     FINISH_TASK = "task.finish"
+    PIPE_MESSAGE = "pipe.message"
+    PROCESS_START = "process.start"
+    PROCESS_STOP = "process.stop"
 
 
 class EventObject:

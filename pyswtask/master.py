@@ -10,18 +10,19 @@ from __future__ import annotations
 import collections
 import gc
 import logging
-import mmap
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import context
 from .context import EXIT_BOOT_ERROR
+from .ipc import ServerIpc
+from .process import run_user_process
 from .taskworker import run_task_worker
+from .titles import set_title
 from .worker import run_worker
 
 if TYPE_CHECKING:
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyswtask.master")
 
-WORKER = "worker"
-TASK_WORKER = "task worker"
+WORKER = context.WORKER
+TASK_WORKER = context.TASK_WORKER
+PROCESS = context.PROCESS
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -38,19 +40,22 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 class Child:
     """One supervised slot: the process in it changes on respawn, the slot does not."""
 
-    __slots__ = ("kind", "worker_id", "index", "pid", "started", "failures", "respawn_at")
+    __slots__ = ("kind", "worker_id", "index", "name", "pid", "started", "failures",
+                 "respawn_at")
 
-    def __init__(self, kind: str, worker_id: int, index: int) -> None:
+    def __init__(self, kind: str, worker_id: int, index: int, name: str = "") -> None:
         self.kind = kind
         self.worker_id = worker_id
         self.index = index          # index among its kind
+        self.name = name
         self.pid = 0
         self.started = 0.0
         self.failures = 0
         self.respawn_at: float | None = None
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.worker_id} (pid {self.pid})"
+        what = f"process {self.name}" if self.kind == PROCESS else f"{self.kind} {self.worker_id}"
+        return f"{what} (pid {self.pid})"
 
 
 class Master:
@@ -60,19 +65,23 @@ class Master:
         self.children = [Child(WORKER, i, i) for i in range(server.worker_num)]
         self.children += [Child(TASK_WORKER, server.worker_num + i, i)
                           for i in range(server.task_worker_num)]
+        first = server.worker_num + server.task_worker_num
+        self.processes = server.boot_processes()
+        self.children += [Child(PROCESS, first + i, i, spec.name)
+                          for i, spec in enumerate(self.processes)]
         self.by_pid: dict[int, Child] = {}
         self.signals: collections.deque[int] = collections.deque(maxlen=32)
         self.stopping = False
         self.exit_code = 0
-        self.pairs: list[list[tuple[socket.socket, socket.socket]]] = []
-        self.busy: mmap.mmap | None = None
+        self.ipc: ServerIpc | None = None
         self.wakeup: tuple[int, int] | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def run(self) -> int:
         server = self.server
-        self._open_ipc()
+        self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes))
+        set_title("master")
         old_handlers = self._install_signals()
         server.master_pid = os.getpid()
         context.current.enter(context.MASTER, -1, server)
@@ -94,7 +103,8 @@ class Master:
             self._stop_children()
             server._run_hook("shutdown")
             self._restore_signals(old_handlers)
-            self._close_ipc()
+            self.ipc.close()
+            self.ipc = None
             if pid_file:
                 try:
                     os.unlink(pid_file)
@@ -104,29 +114,6 @@ class Master:
             context.current.__init__()  # type: ignore[misc]
         log.info("master %d stopped", os.getpid())
         return self.exit_code
-
-    def _open_ipc(self) -> None:
-        n, m = self.server.worker_num, self.server.task_worker_num
-        # Busy flags, one byte per task worker, shared by every child (MAP_SHARED, anonymous).
-        self.busy = mmap.mmap(-1, max(m, 1))
-        self.pairs = []
-        for _ in range(n):
-            row = []
-            for _ in range(m):
-                # Blocking at the file level: the core passes MSG_DONTWAIT on every call that
-                # must not block, and a CO caller waits in a plain recv.
-                row.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
-            self.pairs.append(row)
-
-    def _close_ipc(self) -> None:
-        for row in self.pairs:
-            for a, b in row:
-                a.close()
-                b.close()
-        self.pairs = []
-        if self.busy is not None:
-            self.busy.close()
-            self.busy = None
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -180,6 +167,7 @@ class Master:
             child.started = time.monotonic()
             self.by_pid[pid] = child
             return
+        child.pid = os.getpid()
         code = 1
         try:
             code = self._child_main(child)
@@ -205,24 +193,18 @@ class Master:
         assert self.wakeup is not None
         for fd in self.wakeup:
             os.close(fd)
-        keep = self._channel_fds(child)
-        for row in self.pairs:
-            for a, b in row:
-                for s in (a, b):
-                    if s.fileno() not in keep:
-                        s.close()
-        assert self.busy is not None
+        assert self.ipc is not None
+        ipc = self.ipc.for_child(child.kind, child.worker_id, child.index)
+        set_title(f"process {child.name}" if child.kind == PROCESS
+                  else f"{child.kind} {child.worker_id}")
         # Everything inherited from the master lives as long as the child: keep the collector
         # from walking it again and again on the per-task path.
         gc.freeze()
         if child.kind == WORKER:
-            return run_worker(self.server, child.worker_id, keep, self.busy)
-        return run_task_worker(self.server, child.worker_id, child.index, keep, self.busy)
-
-    def _channel_fds(self, child: Child) -> list[int]:
-        if child.kind == WORKER:
-            return [a.fileno() for a, _ in self.pairs[child.index]]
-        return [row[child.index][1].fileno() for row in self.pairs]
+            return run_worker(self.server, child.worker_id, ipc)
+        if child.kind == TASK_WORKER:
+            return run_task_worker(self.server, child.worker_id, child.index, ipc)
+        return run_user_process(self.server, self.processes[child.index], child.worker_id, ipc)
 
     def _reap(self) -> None:
         while True:
@@ -236,23 +218,23 @@ class Master:
             if child is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            if not self.stopping:
+                self._handle_death(child, code)
             child.pid = 0
-            if self.stopping:
-                continue
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            if code == EXIT_BOOT_ERROR:
-                log.error("%s %d could not start (%s): stopping the server", child.kind,
-                          child.worker_id, how)
-                self.exit_code = EXIT_BOOT_ERROR
-                self.stopping = True
-                continue
-            lived = time.monotonic() - child.started
-            child.failures = child.failures + 1 if lived < 1.0 else 0
-            delay = 0.0 if child.failures == 0 else min(
-                0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
-            child.respawn_at = time.monotonic() + delay
-            log.warning("%s %d (pid %d) died with %s; respawning in %.1f s", child.kind,
-                        child.worker_id, pid, how, delay)
+
+    def _handle_death(self, child: Child, code: int) -> None:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if code == EXIT_BOOT_ERROR:
+            log.error("%s could not start (%s): stopping the server", child, how)
+            self.exit_code = EXIT_BOOT_ERROR
+            self.stopping = True
+            return
+        lived = time.monotonic() - child.started
+        child.failures = child.failures + 1 if lived < 1.0 else 0
+        delay = 0.0 if child.failures == 0 else min(
+            0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
+        child.respawn_at = time.monotonic() + delay
+        log.warning("%s died with %s; respawning in %.1f s", child, how, delay)
 
     def _next_respawn_delay(self) -> float:
         due = [c.respawn_at for c in self.children if c.respawn_at is not None]
@@ -267,11 +249,13 @@ class Master:
                 self._spawn(child)
 
     def _stop_children(self) -> None:
-        """Workers first (they wait for their in-flight results), then task workers (they run
-        what is already queued), within max_wait_time; whatever is left then is killed."""
+        """User processes first (they stop producing work), then workers (they wait for their
+        in-flight results), then task workers (they run what is already queued), within
+        max_wait_time; whatever is left then is killed."""
         self.stopping = True
         deadline = time.monotonic() + self.settings["max_wait_time"]
-        for kind, until in ((WORKER, deadline), (TASK_WORKER, deadline + 1.0)):
+        for kind, until in ((PROCESS, deadline), (WORKER, deadline),
+                            (TASK_WORKER, deadline + 1.0)):
             self._signal(kind, signal.SIGTERM)
             self._wait_for(kind, until)
         for child in self.children:

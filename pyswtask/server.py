@@ -14,7 +14,8 @@ import os
 import signal
 from typing import Any, Callable
 
-from . import context
+from . import context, pipe
+from .process import ProcessSpec, declared
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
@@ -65,6 +66,7 @@ class Server:
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"setting {key} must be a non-negative number, not {value!r}")
         self._hooks: dict[str, list[Callable[..., Any]]] = {}
+        self._processes: list[ProcessSpec] = []
         self.master_pid: int | None = None
 
     # -- configuration ------------------------------------------------------------------------
@@ -78,6 +80,30 @@ class Server:
         if not callable(fn):
             raise TypeError(f"hook {hook!r} needs a callable, not {fn!r}")
         self._hooks.setdefault(hook, []).append(fn)
+
+    def add_process(self, target: Any, name: str | None = None, boot: bool = True) -> None:
+        """Adds a user process: ``fn(server, process)`` or a class with
+        ``run(self, server, process)``; see pyswtask.process. ``boot=False`` declares it
+        without starting it with the server."""
+        spec = target if isinstance(target, ProcessSpec) else ProcessSpec(target, name, boot)
+        if any(p.name == spec.name for p in self._processes):
+            raise ValueError(f"this server already has a process named {spec.name!r}")
+        self._processes.append(spec)
+
+    def boot_processes(self) -> list[ProcessSpec]:
+        """The user processes started with the server: added here, then declared with
+        @process (a name added here wins), in that order."""
+        names = {p.name for p in self._processes}
+        specs = self._processes + [p for p in declared() if p.name not in names]
+        return [p for p in specs if p.boot]
+
+    def send_message(self, data: Any, dst_worker_id: int, type: str = "message",
+                     timeout: float = 3.0) -> None:
+        """Sends a pipe message to another process of this server (ids: workers, then task
+        workers, then user processes), where Event.PIPE_MESSAGE fires with
+        ``(type, data, src_id)``. Never blocks a worker's loop; elsewhere blocks until written
+        (TimeoutError after ``timeout``)."""
+        pipe.send_message(data, dst_worker_id, type, timeout)
 
     def _run_hook(self, hook: str, *args: Any) -> None:
         for fn in self._hooks.get(hook, ()):

@@ -12,21 +12,23 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import context
-from ._core import Dispatcher
+from ._core import Dispatcher, Mailbox
 from .delivery import fire_finish
 from .errors import TaskError
 from .events import Event, events
+from .pipe import dispatch_messages
 
 if TYPE_CHECKING:
+    from .ipc import ChildIpc
     from .server import Server
 
 log = logging.getLogger("pyswtask.worker")
 
 
-def run_worker(server: Server, worker_id: int, fds: list[int], busy: Any) -> int:
+def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
     ctx = context.current
     ctx.enter(context.WORKER, worker_id, server)
     settings = server.settings
@@ -34,13 +36,18 @@ def run_worker(server: Server, worker_id: int, fds: list[int], busy: Any) -> int
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         ctx.loop = loop
-        if fds:
+        if ipc.task_fds:
             dispatcher = Dispatcher(
-                worker_id, fds, busy, on_finish=fire_finish, make_error=TaskError.from_wire,
-                on_protocol_error=log.error, epoch=os.getpid(), spin=settings["task_wait_spin"])
+                worker_id, ipc.task_fds, ipc.busy, on_finish=fire_finish,
+                make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
+                spin=settings["task_wait_spin"], load=ipc.load)
             dispatcher.set_scheduler(loop.call_soon)
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
             ctx.dispatcher = dispatcher
+        mailbox = ctx.mailbox = Mailbox(worker_id, ipc.inbox_fd, ipc.out_fds, epoch=os.getpid(),
+                                        on_protocol_error=log.error)
+        ctx.load = ipc.load
+        loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox)
         stopping = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, _set_once, stopping)
     except Exception:

@@ -48,6 +48,8 @@ cdef class Dispatcher:
     cdef list channels
     cdef int nchan
     cdef unsigned char[:] busy
+    cdef unsigned int[:] load       # tasks without a result, per worker (shared memory)
+    cdef bint has_load
     cdef int rr
     cdef uint64_t epoch
     cdef uint32_t counter
@@ -75,11 +77,16 @@ cdef class Dispatcher:
             raise MemoryError()
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
-                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20):
+                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None):
         cdef Channel ch
         self.worker_id = worker_id
         self.epoch = epoch & 0xFFFFFFFF
         self.busy = busy
+        if load is not None:
+            self.load = load
+            self.has_load = True
+            if self.load.shape[0] <= worker_id:
+                raise ValueError("the load array has no slot for this worker")
         self.nchan = len(fds)
         if self.nchan == 0:
             raise ValueError("a dispatcher needs at least one task worker channel")
@@ -155,6 +162,8 @@ cdef class Dispatcher:
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         self.pending[task_id] = entry
+        if self.has_load:
+            self.load[self.worker_id] = len(self.pending)
         if ch.queued() >= _RECORD_MAX:
             self._flush_channel(ch)
         return task_id
@@ -380,8 +389,8 @@ cdef class Dispatcher:
         cdef object whole
         while off < n:
             why = check_header(self.scratch + off, n - off, &h)
-            if why == NULL and h.type == _FRAME_TASK:
-                why = "task frame sent to a worker"
+            if why == NULL and h.type != _FRAME_RESULT and h.type != _FRAME_ERROR:
+                why = "a worker's task channel takes only results"
             if why != NULL:
                 # Records are atomic, so dropping the rest of this one loses no alignment.
                 self.bad_records += 1
@@ -407,6 +416,8 @@ cdef class Dispatcher:
         if found is None:
             self.late_results += 1
             return 0
+        if self.has_load:
+            self.load[self.worker_id] = len(self.pending)
         entry = <_Pending>found
         try:
             value = unpackb(p, n)

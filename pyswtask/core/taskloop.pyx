@@ -2,6 +2,7 @@
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
+    _INBOX_TAG = 0xFFFFFFFE
     _DURATIONS_MAX = 4096
 
 # A method whose runs average more than this is "slow": results already queued are sent before
@@ -25,6 +26,7 @@ cdef class TaskLoop:
     cdef object execute
     cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
     cdef object on_protocol_error   # on_protocol_error(message)
+    cdef object on_inbox            # on_inbox(): reads this process's pipe messages
     cdef char *scratch
     cdef dict durations             # (name, method) -> moving average of run time, seconds
     cdef readonly uint64_t tasks_done
@@ -38,7 +40,7 @@ cdef class TaskLoop:
             raise MemoryError()
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
-                 on_protocol_error, size_t high_water=4 << 20):
+                 on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -63,6 +65,11 @@ cdef class TaskLoop:
         ev.data.u32 = _STOP_TAG
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0:
             raise OSError(errno, "epoll_ctl failed on the stop descriptor")
+        self.on_inbox = on_inbox
+        if inbox_fd >= 0:
+            ev.data.u32 = _INBOX_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on the inbox")
 
     def __dealloc__(self):
         free(self.scratch)
@@ -97,6 +104,9 @@ cdef class TaskLoop:
                         deadline = monotonic() + max_wait
                         # Poll briefly from now on: exit as soon as nothing is left to serve.
                         timeout_ms = 20
+                    continue
+                if evs[i].data.u32 == _INBOX_TAG:
+                    self.on_inbox()
                     continue
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:

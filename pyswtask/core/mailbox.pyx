@@ -1,0 +1,154 @@
+# Pipe messages between any two processes of a server: an inbox per process, a queue per
+# destination. Message bodies are opaque here; the facade packs [type, data] into them.
+
+cdef class Mailbox:
+    """This process's inbox and its send queues to every inbox of the server.
+
+    A message id is made like a task id (this process's epoch in the high 32 bits), so that the
+    fragments of a large message are reassembled per message even when several processes write
+    to the same inbox at once.
+    """
+    cdef Channel inbox
+    cdef list outs
+    cdef uint16_t self_id
+    cdef uint64_t epoch
+    cdef uint32_t counter
+    cdef char *scratch
+    cdef object on_protocol_error
+    cdef readonly uint64_t bad_records
+
+    def __cinit__(self):
+        self.scratch = <char *>malloc(_RECORD_MAX)
+        if self.scratch == NULL:
+            raise MemoryError()
+
+    def __init__(self, int self_id, int inbox_fd, out_fds, *, uint64_t epoch, on_protocol_error):
+        self.self_id = self_id
+        self.inbox = Channel(inbox_fd, self_id)
+        self.outs = [Channel(fd, i) for i, fd in enumerate(out_fds)]
+        self.epoch = epoch & 0xFFFFFFFF
+        self.on_protocol_error = on_protocol_error
+
+    def __dealloc__(self):
+        free(self.scratch)
+
+    def fileno(self):
+        """The inbox descriptor: readable when a message is waiting."""
+        return self.inbox.fd
+
+    @property
+    def size(self):
+        """How many inboxes (processes) there are to send to."""
+        return len(self.outs)
+
+    def send(self, int dst, bytes body, double timeout=-1.0):
+        """Queues one message to process dst and sends what the inbox takes.
+
+        timeout < 0: never block; returns False while part of the queue is left (send the rest
+        with flush() when out_fileno(dst) is writable). timeout >= 0: blocks until the message
+        is written; raises TimeoutError after timeout seconds, taking the message back if none
+        of it had left (a message larger than one record may have gone out in part)."""
+        cdef Channel ch
+        cdef size_t before, length
+        cdef double deadline, left
+        cdef pollfd pfd
+        cdef int r
+        if not 0 <= dst < len(self.outs):
+            raise ValueError(f"dst_worker_id {dst} is out of range: there are {len(self.outs)} "
+                             f"processes (0..{len(self.outs) - 1})")
+        ch = <Channel>self.outs[dst]
+        before = ch.queued()
+        self.counter += 1
+        ch.put(_FRAME_PIPE, 0, (self.epoch << 32) | self.counter, self.self_id,
+               PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        length = ch.queued() - before
+        ch.flush()
+        if not ch.queued():
+            return True
+        if timeout < 0:
+            return False
+        deadline = monotonic() + timeout
+        while ch.queued():
+            left = deadline - monotonic()
+            if left <= 0:
+                if ch.queued() >= length:
+                    ch.out.end -= length        # none of it left: take it back whole
+                    raise TimeoutError(f"pipe message to process {dst} not sent within "
+                                       f"{timeout} s: its inbox is full")
+                raise TimeoutError(f"pipe message to process {dst} only partly sent within "
+                                   f"{timeout} s; the rest goes with the next send or flush")
+            pfd.fd = ch.fd
+            pfd.events = POLLOUT
+            with nogil:
+                r = poll(&pfd, 1, <int>(left * 1000.0) + 1)
+            if r < 0 and errno == EINTR:
+                PyErr_CheckSignals()
+            ch.flush()
+        return True
+
+    def out_fileno(self, int dst):
+        return (<Channel>self.outs[dst]).fd
+
+    def flush(self):
+        """Sends what is queued to every inbox as far as they take it; returns the
+        destinations still holding queued bytes."""
+        cdef Channel ch
+        cdef list left = []
+        for ch in self.outs:
+            if ch.queued():
+                ch.flush()
+                if ch.queued():
+                    left.append(ch.peer)
+        return left
+
+    def wait(self, double timeout):
+        """Waits until a message is waiting (True) or timeout seconds pass (False); a negative
+        timeout waits for ever."""
+        cdef pollfd pfd
+        cdef int r
+        cdef int ms = -1 if timeout < 0 else <int>(timeout * 1000.0)
+        pfd.fd = self.inbox.fd
+        pfd.events = POLLIN
+        with nogil:
+            r = poll(&pfd, 1, ms)
+        if r < 0:
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                return False
+            raise OSError(errno, "poll failed")
+        return r > 0
+
+    def receive(self):
+        """The messages waiting now, as (src, message id, body) tuples; never blocks."""
+        cdef ssize_t r
+        cdef int k
+        cdef size_t off, n
+        cdef FrameHeader h
+        cdef const char *why
+        cdef const char *body
+        cdef list out = []
+        for k in range(_READ_BUDGET):
+            r = recv_record(self.inbox.fd, self.scratch)
+            if r <= 0:
+                break
+            n = <size_t>r
+            off = 0
+            while off < n:
+                why = check_header(self.scratch + off, n - off, &h)
+                if why == NULL and h.type != _FRAME_PIPE:
+                    why = "an inbox takes only pipe messages"
+                if why != NULL:
+                    self.bad_records += 1
+                    self.on_protocol_error(f"process {self.self_id}: inbox record dropped at "
+                                           f"offset {off}: {why.decode()}")
+                    break
+                body = self.scratch + off + _HEADER_SIZE
+                off += _HEADER_SIZE + h.body_len
+                if h.flags & _FLAGS_FRAG:
+                    whole = self.inbox.assemble(&h, body)
+                    if whole is not None:
+                        out.append((h.src_worker, h.task_id, whole))
+                else:
+                    out.append((h.src_worker, h.task_id,
+                                PyBytes_FromStringAndSize(body, h.body_len)))
+        return out

@@ -1,0 +1,67 @@
+"""The IPC a server needs, created by the master before it forks, so every child inherits it.
+
+- task channels: one SOCK_SEQPACKET pair per (worker, task worker);
+- inboxes: one SOCK_SEQPACKET pair per child, for pipe messages (every child holds every write
+  end, and the read end of its own);
+- busy flags: one byte per task worker, shared memory;
+- load: one uint32 per worker (its tasks without a result yet), shared memory.
+
+The master keeps every end open for the life of the server, so a respawned child inherits the
+same sockets (and what is queued in them) as the process it replaces.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+from typing import NamedTuple
+
+
+class ChildIpc(NamedTuple):
+    """What one child keeps. Ids are global: workers, then task workers, then user processes."""
+
+    task_fds: list[int]         # worker: to each task worker; task worker: from each worker
+    busy: mmap.mmap
+    load: memoryview            # uint32 per worker
+    inbox_fd: int
+    out_fds: list[int]          # the write end of every inbox, by global id
+
+
+class ServerIpc:
+    def __init__(self, worker_num: int, task_worker_num: int, process_num: int) -> None:
+        self.worker_num = worker_num
+        self.task_worker_num = task_worker_num
+        # Blocking at the file level: the core passes MSG_DONTWAIT on every call that must not
+        # block, and a CO caller waits in a plain recv.
+        self.pairs = [[socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                       for _ in range(task_worker_num)] for _ in range(worker_num)]
+        self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        for _ in range(worker_num + task_worker_num + process_num)]
+        self.busy = mmap.mmap(-1, max(task_worker_num, 1))
+        self._load = mmap.mmap(-1, 4 * worker_num)
+
+    def for_child(self, kind: str, global_id: int, index: int) -> ChildIpc:
+        """In a freshly forked child: closes what it does not use, returns what it keeps."""
+        if kind == "worker":
+            task = [row_pair[0] for row_pair in self.pairs[index]]
+        elif kind == "task worker":
+            task = [row[index][1] for row in self.pairs]
+        else:
+            task = []
+        keep = {s.fileno() for s in task} | {w.fileno() for w, _ in self.inboxes}
+        keep.add(self.inboxes[global_id][1].fileno())
+        for s in self._sockets():
+            if s.fileno() not in keep:
+                s.close()
+        return ChildIpc([s.fileno() for s in task], self.busy, memoryview(self._load).cast("I"),
+                        self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes])
+
+    def _sockets(self) -> list[socket.socket]:
+        out = [s for row in self.pairs for pair in row for s in pair]
+        return out + [s for pair in self.inboxes for s in pair]
+
+    def close(self) -> None:
+        for s in self._sockets():
+            s.close()
+        self.busy.close()
+        self._load.close()

@@ -1,0 +1,251 @@
+"""User processes, pipe messages and Task.deliver_by_process, in real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from _testbase import ServerRunner
+
+
+def read_records(srv: object, until: object, timeout: float = 20.0) -> list[dict[str, object]]:
+    """Reads JSON lines from a running server until until(records) is true."""
+    records: list[dict[str, object]] = []
+    deadline = time.monotonic() + timeout
+    while not until(records):  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server did not say it in time; got {records}")
+        line = srv.proc.stdout.readline()  # type: ignore[attr-defined]
+        if not line:
+            raise AssertionError(f"server ended early; got {records}\n{srv.proc.stderr.read()}")  # type: ignore[attr-defined]
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return records
+
+
+def test_a_user_process_delivers_async_and_co_tasks(servers: ServerRunner) -> None:
+    srv = servers.run('''
+        from pyswtask import process, ServerNotRunning
+
+        @process(name="producer")
+        def producer(server, proc):
+            emit(event="co", result=Task.deliver_by_process("Demo", "echo", [1, "a"], type=Task.TYPE_CO))
+            emit(event="co_least", result=Task.deliver_by_process("Demo", "pid", worker_id=-1,
+                                                                 type=Task.TYPE_CO))
+            try:
+                Task.deliver_by_process("Demo", "boom", ["from process"], type=Task.TYPE_CO)
+            except TaskError as e:
+                emit(event="co_error", type=e.remote_type, message=e.remote_message)
+            try:
+                Task.deliver_by_process("Demo", "sleep", [1.0], type=Task.TYPE_CO, timeout=0.2)
+            except TaskTimeout as e:
+                emit(event="co_timeout", text=str(e))
+            got = []
+            req = Task.deliver_by_process("Demo", "echo", ["async"], worker_id=1,
+                                          callback=lambda rid, r: got.append((rid, r)))
+            plain = Task.deliver_by_process("Demo", "count", worker_id=0)
+            for bad in (5, "0"):
+                try:
+                    Task.deliver_by_process("Demo", "echo", [1], worker_id=bad)
+                except ValueError as e:
+                    emit(event="bad_worker", text=str(e))
+            try:
+                Task.deliver_by_process("Demo", "echo", [{1, 2}])
+            except TypeError as e:
+                emit(event="bad_params", text=str(e))
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                proc.read_messages(0.1)
+            emit(event="async", req=req, got=got, plain=plain)
+            server.shutdown()
+            proc.sleep(60)
+
+        @listener(Event.FINISH_TASK)
+        def finished(ev):
+            emit(event="worker_finish", wid=server.worker_id, result=ev.params[1])
+
+        server = Server(worker_num=2, task_worker_num=2)
+        sys.exit(server.start())
+    ''')
+    assert srv.by_event("co")[0]["result"] == [1, "a"]
+    assert isinstance(srv.by_event("co_least")[0]["result"], int)
+    assert srv.by_event("co_error")[0] == {"event": "co_error", "type": "ValueError",
+                                           "message": "from process"}
+    assert "Demo.sleep gave no result within 0.2 s" in srv.by_event("co_timeout")[0]["text"]
+    texts = [r["text"] for r in srv.by_event("bad_worker")]
+    assert all("worker_id" in t and "out of range" in t and "0..1" in t for t in texts), texts
+    assert "data" not in srv.by_event("bad_params")[0]["text"]
+    assert "params[0] = {1, 2} (set) is not msgpack-able" in srv.by_event("bad_params")[0]["text"]
+    done = srv.by_event("async")[0]
+    assert done["got"] == [[done["req"], "async"]] and isinstance(done["plain"], int)
+    # The worker that delivered on the process's behalf fired its own finish events too.
+    finishes = {(r["wid"], json.dumps(r["result"])) for r in srv.by_event("worker_finish")}
+    assert (1, '"async"') in finishes and (0, "1") in finishes
+
+
+def test_pipe_messages_between_every_kind_of_process(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process
+        ALL = range(5)    # workers 0-1, task worker 2, processes 3 (sync) and 4 (async)
+
+        @listener(Event.PIPE_MESSAGE)
+        def got(ev):
+            mtype, data, src = ev.params
+            emit(event="got", me=server.worker_id if server.worker_id >= 0 else None,
+                 type=mtype, data=data, src=src)
+
+        def greet(me):
+            for dst in ALL:
+                if dst != me:
+                    server.send_message({"from": me}, dst, type="hello")
+
+        @process(name="sync")
+        def sync_proc(server, proc):
+            greet(proc.id)
+            proc.sleep(60)
+
+        @process(name="async")
+        async def async_proc(server, proc):
+            greet(proc.id)
+            await asyncio.sleep(60)
+
+        server = Server(worker_num=2, task_worker_num=1)
+        server.on("worker_start", lambda s, wid: greet(wid))
+        server.on("task_worker_start", lambda s, wid: greet(wid))
+        sys.exit(server.start())
+    ''')
+    records = read_records(srv, lambda rs: len(rs) >= 20)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    pairs = {(r["src"], r["me"]) for r in records if r["event"] == "got"}
+    assert pairs == {(a, b) for a in range(5) for b in range(5) if a != b}
+    assert all(r["type"] == "hello" and r["data"] == {"from": r["src"]} for r in records)
+    assert not srv.group_alive()
+
+
+def test_large_messages_cross_whole(servers: ServerRunner) -> None:
+    srv = servers.run('''
+        import hashlib
+        from pyswtask import process
+
+        def digest(b):
+            return hashlib.sha256(b).hexdigest()
+
+        @process(name="echoer")
+        async def echoer(server, proc):
+            await asyncio.sleep(60)
+
+        @listener(Event.PIPE_MESSAGE)
+        def got(ev):
+            mtype, data, src = ev.params
+            if server.worker_id == 2:          # the process sends each big message back
+                server.send_message(data, src, type="back", timeout=10)
+            else:
+                emit(event="back", size=len(data), digest=digest(data))
+                server.shutdown()
+
+        def start(server, wid):
+            blob = os.urandom(1 << 20)
+            emit(event="sent", size=len(blob), digest=digest(blob))
+            server.send_message(blob, 2, type="big")
+
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    sent, back = srv.by_event("sent")[0], srv.by_event("back")[0]
+    assert back["size"] == sent["size"] == 1 << 20 and back["digest"] == sent["digest"]
+
+
+def test_a_failing_listener_does_not_stop_the_others(servers: ServerRunner) -> None:
+    srv = servers.run('''
+        @listener(Event.PIPE_MESSAGE, priority=5)
+        def first(ev):
+            emit(event="first")
+            raise RuntimeError("first listener broke")
+
+        @listener(Event.PIPE_MESSAGE)
+        def second(ev):
+            emit(event="second", data=ev.params[1])
+            server.shutdown()
+
+        server = Server(worker_num=2, task_worker_num=0)
+        server.on("worker_start", lambda s, wid: wid == 0 and s.send_message("hi", 1))
+        sys.exit(server.start())
+    ''')
+    assert [r["event"] for r in srv.records()] == ["first", "second"]
+    assert "first listener broke" in srv.err
+
+
+def test_user_processes_are_respawned_with_back_off_and_titled(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process
+
+        @process(name="steady")
+        def steady(server, proc):
+            emit(event="steady", pid=os.getpid())
+            proc.sleep(60)
+
+        @process(name="crasher")
+        def crasher(server, proc):
+            raise RuntimeError("crashes at once")
+
+        server = Server(worker_num=1, task_worker_num=1)
+        sys.exit(server.start())
+    ''')
+    first = read_records(srv, lambda rs: len(rs) >= 1)[0]
+    titles = subprocess.run(["ps", "-o", "args=", "--sid", str(srv.pid)], capture_output=True,
+                            text=True, timeout=10).stdout
+    for title in ("pyswtask: master", "pyswtask: worker 0", "pyswtask: task worker 1",
+                  "pyswtask: process steady"):
+        assert title in titles, titles
+    time.sleep(1.2)  # a process that lived a second or more is respawned at once
+    os.kill(first["pid"], signal.SIGKILL)
+    second = read_records(srv, lambda rs: len(rs) >= 1)[0]
+    assert second["pid"] != first["pid"]
+    time.sleep(0.5)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0
+    assert "process steady" in srv.err and "died with signal SIGKILL; respawning in 0.0 s" in srv.err
+    delays = [line.rsplit("respawning in ", 1)[1] for line in srv.err.splitlines()
+              if "process crasher" in line and "respawning in" in line]
+    assert delays[:3] == ["0.1 s", "0.2 s", "0.4 s"], delays
+    assert not srv.group_alive()
+
+
+def test_delivery_from_an_orphaned_process_says_the_server_is_gone(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process, ServerNotRunning
+
+        @process(name="orphan")
+        def orphan(server, proc):
+            emit(event="ready")
+            while True:
+                try:
+                    Task.deliver_by_process("Demo", "echo", [1])
+                except ServerNotRunning as e:
+                    emit(event="gone", text=str(e))
+                    return
+                time.sleep(0.05)
+
+        server = Server(worker_num=1, task_worker_num=1)
+        sys.exit(server.start())
+    ''')
+    read_records(srv, lambda rs: len(rs) >= 1)
+    os.kill(srv.pid, signal.SIGKILL)
+    gone = read_records(srv, lambda rs: len(rs) >= 1)[0]
+    assert gone["text"] == "Task.deliver_by_process: the server this process belonged to has stopped"
+
+
+def test_deliver_by_process_and_send_message_outside_a_server() -> None:
+    import pytest
+
+    from pyswtask import DeliveryError, Server, ServerNotRunning, Task
+
+    with pytest.raises(DeliveryError, match="works in the user processes of a running server"):
+        Task.deliver_by_process("Demo", "echo")
+    with pytest.raises(ServerNotRunning, match="send_message works inside the processes"):
+        Server().send_message("x", 0)
