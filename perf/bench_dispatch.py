@@ -103,16 +103,13 @@ SERVER = textwrap.dedent('''
 ''')
 
 
-def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0,
+def run_script(script: str, env: dict[str, str], expected: int,
                timeout: float = 300.0) -> list[dict[str, Any]]:
-    """Starts a server that runs one workload, collects its reports, and stops it."""
-    expected = 2 if workload == "async" else 1
+    """Runs a server script until it has printed ``expected`` JSON reports, then stops it."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(SERVER)
-    env = dict(os.environ, BENCH_WORKLOAD=workload, BENCH_N=str(n), BENCH_PIN=pin,
-               BENCH_SPIN=str(spin))
+        f.write(script)
     proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            env=dict(os.environ, **env), start_new_session=True)
     reports: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout
@@ -123,7 +120,7 @@ def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0,
                 break
             reports.append(json.loads(line))
         if len(reports) < expected:
-            raise RuntimeError(f"the {workload} server gave {len(reports)} of {expected} reports")
+            raise RuntimeError(f"the server gave {len(reports)} of {expected} reports ({env})")
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
@@ -134,6 +131,13 @@ def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0,
         proc.wait(timeout=30)
         os.unlink(f.name)
     return reports
+
+
+def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0) -> list[dict[str, Any]]:
+    """Starts a dispatch server that runs one workload and collects its reports."""
+    env = {"BENCH_WORKLOAD": workload, "BENCH_N": str(n), "BENCH_PIN": pin,
+           "BENCH_SPIN": str(spin)}
+    return run_script(SERVER, env, 2 if workload == "async" else 1)
 
 
 def pyswtask_async(n: int) -> dict[str, Any]:

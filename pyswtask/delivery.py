@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
-from . import context
+from . import context, pipe
 from ._core import TIMEOUT, Dispatcher, pack_envelope
 from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
 from .events import Event, events
@@ -88,9 +88,8 @@ class Task:
         (``process.read_messages()`` / ``process.sleep()``, or by itself in an async process).
         CO waits for the result and returns it, or raises TaskTimeout / TaskError.
         """
-        from .pipe import deliver_by_process
-        return deliver_by_process(name, method, params, _check_timeout(timeout), worker_id,
-                                  type, callback)
+        return pipe.deliver_by_process(name, method, params, _check_timeout(timeout),
+                                       worker_id, type, callback)
 
     @staticmethod
     async def co(name: str, method: str, params: Sequence[Any] = (), timeout: float = 3.0, *,

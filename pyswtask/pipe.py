@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import msgpack  # type: ignore[import-untyped]
 
-from . import context
+from . import context, delivery
 from ._core import Mailbox
 from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
 from .events import Event, events
@@ -43,9 +43,8 @@ def pack_message(type: str, data: Any) -> bytes:
         body: bytes = _packb((type, data))
         return body
     except (TypeError, ValueError, OverflowError) as exc:
-        from .delivery import _describe_unpackable
-        raise TypeError(f"pipe message {type!r} cannot be packed: "
-                        f"{_describe_unpackable([data], exc).replace('params[0]', 'data')}") from None
+        what = delivery._describe_unpackable([data], exc).replace("params[0]", "data")
+        raise TypeError(f"pipe message {type!r} cannot be packed: {what}") from None
 
 
 def unpack_message(body: bytes) -> tuple[str, Any]:
@@ -82,13 +81,22 @@ def send_message(data: Any, dst_worker_id: int, type: str = "message",
         mailbox.send(dst_worker_id, body, timeout)
 
 
+_master_checked = 0.0
+
+
 def _mailbox(api: str) -> Mailbox:
+    global _master_checked
     ctx = context.current
     if ctx.mailbox is None:
         raise ServerNotRunning(f"{api} works inside the processes of a running pyswtask server")
-    if ctx.server is not None and ctx.server.master_pid is not None \
-            and os.getppid() != ctx.server.master_pid:
-        raise ServerNotRunning(f"{api}: the server this process belonged to has stopped")
+    # An orphan's messages would still be accepted by the surviving children's inboxes, so look
+    # at the master, but at most every 10 ms: getppid() per message costs a syscall.
+    now = time.monotonic()
+    if now - _master_checked > 0.01:
+        assert ctx.server is not None
+        if os.getppid() != ctx.server.master_pid:
+            raise ServerNotRunning(f"{api}: the server this process belonged to has stopped")
+        _master_checked = now
     return ctx.mailbox
 
 
@@ -144,7 +152,6 @@ def _on_task_message(event: Any) -> None:
     mtype, data, src = event.params
     if mtype != PIPE_TASK or context.current.role != context.WORKER:
         return
-    from .delivery import Task
     try:
         req_id, name, method, params, reply = data
     except (TypeError, ValueError):
@@ -155,7 +162,7 @@ def _on_task_message(event: Any) -> None:
         def callback(task_id: int, result: Any) -> None:
             _reply(src, req_id, result)
     try:
-        Task.deliver(name, method, params, Task.TYPE_ASYNC, callback=callback)
+        delivery.Task.deliver(name, method, params, TYPE_ASYNC, callback=callback)
     except Exception as exc:
         log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
         if reply:
@@ -212,9 +219,8 @@ class ProcessDelivery:
         try:
             body = _packb((PIPE_TASK, (req_id, name, method, params, wants_reply)))
         except (TypeError, ValueError, OverflowError) as exc:
-            from .delivery import _describe_unpackable
             raise TypeError(f"params of {name}.{method} cannot be packed: "
-                            f"{_describe_unpackable(params, exc)}") from None
+                            f"{delivery._describe_unpackable(params, exc)}") from None
         if wants_reply:
             self.callbacks[req_id] = callback
         try:
