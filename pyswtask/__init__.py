@@ -21,7 +21,9 @@ if not sys.platform.startswith("linux"):
 if sys.byteorder != "little":
     raise ImportError("pyswtask's wire format is little-endian; this machine is big-endian")
 
+from ._core import TableFull
 from ._version import __version__
+from .cron import CronRuleError, scheduled
 from .delivery import Task
 from .errors import (
     DeliveryError,
@@ -45,6 +47,9 @@ __all__ = [
     "task",
     "process",
     "Process",
+    "scheduled",
+    "CronRuleError",
+    "TableFull",
     "Event",
     "EventObject",
     "events",

@@ -51,6 +51,7 @@ body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, d
 cimport cython
 
 import msgpack
+import numpy
 
 include "includes/system.pxi"
 include "core/frame.pyx"
@@ -58,3 +59,4 @@ include "core/channel.pyx"
 include "core/dispatcher.pyx"
 include "core/taskloop.pyx"
 include "core/mailbox.pyx"
+include "core/crontable.pyx"

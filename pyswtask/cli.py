@@ -35,6 +35,53 @@ def load_server(path: str) -> Server:
     return obj
 
 
+def cron_command(args: argparse.Namespace) -> int:
+    from . import cron
+    from ._core import RunStatus
+
+    if args.cron_command == "next":
+        try:
+            times = cron.next_times(args.rule, args.n, args.tz)
+        except ValueError as exc:
+            print(f"pyswtask: {exc}", file=sys.stderr)
+            return 2
+        for t in times:
+            print(t.isoformat())
+        return 0
+    key = args.key
+    if key is None:
+        pid = args.pid
+        if pid is None:
+            try:
+                with open(args.pid_file) as f:
+                    pid = int(f.read().strip())
+            except (OSError, ValueError) as exc:
+                print(f"pyswtask: cannot read the pid file: {exc}", file=sys.stderr)
+                return 2
+        key = cron.default_key(pid)
+    try:
+        origin, runs, _segments = cron.attach(key)
+    except (LookupError, ValueError) as exc:
+        print(f"pyswtask: {exc}", file=sys.stderr)
+        return 2
+    print(f"origin table: {origin.used}/{origin.capacity} rows")
+    print(f"{'job':>4} {'rule':<20} {'task.method':<32} {'runs':>6} {'fails':>6} {'last':<10} "
+          f"{'took_ms':>8}")
+    for r in origin.rows():
+        last = RunStatus(r["last_status"]).name if r["last_due"] >= 0 else "-"
+        print(f"{r['job']:>4} {r['rule']:<20} {r['task'] + '.' + r['method']:<32} "
+              f"{r['run_count']:>6} {r['fail_count']:>6} {last:<10} "
+              f"{r['last_duration'] * 1000:>8.1f}")
+    print(f"\nrun-time table: {runs.used}/{runs.capacity} rows, {runs.dropped} dropped")
+    print(f"{'row':>5} {'minute':<12} {'sec':>10} {'job':>4} {'status':<10} {'delivered':>17} "
+          f"{'took_ms':>8}")
+    for r in runs.rows():
+        print(f"{r['row']:>5} {r['minute']:<12} {r['sec']:>10} {r['job']:>4} "
+              f"{RunStatus(r['status']).name:<10} {r['delivered_at']:>17.6f} "
+              f"{r['duration'] * 1000:>8.1f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyswtask", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyswtask {__version__}")
@@ -43,7 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("app", help="MODULE:SERVER, the Server object (or a factory) to start")
     run.add_argument("--log-level", default="INFO",
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    cron = sub.add_parser("cron", help="the crontab: next due times, tables of a running server")
+    cron_sub = cron.add_subparsers(dest="cron_command", required=True)
+    nxt = cron_sub.add_parser("next", help="print the next due times of a rule")
+    nxt.add_argument("rule", help='six fields, seconds first ("*/5 * * * * *"), or five')
+    nxt.add_argument("-n", type=int, default=5, help="how many (default 5)")
+    nxt.add_argument("--tz", default=None, help="IANA time zone (default: local time)")
+    show = cron_sub.add_parser("show", help="print both crontab tables of a running server")
+    where = show.add_mutually_exclusive_group(required=True)
+    where.add_argument("--key", type=lambda v: int(v, 0), help="the cron_shm_key setting")
+    where.add_argument("--pid-file", help="the server's pid_file")
+    where.add_argument("--pid", type=int, help="the master's pid")
     args = parser.parse_args(argv)
+    if args.command == "cron":
+        return cron_command(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     server = load_server(args.app)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import context
 from .context import EXIT_BOOT_ERROR
+from .cron import Crontab
 from .ipc import ServerIpc
 from .process import run_user_process
 from .taskworker import run_task_worker
@@ -67,6 +68,10 @@ class Master:
                           for i in range(server.task_worker_num)]
         first = server.worker_num + server.task_worker_num
         self.processes = server.boot_processes()
+        self.crontab: Crontab | None = None
+        if server.settings["cron"]:
+            self.crontab = Crontab(server)
+            self.processes += self.crontab.processes()
         self.children += [Child(PROCESS, first + i, i, spec.name)
                           for i, spec in enumerate(self.processes)]
         self.by_pid: dict[int, Child] = {}
@@ -81,6 +86,7 @@ class Master:
     def run(self) -> int:
         server = self.server
         self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes))
+        server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}
         set_title("master")
         old_handlers = self._install_signals()
         server.master_pid = os.getpid()
@@ -90,6 +96,9 @@ class Master:
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
+            if self.crontab is not None:
+                self.crontab.open(os.getpid())
+                server.crontab = self.crontab
             for child in self.children:
                 self._spawn(child)
             log.info("master %d started %d worker(s) and %d task worker(s)", os.getpid(),
@@ -105,6 +114,9 @@ class Master:
             self._restore_signals(old_handlers)
             self.ipc.close()
             self.ipc = None
+            if self.crontab is not None:
+                self.crontab.close()
+                server.crontab = None
             if pid_file:
                 try:
                     os.unlink(pid_file)

@@ -12,10 +12,14 @@ import itertools
 import logging
 import os
 import signal
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import context, pipe
+from .cron import zone
 from .process import ProcessSpec, declared
+
+if TYPE_CHECKING:
+    from .cron import Crontab
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
@@ -32,6 +36,17 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "pid_file": None,
     # Longest pause before respawning a child that keeps dying right after it starts.
     "respawn_backoff_max": 5.0,
+    # The crontab (pyswtask.cron): off unless asked for.
+    "cron": False,
+    # IANA zone the cron rules are read in; None: the machine's local time.
+    "timezone": None,
+    # Rows of the origin table (scheduled methods) and of the run-time table (due runs).
+    "cron_task_capacity": 1024,
+    "cron_run_capacity": 8192,
+    # Seconds a late run may still be delivered; later, it is marked skipped.
+    "cron_grace": 60,
+    # SysV key of the origin table (the run-time table's is one more); None: from the pid.
+    "cron_shm_key": None,
 }
 
 HOOKS = ("start", "shutdown", "worker_start", "worker_stop", "task_worker_start",
@@ -65,9 +80,32 @@ class Server:
             value = self.settings[key]
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"setting {key} must be a non-negative number, not {value!r}")
+        self._check_cron_settings()
         self._hooks: dict[str, list[Callable[..., Any]]] = {}
         self._processes: list[ProcessSpec] = []
         self.master_pid: int | None = None
+        # Set by the master before it forks, so that every child inherits them.
+        self.crontab: Crontab | None = None
+        self.process_ids: dict[str, int] = {}
+
+    def _check_cron_settings(self) -> None:
+        s = self.settings
+        if not isinstance(s["cron"], bool):
+            raise ValueError(f"setting cron must be True or False, not {s['cron']!r}")
+        zone(s["timezone"])
+        for key in ("cron_task_capacity", "cron_run_capacity"):
+            if not isinstance(s[key], int) or isinstance(s[key], bool) or not 0 < s[key] < 2**31:
+                raise ValueError(f"setting {key} must be a positive int, not {s[key]!r}")
+        if not isinstance(s["cron_grace"], (int, float)) or s["cron_grace"] < 0:
+            raise ValueError(f"setting cron_grace must be a non-negative number of seconds, "
+                             f"not {s['cron_grace']!r}")
+        key = s["cron_shm_key"]
+        if key is not None and (not isinstance(key, int) or not 0 < key < 2**31 - 1):
+            raise ValueError(f"setting cron_shm_key must be a positive int, not {key!r}")
+
+    def process_id(self, name: str) -> int | None:
+        """The id (for send_message) of the user process of that name, once started."""
+        return self.process_ids.get(name)
 
     # -- configuration ------------------------------------------------------------------------
 

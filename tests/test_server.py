@@ -176,7 +176,7 @@ def test_a_stuck_task_is_killed_after_max_wait_time(servers: ServerRunner) -> No
 def test_bad_settings_are_refused() -> None:
     from pyswtask import Server
 
-    with pytest.raises(TypeError, match="unknown server setting.*max_wiat_time.*known: max_wait_time"):
+    with pytest.raises(TypeError, match="unknown server setting.*max_wiat_time.*known: .*max_wait_time"):
         Server(max_wiat_time=3)
     with pytest.raises(ValueError, match="worker_num must be at least 1"):
         Server(worker_num=0)

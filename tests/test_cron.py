@@ -1,0 +1,213 @@
+"""The crontab in real servers: the timer and exec processes, the tables, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+
+import pytest
+from _testbase import ServerRunner
+
+# Indented like the test bodies it is prepended to, which the runner dedents together.
+CRON_PRELUDE = textwrap.indent(textwrap.dedent('''
+    from pyswtask import scheduled
+    from pyswtask.cron import due_second
+
+    def ran(name, **extra):
+        emit(event="ran", job=name, due=due_second.get(), t=time.time(), **extra)
+'''), " " * 8)
+
+
+def ipc_keys() -> set[str]:
+    out = subprocess.run(["ipcs", "-m"], capture_output=True, text=True, timeout=10).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("0x")}
+
+
+def runs_of(srv: object, job: str) -> list[dict[str, object]]:
+    return [r for r in srv.by_event("ran") if r["job"] == job]  # type: ignore[attr-defined]
+
+
+def test_every_second_every_other_second_and_the_startup_minute(servers: ServerRunner) -> None:
+    before = ipc_keys()
+    now = datetime.now()
+    # A rule for one second of this very minute, 3 s from now (if the minute has room).
+    target = now.second + 3 if now.second < 52 else None
+    startup_rule = f"{target} {now.minute} {now.hour} * * *" if target is not None else None
+    srv = servers.run(CRON_PRELUDE + f'''
+        @task()
+        class Jobs:
+            @scheduled(cron="* * * * * *")
+            def every(self):
+                ran("every")
+
+            @scheduled(cron="*/2 * * * * *")
+            def even(self):
+                ran("even")
+
+            {"" if startup_rule is None else f"@scheduled(cron={startup_rule!r})"}
+            def startup(self):
+                ran("startup")
+
+        server = Server(worker_num=2, task_worker_num=2, cron=True)
+        server.on("worker_start", lambda s, wid: wid == 0 and s.after(6500, s.shutdown))
+        sys.exit(server.start())
+    ''', timeout=40)
+    every = runs_of(srv, "every")
+    dues = [r["due"] for r in every]
+    assert len(dues) >= 5 and dues == list(range(dues[0], dues[0] + len(dues))), dues
+    # Each ran in its own second, shortly after it began (a late start may catch up once).
+    on_time = [r for r in every if r["t"] - r["due"] < 0.5]
+    assert len(on_time) >= len(every) - 2
+    assert all(0 <= r["t"] - r["due"] < 2.0 for r in every)
+    even = [r["due"] for r in runs_of(srv, "even")]
+    assert len(even) >= 2 and all(d % 2 == 0 for d in even) and len(set(even)) == len(even)
+    if startup_rule is not None:
+        startup = runs_of(srv, "startup")
+        assert len(startup) == 1 and datetime.fromtimestamp(startup[0]["due"]).second == target
+    assert ipc_keys() <= before, "the crontab's shared memory outlived the server"
+
+
+def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> None:
+    srv = servers.start(CRON_PRELUDE + '''
+        @task()
+        class Jobs:
+            @scheduled(cron="* * * * * *")
+            def every(self):
+                ran("every")
+
+        server = Server(worker_num=1, task_worker_num=1, cron=True, pid_file="master.pid")
+        sys.exit(server.start())
+    ''')
+    time.sleep(2.5)
+    exec_pid = int(subprocess.run(["pgrep", "-s", str(srv.pid), "-f", "pyswtask: process cronExec"],
+                                  capture_output=True, text=True, timeout=10).stdout.split()[0])
+    os.kill(exec_pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    time.sleep(3.2)
+    os.kill(exec_pid, signal.SIGCONT)
+    time.sleep(2.2)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    dues = [r["due"] for r in runs_of(srv, "every")]
+    assert dues == list(range(dues[0], dues[0] + len(dues))), f"gap or duplicate: {dues}"
+    late = [r for r in runs_of(srv, "every") if stopped_at + 0.5 < r["due"] < stopped_at + 3.0]
+    assert len(late) >= 2 and all(r["t"] - r["due"] > 0.3 for r in late)
+
+
+def test_outcomes_overlap_and_the_tables(servers: ServerRunner, tmp_path: object) -> None:
+    srv = servers.start(CRON_PRELUDE + '''
+        @task("cronjobs")
+        class Jobs:
+            @scheduled(cron="* * * * * *", overlap=False)
+            def slow(self):
+                ran("slow")
+                time.sleep(2.2)
+
+            @scheduled(cron="* * * * * *")
+            def fails(self):
+                raise RuntimeError("cron job broke")
+
+        def report(server, wid):
+            def look():
+                origin, runs = server.crontab.tables()
+                rows = {f"{r['task']}.{r['method']}": r for r in origin.rows()}
+                view = runs.to_numpy()
+                used = view[view["used"] == 1]
+                emit(event="tables", origin=rows,
+                     statuses=sorted(set(int(s) for s in used["status"])),
+                     numpy_tasks=sorted(set(t.decode() for t in used["task"])))
+            server.after(4500, look)
+
+        server = Server(worker_num=1, task_worker_num=2, cron=True, pid_file="master.pid")
+        server.on("worker_start", report)
+        sys.exit(server.start())
+    ''')
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = srv.proc.stdout.readline()  # type: ignore[union-attr]
+        if '"tables"' in line:
+            tables = json.loads(line)
+            break
+    else:
+        raise AssertionError("no table report")
+    show = subprocess.run([sys.executable, "-m", "pyswtask", "cron", "show", "--pid-file",
+                           str(srv.path.parent / "master.pid")], capture_output=True, text=True,
+                          timeout=30)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0
+    fails = tables["origin"]["cronjobs.fails"]
+    assert fails["run_count"] >= 3 and fails["fail_count"] == fails["run_count"]
+    assert fails["last_status"] == 5 and fails["rule"] == "* * * * * *"
+    slow = tables["origin"]["cronjobs.slow"]
+    assert slow["overlap"] is False and slow["run_count"] >= 1 and slow["last_duration"] >= 2.0
+    # While slow ran, its next seconds were skipped, not stacked up.
+    slow_runs = [r["due"] for r in runs_of(srv, "slow")]
+    assert all(b - a >= 2 for a, b in zip(slow_runs, slow_runs[1:])), slow_runs
+    assert "skipped: the previous one is still running (overlap=False)" in srv.err
+    assert "cron job broke" in srv.err
+    assert 5 in tables["statuses"] and 6 in tables["statuses"]   # FAILED and SKIPPED rows
+    assert tables["numpy_tasks"] == ["cronjobs"]
+    assert show.returncode == 0, show.stderr
+    assert "origin table: 2/1024 rows" in show.stdout and "cronjobs.fails" in show.stdout
+    assert "run-time table:" in show.stdout and "FAILED" in show.stdout
+
+
+def test_table_capacity_errors(servers: ServerRunner) -> None:
+    srv = servers.run(CRON_PRELUDE + '''
+        from pyswtask import TableFull
+
+        @task()
+        class Jobs:
+            @scheduled(cron="* * * * * *")
+            def a(self):
+                pass
+
+            @scheduled(cron="*/2 * * * * *")
+            def b(self):
+                pass
+
+        try:
+            Server(worker_num=1, task_worker_num=1, cron=True, cron_task_capacity=1).start()
+        except TableFull as e:
+            emit(event="origin_full", text=str(e))
+        server = Server(worker_num=1, task_worker_num=1, cron=True, cron_run_capacity=10)
+        server.on("worker_start", lambda s, wid: s.after(1500, s.shutdown))
+        sys.exit(server.start())
+    ''')
+    assert srv.by_event("origin_full")[0]["text"] == (
+        "2 scheduled methods do not fit the origin table: raise the cron_task_capacity "
+        "setting (now 1)")
+    assert "run-time table full" in srv.err and "raise the cron_run_capacity setting (now 10)" \
+        in srv.err
+
+
+def test_cron_settings_and_misplaced_schedules_are_refused() -> None:
+    from pyswtask import Server
+
+    with pytest.raises(ValueError, match="timezone 'Nowhere/City' is not an IANA time zone"):
+        Server(cron=True, timezone="Nowhere/City")
+    with pytest.raises(ValueError, match="cron_run_capacity must be a positive int"):
+        Server(cron_run_capacity=0)
+    with pytest.raises(ValueError, match="cron must be True or False"):
+        Server(cron="yes")
+
+
+def test_cron_cli_next_and_errors() -> None:
+    out = subprocess.run([sys.executable, "-m", "pyswtask", "cron", "next", "*/20 * * * * *",
+                          "-n", "3", "--tz", "UTC"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    times = [datetime.fromisoformat(line) for line in out.stdout.split()]
+    assert len(times) == 3 and all(t.second in (0, 20, 40) for t in times)
+    assert all(t.utcoffset().total_seconds() == 0 for t in times)  # type: ignore[union-attr]
+    bad = subprocess.run([sys.executable, "-m", "pyswtask", "cron", "next", "* * 99 * * *"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "cron rule '* * 99 * * *' is invalid" in bad.stderr
+    gone = subprocess.run([sys.executable, "-m", "pyswtask", "cron", "show", "--key", "0x7ffffff0"],
+                          capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 2 and "no crontab tables at SysV keys 0x7ffffff0" in gone.stderr
