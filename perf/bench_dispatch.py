@@ -103,9 +103,10 @@ SERVER = textwrap.dedent('''
 ''')
 
 
-def run_script(script: str, env: dict[str, str], expected: int,
-               timeout: float = 300.0) -> list[dict[str, Any]]:
-    """Runs a server script until it has printed ``expected`` JSON reports, then stops it."""
+def run_script(script: str, env: dict[str, str], expected: int, timeout: float = 300.0,
+               until: Any = None) -> list[dict[str, Any]]:
+    """Runs a server script until it has printed ``expected`` JSON reports (or one for which
+    ``until(report)`` is true), then stops it."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(script)
     proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE, text=True,
@@ -114,12 +115,14 @@ def run_script(script: str, env: dict[str, str], expected: int,
     try:
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
-        while len(reports) < expected and time.monotonic() < deadline:
+        while (until is not None or len(reports) < expected) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             reports.append(json.loads(line))
-        if len(reports) < expected:
+            if until is not None and until(reports[-1]):
+                break
+        if until is None and len(reports) < expected:
             raise RuntimeError(f"the server gave {len(reports)} of {expected} reports ({env})")
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -34,7 +34,7 @@ from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
 from . import context, registry
 from ._core import OriginTable, RunStatus, RunTable, TableFull
-from .delivery import Task
+from .pipe import deliver_many_by_process
 from .process import ProcessSpec
 
 if TYPE_CHECKING:
@@ -303,26 +303,37 @@ class Crontab:
             for _row, job, sec in skipped:
                 log.warning("crontab: run of %s.%s due at %d skipped: more than %d s late",
                             self.jobs[job].task, self.jobs[job].method, sec, self.grace)
-            for row, job, sec in due:
-                self._deliver(origin, runs, row, job, sec)
+            if due:
+                self._deliver(origin, runs, due)
             self._sleep_to_next(proc, runs)
 
-    def _deliver(self, origin: OriginTable, runs: RunTable, row: int, job: int, sec: int) -> None:
-        spec = self.jobs[job]
-        if not origin.begin(job):
-            runs.set_status(row, RunStatus.SKIPPED)
-            log.info("crontab: run of %s.%s due at %d skipped: the previous one is still "
-                     "running (overlap=False)", spec.task, spec.method, sec)
+    def _deliver(self, origin: OriginTable, runs: RunTable,
+                 due: list[tuple[int, int, int]]) -> None:
+        """Delivers the runs due together in one pipe message, so that they leave the worker
+        together and the last of them does not wait for a hop per run before it."""
+        going = []
+        for row, job, sec in due:
+            if origin.begin(job):
+                going.append((row, job, sec))
+            else:
+                runs.set_status(row, RunStatus.SKIPPED)
+                log.info("crontab: run of %s.%s due at %d skipped: the previous one is still "
+                         "running (overlap=False)", self.jobs[job].task, self.jobs[job].method, sec)
+        if not going:
             return
         try:
-            Task.deliver_by_process(CRON_TASK, "run", [row, job, sec], worker_id=-1)
+            deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
+                                     for row, job, sec in going])
         except Exception as exc:
-            log.error("crontab: run of %s.%s due at %d not delivered: %s", spec.task,
-                      spec.method, sec, exc)
-            runs.set_status(row, RunStatus.FAILED)
-            origin.finish(job, sec, RunStatus.FAILED, 0.0)
+            for row, job, sec in going:
+                log.error("crontab: run of %s.%s due at %d not delivered: %s",
+                          self.jobs[job].task, self.jobs[job].method, sec, exc)
+                runs.set_status(row, RunStatus.FAILED)
+                origin.finish(job, sec, RunStatus.FAILED, 0.0)
             return
-        runs.set_status(row, RunStatus.DELIVERED, time.time())
+        now = time.time()
+        for row, _job, _sec in going:
+            runs.set_status(row, RunStatus.DELIVERED, now)
 
     @staticmethod
     def _sleep_to_next(proc: Process, runs: RunTable) -> None:

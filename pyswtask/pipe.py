@@ -28,6 +28,7 @@ from .events import Event, events
 log = logging.getLogger("pyswtask.pipe")
 
 PIPE_TASK = "task"
+PIPE_TASKS = "tasks"        # many fire-and-forget tasks in one message (the crontab's)
 PIPE_TASK_RESULT = "task.result"
 TYPE_CO = 1
 TYPE_ASYNC = 2
@@ -150,7 +151,12 @@ def dispatch_messages(mailbox: Mailbox, intercept: Callable[[str, Any, int], boo
 def _on_task_message(event: Any) -> None:
     """The built-in PIPE_MESSAGE listener of workers: delivers a task for a user process."""
     mtype, data, src = event.params
-    if mtype != PIPE_TASK or context.current.role != context.WORKER:
+    if context.current.role != context.WORKER:
+        return
+    if mtype == PIPE_TASKS:
+        _deliver_many(data, src)
+        return
+    if mtype != PIPE_TASK:
         return
     try:
         req_id, name, method, params, reply = data
@@ -167,6 +173,18 @@ def _on_task_message(event: Any) -> None:
         log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
         if reply:
             _reply(src, req_id, TaskError(type(exc).__name__, str(exc)))
+
+
+def _deliver_many(calls: Any, src: int) -> None:
+    if not isinstance(calls, list):
+        log.error("malformed tasks message from process %d dropped: %r", src, calls)
+        return
+    for call in calls:
+        try:
+            name, method, params = call
+            delivery.Task.deliver(name, method, params, TYPE_ASYNC)
+        except Exception as exc:
+            log.error("task %r for process %d not delivered: %s", call, src, exc)
 
 
 def _reply(dst: int, req_id: int, result: Any) -> None:
@@ -272,6 +290,19 @@ class ProcessDelivery:
             except Exception:
                 log.exception("callback of task request %d failed", req_id)
         return True
+
+
+def deliver_many_by_process(calls: list[tuple[str, str, Sequence[Any]]], worker_id: int = -1,
+                            timeout: float = 3.0) -> None:
+    """ASYNC delivery of many tasks from a user process in one pipe message: one hop for all,
+    and the worker sends them on together. No outcomes come back."""
+    ctx = context.current
+    if ctx.role != context.PROCESS:
+        raise DeliveryError("deliver_many_by_process works in the user processes of a server")
+    mailbox = _mailbox("deliver_many_by_process")
+    if worker_id == -1:
+        worker_id = least_loaded(ctx)
+    mailbox.send(worker_id, pack_message(PIPE_TASKS, [list(c) for c in calls]), timeout)
 
 
 def least_loaded(ctx: context.ProcessContext) -> int:

@@ -163,27 +163,31 @@ def test_table_capacity_errors(servers: ServerRunner) -> None:
         from pyswtask import TableFull
 
         @task()
-        class Jobs:
+        class Jobs:   # three runs due every second: more than a 2-row table takes in any second
             @scheduled(cron="* * * * * *")
             def a(self):
                 pass
 
-            @scheduled(cron="*/2 * * * * *")
+            @scheduled(cron="* * * * * *")
             def b(self):
+                pass
+
+            @scheduled(cron="* * * * * *")
+            def c(self):
                 pass
 
         try:
             Server(worker_num=1, task_worker_num=1, cron=True, cron_task_capacity=1).start()
         except TableFull as e:
             emit(event="origin_full", text=str(e))
-        server = Server(worker_num=1, task_worker_num=1, cron=True, cron_run_capacity=10)
+        server = Server(worker_num=1, task_worker_num=1, cron=True, cron_run_capacity=2)
         server.on("worker_start", lambda s, wid: s.after(1500, s.shutdown))
         sys.exit(server.start())
     ''')
     assert srv.by_event("origin_full")[0]["text"] == (
-        "2 scheduled methods do not fit the origin table: raise the cron_task_capacity "
+        "3 scheduled methods do not fit the origin table: raise the cron_task_capacity "
         "setting (now 1)")
-    assert "run-time table full" in srv.err and "raise the cron_run_capacity setting (now 10)" \
+    assert "run-time table full" in srv.err and "raise the cron_run_capacity setting (now 2)" \
         in srv.err
 
 

@@ -57,6 +57,7 @@ cdef packed struct TableHeader:
     uint32_t used
     uint64_t dropped            # inserts refused because the table was full
     uint64_t recovered          # times the lock was taken over from a dead holder
+    uint32_t top                # rows at and above this index are all free: scans stop here
 
 
 cdef packed struct OriginRow:
@@ -159,7 +160,8 @@ cdef class CronTable:
     ::
 
         offset 0     header: magic "SCTB", layout version, kind, capacity, row size, used rows,
-                     dropped inserts, lock recoveries (40 bytes)
+                     dropped inserts, lock recoveries, top (44 bytes; rows are taken lowest
+                     first and every row from top up is free, so scans stop at top)
         offset 64    pthread mutex: process-shared and robust (a holder that dies does not
                      leave it locked; the next taker repairs it and counts a recovery)
         offset 128   capacity x row size bytes of rows; a row with used == 0 is free
@@ -286,6 +288,8 @@ cdef class OriginTable(CronTable):
                 if not (<OriginRow *>self.row(i)).used:
                     memcpy(self.row(i), &r, sizeof(r))
                     self.hdr.used += 1
+                    if i >= self.hdr.top:
+                        self.hdr.top = i + 1
                     return i
             self.hdr.dropped += 1
         finally:
@@ -308,8 +312,7 @@ cdef class OriginTable(CronTable):
 
     def rows(self):
         """Every used row, as dicts."""
-        return [self.get(i) for i in range(self.hdr.capacity)
-                if (<OriginRow *>self.row(i)).used]
+        return [self.get(i) for i in range(self.hdr.top) if (<OriginRow *>self.row(i)).used]
 
     def begin(self, uint32_t job):
         """Counts one more delivery in flight; False (nothing counted) when the job does not
@@ -370,7 +373,7 @@ cdef class RunTable(CronTable):
         _put_str(r.method, _NAME_W, method, "method name")
         self.lock()
         try:
-            for i in range(self.hdr.capacity):
+            for i in range(self.hdr.top):
                 p = <RunRow *>self.row(i)
                 if p.used:
                     if p.job == job and p.sec == sec:
@@ -378,8 +381,11 @@ cdef class RunTable(CronTable):
                 elif free_at < 0:
                     free_at = i
             if free_at < 0:
-                self.hdr.dropped += 1
-                return -1
+                if self.hdr.top == self.hdr.capacity:
+                    self.hdr.dropped += 1
+                    return -1
+                free_at = self.hdr.top
+                self.hdr.top += 1
             memcpy(self.row(<uint32_t>free_at), &r, sizeof(r))
             self.hdr.used += 1
             return free_at
@@ -395,7 +401,7 @@ cdef class RunTable(CronTable):
         cdef list due = [], skipped = []
         self.lock()
         try:
-            for i in range(self.hdr.capacity):
+            for i in range(self.hdr.top):
                 p = <RunRow *>self.row(i)
                 if p.used and p.status == PENDING and p.sec <= now:
                     if p.sec < now - grace:
@@ -415,7 +421,7 @@ cdef class RunTable(CronTable):
         cdef uint32_t i
         cdef int64_t best = -1
         self.lock()
-        for i in range(self.hdr.capacity):
+        for i in range(self.hdr.top):
             p = <RunRow *>self.row(i)
             if p.used and p.status == PENDING and (best < 0 or p.sec < best):
                 best = p.sec
@@ -447,7 +453,7 @@ cdef class RunTable(CronTable):
         cdef list stale = []
         cdef int freed = 0
         self.lock()
-        for i in range(self.hdr.capacity):
+        for i in range(self.hdr.top):
             p = <RunRow *>self.row(i)
             if not p.used or p.status == PENDING:
                 continue
@@ -460,6 +466,8 @@ cdef class RunTable(CronTable):
                 p.used = 0
                 freed += 1
         self.hdr.used -= freed
+        while self.hdr.top and not (<RunRow *>self.row(self.hdr.top - 1)).used:
+            self.hdr.top -= 1
         self.unlock()
         return stale
 
@@ -477,7 +485,7 @@ cdef class RunTable(CronTable):
 
     def rows(self):
         """Every used row, as dicts, by due second."""
-        out = [self.get(i) for i in range(self.hdr.capacity) if (<RunRow *>self.row(i)).used]
+        out = [self.get(i) for i in range(self.hdr.top) if (<RunRow *>self.row(i)).used]
         out.sort(key=lambda r: (r["sec"], r["job"]))
         return out
 
