@@ -109,9 +109,12 @@ def test_a_killed_task_worker_is_respawned_and_serves_again(servers: ServerRunne
 def test_a_killed_worker_is_respawned_with_its_id(servers: ServerRunner) -> None:
     srv = servers.start('''
         def start(server, wid):
+            # Looked at before the line goes out: the test creates the file once it has read
+            # both lines, and only a worker started after that may stop the server.
+            restarted = os.path.exists("restarted")
             emit(event="worker_start", wid=wid, pid=os.getpid(),
                  echo=Task.deliver("Demo", "echo", [wid]))
-            if os.path.exists("restarted"):
+            if restarted:
                 server.shutdown()
 
         server = Server(worker_num=2, task_worker_num=1)
