@@ -117,7 +117,8 @@ def test_a_malformed_record_is_dropped_and_the_channel_keeps_serving(task_loop: 
     sock.send(pack_frame(FRAME_TASK, 0, (77 << 32) | 999, 0, msgpack.packb(["t"])))
     assert d.call(body("after garbage"), -1, 5.0) == ["after garbage"]
     text = log.read_text()
-    assert "bad magic" in text and "a task worker takes only task frames" in text
+    assert "task worker 1: record on channel 0 dropped at offset 0: bad magic" in text
+    assert "a frame of a type this end does not take" in text
     # A task whose envelope is broken still gets an answer, so no caller waits for nothing.
     assert d.late_results == 2  # the ERROR replies for ids 5 and 77<<32|999 matched no call
 

@@ -183,3 +183,51 @@ cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
             return -1
         if errno != EINTR:
             raise OSError(errno, "recv from channel failed")
+
+
+cdef class RecordReader:
+    """Walks received records frame by frame for its subclass (Dispatcher, TaskLoop, Mailbox):
+    checks each header, reassembles fragmented bodies, hands whole frames to on_frame, and drops
+    the rest of a record at the first bad frame (records are atomic, so no alignment is lost)."""
+    cdef char *scratch              # one record, as received
+    cdef object on_protocol_error   # on_protocol_error(message)
+    cdef str who                    # names this end in those messages
+    cdef readonly uint64_t bad_records
+
+    def __cinit__(self, *args, **kwargs):
+        self.scratch = <char *>malloc(_RECORD_MAX)
+        if self.scratch == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.scratch)
+
+    cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
+        return 0
+
+    cdef int read_record(self, Channel ch, size_t n, uint8_t accepted) except -1:
+        """accepted: the frame type this end takes (RESULT also takes ERROR)."""
+        cdef size_t off = 0
+        cdef FrameHeader h
+        cdef const char *why
+        cdef const char *body
+        cdef object whole
+        while off < n:
+            why = check_header(self.scratch + off, n - off, &h)
+            if why == NULL and h.type != accepted and not (
+                    accepted == _FRAME_RESULT and h.type == _FRAME_ERROR):
+                why = "a frame of a type this end does not take"
+            if why != NULL:
+                self.bad_records += 1
+                self.on_protocol_error(f"{self.who}: record on channel {ch.peer} dropped at "
+                                       f"offset {off}: {why.decode()}")
+                return 0
+            body = self.scratch + off + _HEADER_SIZE
+            off += _HEADER_SIZE + h.body_len
+            if h.flags & _FLAGS_FRAG:
+                whole = ch.assemble(&h, body)
+                if whole is not None:
+                    self.on_frame(ch, &h, PyBytes_AS_STRING(whole), PyBytes_GET_SIZE(whole))
+            else:
+                self.on_frame(ch, &h, body, h.body_len)
+        return 0

@@ -37,7 +37,7 @@ cdef class _Batch:
     cdef Py_ssize_t remaining
 
 
-cdef class Dispatcher:
+cdef class Dispatcher(RecordReader):
     """Delivers task frames from one worker to the task workers and routes results back.
 
     Results are matched by task id. A task id carries this process's epoch (its pid) in the high
@@ -58,28 +58,23 @@ cdef class Dispatcher:
     cdef list deferred
     cdef object on_finish           # on_finish(task_id, result, callback): user code
     cdef object make_error          # make_error(unpacked error body) -> exception instance
-    cdef object on_protocol_error   # on_protocol_error(message)
     cdef object schedule            # loop.call_soon, or None outside an event loop
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
-    cdef char *scratch
     cdef Channel last               # the channel of the last task queued
     cdef readonly uint64_t late_results
-    cdef readonly uint64_t bad_records
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self.epfd = -1
-        self.scratch = <char *>malloc(_RECORD_MAX)
-        if self.scratch == NULL:
-            raise MemoryError()
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
                  uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None):
         cdef Channel ch
         self.worker_id = worker_id
+        self.who = f"worker {worker_id}"
         self.epoch = epoch & 0xFFFFFFFF
         self.busy = busy
         if load is not None:
@@ -109,7 +104,6 @@ cdef class Dispatcher:
             self.channels.append(ch)
 
     def __dealloc__(self):
-        free(self.scratch)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -294,7 +288,7 @@ cdef class Dispatcher:
             else:
                 r = recv_record_blocking(ch, self.scratch, deadline - now)
             if r > 0:
-                self._on_record(ch, <size_t>r)
+                self.read_record(ch, <size_t>r, _FRAME_RESULT)
         if self.deferred and self.schedule is not None and not self.deferred_scheduled:
             self.deferred_scheduled = True
             self.schedule(self.run_deferred)
@@ -378,36 +372,11 @@ cdef class Dispatcher:
                 # -1: nothing waiting. 0: an empty record; a closed peer cannot happen while the
                 # master holds both ends.
                 return 0
-            self._on_record(ch, <size_t>r)
+            self.read_record(ch, <size_t>r, _FRAME_RESULT)
         return 0
 
-    cdef int _on_record(self, Channel ch, size_t n) except -1:
-        cdef size_t off = 0
-        cdef FrameHeader h
-        cdef const char *why
-        cdef const char *body
-        cdef object whole
-        while off < n:
-            why = check_header(self.scratch + off, n - off, &h)
-            if why == NULL and h.type != _FRAME_RESULT and h.type != _FRAME_ERROR:
-                why = "a worker's task channel takes only results"
-            if why != NULL:
-                # Records are atomic, so dropping the rest of this one loses no alignment.
-                self.bad_records += 1
-                self.on_protocol_error(
-                    f"worker {self.worker_id}: record from task worker {ch.peer} dropped at "
-                    f"offset {off}: {why.decode()}")
-                return 0
-            body = self.scratch + off + _HEADER_SIZE
-            off += _HEADER_SIZE + h.body_len
-            if h.flags & _FLAGS_FRAG:
-                whole = ch.assemble(&h, body)
-                if whole is not None:
-                    self._on_result(h.task_id, h.type, PyBytes_AS_STRING(whole),
-                                    PyBytes_GET_SIZE(whole))
-            else:
-                self._on_result(h.task_id, h.type, body, h.body_len)
-        return 0
+    cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
+        return self._on_result(h.task_id, h.type, body, n)
 
     cdef int _on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1:
         cdef _Pending entry

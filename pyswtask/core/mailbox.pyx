@@ -1,7 +1,7 @@
 # Pipe messages between any two processes of a server: an inbox per process, a queue per
 # destination. Message bodies are opaque here; the facade packs [type, data] into them.
 
-cdef class Mailbox:
+cdef class Mailbox(RecordReader):
     """This process's inbox and its send queues to every inbox of the server.
 
     A message id is made like a task id (this process's epoch in the high 32 bits), so that the
@@ -13,24 +13,15 @@ cdef class Mailbox:
     cdef uint16_t self_id
     cdef uint64_t epoch
     cdef uint32_t counter
-    cdef char *scratch
-    cdef object on_protocol_error
-    cdef readonly uint64_t bad_records
-
-    def __cinit__(self):
-        self.scratch = <char *>malloc(_RECORD_MAX)
-        if self.scratch == NULL:
-            raise MemoryError()
+    cdef list received              # filled by on_frame during receive()
 
     def __init__(self, int self_id, int inbox_fd, out_fds, *, uint64_t epoch, on_protocol_error):
         self.self_id = self_id
+        self.who = f"inbox of process {self_id}"
         self.inbox = Channel(inbox_fd, self_id)
         self.outs = [Channel(fd, i) for i, fd in enumerate(out_fds)]
         self.epoch = epoch & 0xFFFFFFFF
         self.on_protocol_error = on_protocol_error
-
-    def __dealloc__(self):
-        free(self.scratch)
 
     def fileno(self):
         """The inbox descriptor: readable when a message is waiting."""
@@ -118,37 +109,19 @@ cdef class Mailbox:
             raise OSError(errno, "poll failed")
         return r > 0
 
+    cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
+        self.received.append((h.src_worker, h.task_id, PyBytes_FromStringAndSize(body, n)))
+        return 0
+
     def receive(self):
         """The messages waiting now, as (src, message id, body) tuples; never blocks."""
         cdef ssize_t r
         cdef int k
-        cdef size_t off, n
-        cdef FrameHeader h
-        cdef const char *why
-        cdef const char *body
-        cdef list out = []
+        self.received = []
         for k in range(_READ_BUDGET):
             r = recv_record(self.inbox.fd, self.scratch)
             if r <= 0:
                 break
-            n = <size_t>r
-            off = 0
-            while off < n:
-                why = check_header(self.scratch + off, n - off, &h)
-                if why == NULL and h.type != _FRAME_PIPE:
-                    why = "an inbox takes only pipe messages"
-                if why != NULL:
-                    self.bad_records += 1
-                    self.on_protocol_error(f"process {self.self_id}: inbox record dropped at "
-                                           f"offset {off}: {why.decode()}")
-                    break
-                body = self.scratch + off + _HEADER_SIZE
-                off += _HEADER_SIZE + h.body_len
-                if h.flags & _FLAGS_FRAG:
-                    whole = self.inbox.assemble(&h, body)
-                    if whole is not None:
-                        out.append((h.src_worker, h.task_id, whole))
-                else:
-                    out.append((h.src_worker, h.task_id,
-                                PyBytes_FromStringAndSize(body, h.body_len)))
+            self.read_record(self.inbox, <size_t>r, _FRAME_PIPE)
+        out, self.received = self.received, None
         return out

@@ -10,7 +10,7 @@ cdef enum:
 cdef double _SLOW_TASK = 0.0002
 
 
-cdef class TaskLoop:
+cdef class TaskLoop(RecordReader):
     """Serves task frames from every worker's channel until a stop signal arrives.
 
     execute(envelope, task_id, src_worker) runs one task and returns (ok, value): value is the
@@ -25,25 +25,20 @@ cdef class TaskLoop:
     cdef uint16_t worker_id
     cdef object execute
     cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
-    cdef object on_protocol_error   # on_protocol_error(message)
     cdef object on_inbox            # on_inbox(): reads this process's pipe messages
-    cdef char *scratch
     cdef dict durations             # (name, method) -> moving average of run time, seconds
     cdef readonly uint64_t tasks_done
-    cdef readonly uint64_t bad_records
     cdef public size_t high_water
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self.epfd = -1
-        self.scratch = <char *>malloc(_RECORD_MAX)
-        if self.scratch == NULL:
-            raise MemoryError()
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
+        self.who = f"task worker {worker_id}"
         self.index = index
         self.busy = busy
         self.stop_fd = stop_fd
@@ -72,7 +67,6 @@ cdef class TaskLoop:
                 raise OSError(errno, "epoll_ctl failed on the inbox")
 
     def __dealloc__(self):
-        free(self.scratch)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -137,7 +131,7 @@ cdef class TaskLoop:
             return 0
         r = recv_record(ch.fd, self.scratch)
         if r > 0:
-            self._on_record(ch, <size_t>r)
+            self.read_record(ch, <size_t>r, _FRAME_TASK)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
             self.busy[self.index] = 0
@@ -145,31 +139,8 @@ cdef class TaskLoop:
             ch.flush()
         return 0
 
-    cdef int _on_record(self, Channel ch, size_t n) except -1:
-        cdef size_t off = 0
-        cdef FrameHeader h
-        cdef const char *why
-        cdef const char *body
-        cdef object whole
-        while off < n:
-            why = check_header(self.scratch + off, n - off, &h)
-            if why == NULL and h.type != _FRAME_TASK:
-                why = "a task worker takes only task frames"
-            if why != NULL:
-                self.bad_records += 1
-                self.on_protocol_error(
-                    f"task worker {self.worker_id}: record from worker {ch.peer} dropped at "
-                    f"offset {off}: {why.decode()}")
-                return 0
-            body = self.scratch + off + _HEADER_SIZE
-            off += _HEADER_SIZE + h.body_len
-            if h.flags & _FLAGS_FRAG:
-                whole = ch.assemble(&h, body)
-                if whole is not None:
-                    self._run_task(ch, &h, PyBytes_AS_STRING(whole), PyBytes_GET_SIZE(whole))
-            else:
-                self._run_task(ch, &h, body, h.body_len)
-        return 0
+    cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
+        return self._run_task(ch, h, body, n)
 
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1:
         cdef uint64_t task_id = h.task_id
