@@ -215,3 +215,20 @@ def test_cron_cli_next_and_errors() -> None:
     gone = subprocess.run([sys.executable, "-m", "pyswtask", "cron", "show", "--key", "0x7ffffff0"],
                           capture_output=True, text=True, timeout=30)
     assert gone.returncode == 2 and "no crontab tables at SysV keys 0x7ffffff0" in gone.stderr
+
+
+def test_a_five_field_rule_runs_at_second_zero(servers: ServerRunner) -> None:
+    # Waits for the next whole minute: up to a minute, the one slow test of the suite.
+    srv = servers.run(CRON_PRELUDE + '''
+        @task()
+        class Minutely:
+            @scheduled(cron="* * * * *")
+            def tick(self):
+                ran("minutely")
+                server.shutdown()
+
+        server = Server(worker_num=1, task_worker_num=1, cron=True)
+        sys.exit(server.start())
+    ''', timeout=90)
+    (run,) = runs_of(srv, "minutely")
+    assert run["due"] % 60 == 0 and 0 <= run["t"] - run["due"] < 1.0
