@@ -1,8 +1,9 @@
 """The IPC a server needs, created by the master before it forks, so every child inherits it.
 
 - task channels: one SOCK_SEQPACKET pair per (worker, task worker);
-- inboxes: one SOCK_SEQPACKET pair per child, for pipe messages (every child holds every write
-  end, and the read end of its own);
+- inboxes: one SOCK_SEQPACKET pair per child and one for the master, for pipe messages (every
+  child holds every write end, and the read end of its own; the master's takes control
+  messages only);
 - busy flags: one byte per task worker, shared memory;
 - load: one uint32 per worker (its tasks without a result yet), shared memory.
 
@@ -35,8 +36,10 @@ class ServerIpc:
         # block, and a CO caller waits in a plain recv.
         self.pairs = [[socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                        for _ in range(task_worker_num)] for _ in range(worker_num)]
+        # The last inbox is the master's.
+        self.master_id = worker_num + task_worker_num + process_num
         self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                        for _ in range(worker_num + task_worker_num + process_num)]
+                        for _ in range(self.master_id + 1)]
         self.busy = mmap.mmap(-1, max(task_worker_num, 1))
         self._load = mmap.mmap(-1, 4 * worker_num)
 
@@ -55,6 +58,10 @@ class ServerIpc:
                 s.close()
         return ChildIpc([s.fileno() for s in task], self.busy, memoryview(self._load).cast("I"),
                         self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes])
+
+    def master_inbox(self) -> tuple[int, list[int]]:
+        """The master's inbox read end and every write end."""
+        return self.inboxes[self.master_id][1].fileno(), [w.fileno() for w, _ in self.inboxes]
 
     def _sockets(self) -> list[socket.socket]:
         out = [s for row in self.pairs for pair in row for s in pair]

@@ -17,7 +17,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import context
+from . import context, control
+from ._core import Mailbox
 from .context import EXIT_BOOT_ERROR
 from .cron import Crontab
 from .ipc import ServerIpc
@@ -67,7 +68,7 @@ class Master:
         self.children += [Child(TASK_WORKER, server.worker_num + i, i)
                           for i in range(server.task_worker_num)]
         first = server.worker_num + server.task_worker_num
-        self.processes = server.boot_processes()
+        self.processes = server.user_processes()
         self.crontab: Crontab | None = None
         if server.settings["cron"]:
             self.crontab = Crontab(server)
@@ -87,10 +88,15 @@ class Master:
         server = self.server
         self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes))
         server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}
+        server.master_id = self.ipc.master_id
+        inbox_fd, out_fds = self.ipc.master_inbox()
+        self.inbox = Mailbox(self.ipc.master_id, inbox_fd, out_fds, epoch=os.getpid(),
+                             on_protocol_error=log.error)
         set_title("master")
         old_handlers = self._install_signals()
         server.master_pid = os.getpid()
         context.current.enter(context.MASTER, -1, server)
+        context.current.mailbox = self.inbox
         pid_file = self.settings["pid_file"]
         try:
             if pid_file:
@@ -100,13 +106,15 @@ class Master:
                 self.crontab.open(os.getpid())
                 server.crontab = self.crontab
             for child in self.children:
-                self._spawn(child)
+                if child.kind != PROCESS or self.processes[child.index].boot:
+                    self._spawn(child)
             log.info("master %d started %d worker(s) and %d task worker(s)", os.getpid(),
                      server.worker_num, server.task_worker_num)
             server._run_hook("start")
             while not self.stopping:
                 self._sleep(self._next_respawn_delay())
                 self._handle_signals()
+                self._handle_control()
                 self._respawn_due()
         finally:
             self._stop_children()
@@ -150,15 +158,28 @@ class Master:
     def _sleep(self, timeout: float) -> None:
         assert self.wakeup is not None
         try:
-            ready, _, _ = select.select([self.wakeup[0]], [], [], timeout)
+            ready, _, _ = select.select([self.wakeup[0], self.inbox.fileno()], [], [], timeout)
         except InterruptedError:
             return
-        if ready:
+        if self.wakeup[0] in ready:
             try:
                 while os.read(self.wakeup[0], 64):
                     pass
             except BlockingIOError:
                 pass
+
+    def _handle_control(self) -> None:
+        """Control messages from the children: for now, starting a boot=False process."""
+        for name in control.requested_starts(self.inbox):
+            child = next((c for c in self.children
+                          if c.kind == PROCESS and c.name == name), None)
+            if child is None:
+                log.error("start of unknown process %r refused", name)
+            elif child.pid or child.respawn_at is not None:
+                log.info("process %s runs already", name)
+            else:
+                log.info("starting process %s on request", name)
+                self._spawn(child)
 
     def _handle_signals(self) -> None:
         while self.signals:

@@ -93,7 +93,7 @@ def _mailbox(api: str) -> Mailbox:
     # An orphan's messages would still be accepted by the surviving children's inboxes, so look
     # at the master, but at most every 10 ms: getppid() per message costs a syscall.
     now = time.monotonic()
-    if now - _master_checked > 0.01:
+    if ctx.role != context.MASTER and now - _master_checked > 0.01:
         assert ctx.server is not None
         if os.getppid() != ctx.server.master_pid:
             raise ServerNotRunning(f"{api}: the server this process belonged to has stopped")
@@ -105,7 +105,7 @@ def _describe_ids(ctx: context.ProcessContext) -> str:
     server = ctx.server
     assert server is not None
     n, m = server.worker_num, server.task_worker_num
-    p = (ctx.mailbox.size if ctx.mailbox else n + m) - n - m
+    p = (ctx.mailbox.size - 1 if ctx.mailbox else n + m) - n - m   # the last inbox: the master's
     return (f"this server has {n} worker(s) (ids 0..{n - 1}), {m} task worker(s) "
             f"(ids {n}..{n + m - 1}) and {p} user process(es) (ids {n + m}..{n + m + p - 1})")
 

@@ -14,7 +14,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import context, pipe
+from . import context, control, pipe
 from .cron import zone
 from .process import ProcessSpec, declared
 
@@ -87,6 +87,7 @@ class Server:
         # Set by the master before it forks, so that every child inherits them.
         self.crontab: Crontab | None = None
         self.process_ids: dict[str, int] = {}
+        self.master_id: int | None = None       # the master's inbox, for control messages
 
     def _check_cron_settings(self) -> None:
         s = self.settings
@@ -122,18 +123,23 @@ class Server:
     def add_process(self, target: Any, name: str | None = None, boot: bool = True) -> None:
         """Adds a user process: ``fn(server, process)`` or a class with
         ``run(self, server, process)``; see pyswtask.process. ``boot=False`` declares it
-        without starting it with the server."""
+        without starting it with the server: ``start_process(name)`` starts it later."""
         spec = target if isinstance(target, ProcessSpec) else ProcessSpec(target, name, boot)
         if any(p.name == spec.name for p in self._processes):
             raise ValueError(f"this server already has a process named {spec.name!r}")
         self._processes.append(spec)
 
-    def boot_processes(self) -> list[ProcessSpec]:
-        """The user processes started with the server: added here, then declared with
-        @process (a name added here wins), in that order."""
+    def user_processes(self) -> list[ProcessSpec]:
+        """The user processes of this server: added here, then declared with @process (a name
+        added here wins), in that order; those with boot=False wait for start_process()."""
         names = {p.name for p in self._processes}
-        specs = self._processes + [p for p in declared() if p.name not in names]
-        return [p for p in specs if p.boot]
+        return self._processes + [p for p in declared() if p.name not in names]
+
+    def start_process(self, name: str) -> None:
+        """Starts a user process declared with ``boot=False`` (Swoft's on-demand processes),
+        from any process of the running server; from then on it is supervised like the others.
+        Starting one that runs already does nothing."""
+        control.request_start(self, name)
 
     def send_message(self, data: Any, dst_worker_id: int, type: str = "message",
                      timeout: float = 3.0) -> None:

@@ -249,3 +249,34 @@ def test_deliver_by_process_and_send_message_outside_a_server() -> None:
         Task.deliver_by_process("Demo", "echo")
     with pytest.raises(ServerNotRunning, match="send_message works inside the processes"):
         Server().send_message("x", 0)
+
+
+def test_a_boot_false_process_starts_on_request(servers: ServerRunner) -> None:
+    srv = servers.run('''
+        from pyswtask import process
+
+        @process(name="on_demand", boot=False)
+        def on_demand(server, proc):
+            emit(event="on_demand", pid=os.getpid(), id=proc.id)
+            server.shutdown()
+            proc.sleep(60)
+
+        def start(server, wid):
+            emit(event="worker", ids=server.process_ids, master=server.master_id)
+            try:
+                server.start_process("nope")
+            except ValueError as e:
+                emit(event="unknown", text=str(e))
+            server.after(300, lambda: server.start_process("on_demand"))
+
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    worker = srv.by_event("worker")[0]
+    assert worker["ids"] == {"on_demand": 2} and worker["master"] == 3
+    assert srv.by_event("unknown")[0]["text"] == (
+        "this server has no user process named 'nope' (processes: on_demand)")
+    (started,) = srv.by_event("on_demand")
+    assert started["id"] == 2
+    assert "starting process on_demand on request" in srv.err
