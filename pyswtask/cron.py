@@ -234,7 +234,12 @@ class Crontab:
 
     def _timer_main(self, server: Server, proc: Process) -> None:
         now = time.time()
-        self.fill(minute_start(now), int(now))
+        # A fresh server starts with what is still to come this minute. A respawned timer (the
+        # table has rows) also writes the seconds it missed, within the grace period: they are
+        # delivered late, once (rows are unique per job and second).
+        _, runs = self.tables()
+        since = int(now) if runs.used == 0 else int(now) - self.grace
+        self.fill(minute_start(now), max(since, minute_start(now)))
         next_minute = minute_start(now) + 60
         while True:
             # One second ahead, so the rows of second 0 are there before it comes.
@@ -399,8 +404,8 @@ class CronRunner:
         try:
             fn, on_loop = registry.resolve(spec.task, spec.method)
             result = fn()
-            if on_loop and inspect.isawaitable(result):
-                result = asyncio.new_event_loop().run_until_complete(result)
+            if on_loop and inspect.iscoroutine(result):
+                result = asyncio.run(result)
         except BaseException:
             took = time.monotonic() - started
             runs.set_status(row, RunStatus.FAILED, duration=took)

@@ -59,7 +59,8 @@ def test_every_second_every_other_second_and_the_startup_minute(servers: ServerR
         sys.exit(server.start())
     ''', timeout=40)
     every = runs_of(srv, "every")
-    dues = [r["due"] for r in every]
+    # Runs due together (a catch-up) may finish in either order on the two task workers.
+    dues = sorted(r["due"] for r in every)
     assert len(dues) >= 5 and dues == list(range(dues[0], dues[0] + len(dues))), dues
     # Each ran in its own second, shortly after it began (a late start may catch up once).
     on_time = [r for r in every if r["t"] - r["due"] < 0.5]
@@ -94,10 +95,12 @@ def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> N
     time.sleep(2.2)
     os.kill(srv.pid, signal.SIGTERM)
     assert srv.wait(20) == 0, srv.err
-    dues = [r["due"] for r in runs_of(srv, "every")]
-    assert dues == list(range(dues[0], dues[0] + len(dues))), f"gap or duplicate: {dues}"
+    dues = sorted(r["due"] for r in runs_of(srv, "every"))
+    assert dues == list(range(dues[0], dues[0] + len(dues))), \
+        f"gap or duplicate: {dues}\n{srv.err}"
     late = [r for r in runs_of(srv, "every") if stopped_at + 0.5 < r["due"] < stopped_at + 3.0]
-    assert len(late) >= 2 and all(r["t"] - r["due"] > 0.3 for r in late)
+    assert len(late) >= 2 and all(r["t"] - r["due"] > 0.3 for r in late), \
+        (stopped_at, runs_of(srv, "every"), srv.err)
 
 
 def test_outcomes_overlap_and_the_tables(servers: ServerRunner, tmp_path: object) -> None:

@@ -156,8 +156,7 @@ cdef class Dispatcher(RecordReader):
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         self.pending[task_id] = entry
-        if self.has_load:
-            self.load[self.worker_id] = len(self.pending)
+        self._update_load()
         if ch.queued() >= _RECORD_MAX:
             self._flush_channel(ch)
         return task_id
@@ -200,6 +199,7 @@ cdef class Dispatcher(RecordReader):
             self.rtt = self.rtt * 0.9 + (monotonic() - started) * 0.1
             return entry.value
         self.pending.pop(task_id, None)
+        self._update_load()
         return TIMEOUT
 
     def call_many(self, list bodies, int dst, double timeout):
@@ -222,11 +222,19 @@ cdef class Dispatcher(RecordReader):
         if batch.remaining:
             for task_id in ids:
                 self.pending.pop(task_id, None)
+            self._update_load()
         return batch.results
 
     def forget(self, uint64_t task_id):
         """Drops a pending task (its caller gave up); a result that comes later is discarded."""
-        return self.pending.pop(task_id, None) is not None
+        cdef bint found = self.pending.pop(task_id, None) is not None
+        self._update_load()
+        return found
+
+    cdef inline void _update_load(self) noexcept:
+        # What deliver_by_process(worker_id=-1) compares: this worker's tasks without a result.
+        if self.has_load:
+            self.load[self.worker_id] = <unsigned int>len(self.pending)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -385,8 +393,7 @@ cdef class Dispatcher(RecordReader):
         if found is None:
             self.late_results += 1
             return 0
-        if self.has_load:
-            self.load[self.worker_id] = len(self.pending)
+        self._update_load()
         entry = <_Pending>found
         try:
             value = unpackb(p, n)
