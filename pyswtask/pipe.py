@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -78,6 +79,10 @@ def send_message(data: Any, dst_worker_id: int, type: str = "message",
     if ctx.role == context.WORKER and ctx.loop is not None:
         if not mailbox.send(dst_worker_id, body, -1.0):
             _watch_writable(ctx, dst_worker_id)
+    elif ctx.process is not None:
+        # Behind whatever ASYNC deliveries are queued, and never beside the flusher thread.
+        with ctx.process.delivery.lock:
+            mailbox.send(dst_worker_id, body, timeout)
     else:
         mailbox.send(dst_worker_id, body, timeout)
 
@@ -206,9 +211,18 @@ events.listen(Event.PIPE_MESSAGE, _on_task_message, priority=1_000_000)
 
 
 class ProcessDelivery:
-    """The user-process side of deliver_by_process: request ids, waiting replies, backlog."""
+    """The user-process side of deliver_by_process: request ids, waiting replies, backlog, and
+    the write-behind of ASYNC deliveries.
 
-    __slots__ = ("mailbox", "ids", "callbacks", "backlog")
+    An ASYNC delivery returns once its message is written or queued behind earlier ones: when a
+    worker's inbox is full, later deliveries pile up in this process's queue and leave together,
+    many per record, instead of one syscall and one wake-up each. A helper thread writes the
+    queue as the inbox drains, so nothing waits on this process's next call; a delivery that
+    expects an answer (CO, a callback) and send_message still wait until written, after
+    everything queued before them. At exit the queue is written out (within the timeout).
+    """
+
+    __slots__ = ("mailbox", "ids", "callbacks", "backlog", "lock", "pending", "flusher")
 
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
@@ -216,6 +230,37 @@ class ProcessDelivery:
         self.callbacks: dict[int, Callable[[int, Any], Any] | None] = {}
         # Messages that arrived while a CO delivery waited; dispatched by the next read.
         self.backlog: list[tuple[str, Any, int]] = []
+        self.lock = threading.Lock()
+        self.pending = threading.Event()        # set while the queue holds unsent messages
+        self.flusher: threading.Thread | None = None
+
+    def _send_behind(self, dst: int, body: bytes) -> None:
+        with self.lock:
+            if self.mailbox.send_behind(dst, body) and not self.pending.is_set():
+                self.pending.set()
+                if self.flusher is None:
+                    self.flusher = threading.Thread(target=self._flush_loop,
+                                                    name="pyswtask-flusher", daemon=True)
+                    self.flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self.pending.wait()
+            with self.lock:
+                left = self.mailbox.flush()
+                if not left:
+                    self.pending.clear()
+                    continue
+            self.mailbox.wait_writable(left, 0.1)
+
+    def flush(self, timeout: float) -> None:
+        """Writes out whatever is queued, waiting up to timeout seconds."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while (left := self.mailbox.flush()) and time.monotonic() < deadline:
+                self.mailbox.wait_writable(left, min(0.1, deadline - time.monotonic()))
+            if left:
+                log.error("%d inbox(es) still full at exit: queued deliveries lost", len(left))
 
     def deliver(self, name: str, method: str, params: Sequence[Any], timeout: float,
                 worker_id: int, type: int, callback: Callable[[int, Any], Any] | None) -> Any:
@@ -241,8 +286,12 @@ class ProcessDelivery:
                             f"{delivery._describe_unpackable(params, exc)}") from None
         if wants_reply:
             self.callbacks[req_id] = callback
+        if not wants_reply:
+            self._send_behind(worker_id, body)
+            return req_id
         try:
-            self.mailbox.send(worker_id, body, timeout)
+            with self.lock:
+                self.mailbox.send(worker_id, body, timeout)
         except BaseException:
             self.callbacks.pop(req_id, None)
             raise
@@ -299,10 +348,10 @@ def deliver_many_by_process(calls: list[tuple[str, str, Sequence[Any]]], worker_
     ctx = context.current
     if ctx.role != context.PROCESS:
         raise DeliveryError("deliver_many_by_process works in the user processes of a server")
-    mailbox = _mailbox("deliver_many_by_process")
+    _mailbox("deliver_many_by_process")
     if worker_id == -1:
         worker_id = least_loaded(ctx)
-    mailbox.send(worker_id, pack_message(PIPE_TASKS, [list(c) for c in calls]), timeout)
+    send_message([list(c) for c in calls], worker_id, PIPE_TASKS, timeout)
 
 
 def least_loaded(ctx: context.ProcessContext) -> int:

@@ -149,6 +149,7 @@ def run_user_process(server: Server, spec: ProcessSpec, worker_id: int, ipc: Chi
         if exc.code not in (0, None):
             raise
     finally:
+        proc.delivery.flush(server.settings["max_wait_time"])
         events.trigger(Event.PROCESS_STOP, server, spec.name, worker_id)
     return 0
 

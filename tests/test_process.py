@@ -280,3 +280,45 @@ def test_a_boot_false_process_starts_on_request(servers: ServerRunner) -> None:
     (started,) = srv.by_event("on_demand")
     assert started["id"] == 2
     assert "starting process on_demand on request" in srv.err
+
+
+def test_async_deliveries_queued_behind_a_full_inbox_all_run(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process
+        N = 20000   # per process: far more than a worker's inbox holds at once
+
+        done = 0
+
+        @listener(Event.FINISH_TASK)
+        def finished(ev):
+            global done
+            done += 1
+            if done == N:
+                emit(event="all_done", wid=server.worker_id)
+
+        @process(name="sleeper")
+        def sleeper(server, proc):
+            for i in range(N):
+                Task.deliver_by_process("Demo", "echo", [i], worker_id=0)
+            emit(event="sent", by="sleeper")
+            time.sleep(60)     # no pyswtask call: what is queued must still go out
+
+        @process(name="quitter")
+        def quitter(server, proc):
+            if os.path.exists("quit"):
+                proc.sleep(60)   # the respawned one: nothing more to send
+            open("quit", "w").close()
+            for i in range(N):
+                Task.deliver_by_process("Demo", "echo", [i], worker_id=1)
+            emit(event="sent", by="quitter")
+            # returns: the process exits, writing out its queue first
+
+        server = Server(worker_num=2, task_worker_num=2)
+        sys.exit(server.start())
+    ''')
+    records = read_records(srv, lambda rs: sum(r["event"] == "all_done" for r in rs) == 2,
+                           timeout=60)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    assert {r["wid"] for r in records if r["event"] == "all_done"} == {0, 1}
+    assert {r["by"] for r in records if r["event"] == "sent"} == {"sleeper", "quitter"}

@@ -77,6 +77,41 @@ cdef class Mailbox(RecordReader):
             ch.flush()
         return True
 
+    def send_behind(self, int dst, bytes body, size_t high_water=1 << 20):
+        """Queues one message and sends what the inbox takes now, without waiting for the rest;
+        returns the bytes left queued for dst, which flush() sends later. Blocks only while
+        more than high_water bytes wait, so a sender cannot outrun its reader without bound."""
+        cdef Channel ch
+        cdef pollfd pfd
+        if not 0 <= dst < len(self.outs):
+            raise ValueError(f"dst_worker_id {dst} is out of range: there are {len(self.outs)} "
+                             f"processes (0..{len(self.outs) - 1})")
+        ch = <Channel>self.outs[dst]
+        self.counter += 1
+        ch.put(_FRAME_PIPE, 0, (self.epoch << 32) | self.counter, self.self_id,
+               PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        ch.flush()
+        while ch.queued() > high_water:
+            pfd.fd = ch.fd
+            pfd.events = POLLOUT
+            with nogil:
+                poll(&pfd, 1, 100)
+            ch.flush()
+        return ch.queued()
+
+    def wait_writable(self, dsts, double timeout):
+        """Waits until one of the inboxes dsts has room, or timeout seconds pass."""
+        cdef pollfd pfds[64]
+        cdef int n = 0, r
+        for dst in dsts[:64]:
+            pfds[n].fd = (<Channel>self.outs[dst]).fd
+            pfds[n].events = POLLOUT
+            n += 1
+        with nogil:
+            r = poll(pfds, n, <int>(timeout * 1000.0))
+        if r < 0 and errno == EINTR:
+            PyErr_CheckSignals()
+
     def out_fileno(self, int dst):
         return (<Channel>self.outs[dst]).fd
 
