@@ -32,6 +32,17 @@ cdef class Mailbox(RecordReader):
         """How many inboxes (processes) there are to send to."""
         return len(self.outs)
 
+    cdef Channel _out(self, int dst):
+        if not 0 <= dst < len(self.outs):
+            raise ValueError(f"dst_worker_id {dst} is out of range: there are {len(self.outs)} "
+                             f"processes (0..{len(self.outs) - 1})")
+        return <Channel>self.outs[dst]
+
+    cdef int _put(self, Channel ch, bytes body) except -1:
+        self.counter += 1
+        return ch.put(_FRAME_PIPE, 0, (self.epoch << 32) | self.counter, self.self_id,
+                      PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+
     def send(self, int dst, bytes body, double timeout=-1.0):
         """Queues one message to process dst and sends what the inbox takes.
 
@@ -39,19 +50,12 @@ cdef class Mailbox(RecordReader):
         with flush() when out_fileno(dst) is writable). timeout >= 0: blocks until the message
         is written; raises TimeoutError after timeout seconds, taking the message back if none
         of it had left (a message larger than one record may have gone out in part)."""
-        cdef Channel ch
-        cdef size_t before, length
+        cdef Channel ch = self._out(dst)
+        cdef size_t before = ch.queued(), length
         cdef double deadline, left
         cdef pollfd pfd
         cdef int r
-        if not 0 <= dst < len(self.outs):
-            raise ValueError(f"dst_worker_id {dst} is out of range: there are {len(self.outs)} "
-                             f"processes (0..{len(self.outs) - 1})")
-        ch = <Channel>self.outs[dst]
-        before = ch.queued()
-        self.counter += 1
-        ch.put(_FRAME_PIPE, 0, (self.epoch << 32) | self.counter, self.self_id,
-               PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        self._put(ch, body)
         length = ch.queued() - before
         ch.flush()
         if not ch.queued():
@@ -81,15 +85,9 @@ cdef class Mailbox(RecordReader):
         """Queues one message and sends what the inbox takes now, without waiting for the rest;
         returns the bytes left queued for dst, which flush() sends later. Blocks only while
         more than high_water bytes wait, so a sender cannot outrun its reader without bound."""
-        cdef Channel ch
+        cdef Channel ch = self._out(dst)
         cdef pollfd pfd
-        if not 0 <= dst < len(self.outs):
-            raise ValueError(f"dst_worker_id {dst} is out of range: there are {len(self.outs)} "
-                             f"processes (0..{len(self.outs) - 1})")
-        ch = <Channel>self.outs[dst]
-        self.counter += 1
-        ch.put(_FRAME_PIPE, 0, (self.epoch << 32) | self.counter, self.self_id,
-               PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        self._put(ch, body)
         ch.flush()
         while ch.queued() > high_water:
             pfd.fd = ch.fd
