@@ -220,8 +220,12 @@ def test_delivery_from_an_orphaned_process_says_the_server_is_gone(servers: Serv
     srv = servers.start('''
         from pyswtask import process, ServerNotRunning
 
+        import signal
+
         @process(name="orphan")
         def orphan(server, proc):
+            # Outlives its master on purpose: children get SIGTERM when the master dies.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             emit(event="ready")
             while True:
                 try:

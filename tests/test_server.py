@@ -218,3 +218,27 @@ def test_cli_version_and_run(servers: ServerRunner) -> None:
     bad = subprocess.run([sys.executable, "-m", "pyswtask", "run", "cliapp:nothing"],
                          cwd=srv.path.parent, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "has no attribute 'nothing'" in bad.stderr
+
+
+def test_children_stop_when_the_master_is_killed_outright(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process
+
+        @process(name="helper")
+        def helper(server, proc):
+            proc.sleep(60)
+
+        server = Server(worker_num=2, task_worker_num=2)
+        server.on("worker_start", lambda s, wid: wid == 0 and emit(event="up"))
+        sys.exit(server.start())
+    ''')
+    wait_for(lambda: srv.proc.stdout.readline(), timeout=15)  # type: ignore[union-attr]
+    time.sleep(0.3)
+    def session() -> list[str]:
+        return subprocess.run(["pgrep", "-s", str(srv.pid)], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+
+    assert len(session()) == 6    # master, 2 workers, 2 task workers, 1 user process
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(timeout=10)
+    wait_for(lambda: not session(), timeout=10)
