@@ -166,8 +166,13 @@ def _pack(name: str, method: str, params: Sequence[Any], type: int) -> bytes:
     try:
         return pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"params of {name}.{method} cannot be packed: "
-                        f"{_describe_unpackable(params, exc)}") from None
+        raise params_error(name, method, params, exc) from None
+
+
+def params_error(name: str, method: str, params: Any, exc: Exception) -> TypeError:
+    """The TypeError for params msgpack refused, naming the value and where it sits."""
+    return TypeError(f"params of {name}.{method} cannot be packed: "
+                     f"{_describe_unpackable(params, exc)}")
 
 
 def _pack_call(call: Sequence[Any], index: int) -> bytes:

@@ -282,13 +282,11 @@ class ProcessDelivery:
         try:
             body = _packb((PIPE_TASK, (req_id, name, method, params, wants_reply)))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"params of {name}.{method} cannot be packed: "
-                            f"{delivery._describe_unpackable(params, exc)}") from None
-        if wants_reply:
-            self.callbacks[req_id] = callback
+            raise delivery.params_error(name, method, params, exc) from None
         if not wants_reply:
             self._send_behind(worker_id, body)
             return req_id
+        self.callbacks[req_id] = callback
         try:
             with self.lock:
                 self.mailbox.send(worker_id, body, timeout)

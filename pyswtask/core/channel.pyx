@@ -172,6 +172,15 @@ cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except?
     raise OSError(errno, "recv from channel failed")
 
 
+cdef bint any_queued(list channels):
+    """Whether any of the channels still holds frames to send."""
+    cdef Channel ch
+    for ch in channels:
+        if ch.queued():
+            return True
+    return False
+
+
 cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
     """One record into buf (RECORD_MAX bytes); -1 when none is waiting."""
     cdef ssize_t r

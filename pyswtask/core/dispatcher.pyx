@@ -191,7 +191,7 @@ cdef class Dispatcher(RecordReader):
         cdef Channel ch = self.last
         cdef double started = monotonic()
         self.flush()
-        if self._all_sent():
+        if not any_queued(self.channels):
             self._wait_on(ch, entry, started + timeout)
         else:
             self._wait(entry, None, started + timeout)
@@ -270,13 +270,6 @@ cdef class Dispatcher(RecordReader):
         return 0
 
     # -- receiving ------------------------------------------------------------------------------
-
-    cdef bint _all_sent(self):
-        cdef Channel ch
-        for ch in self.channels:
-            if ch.queued():
-                return False
-        return True
 
     cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1:
         """Waits for one CO result on the channel it will come from, reading that channel only;

@@ -111,17 +111,10 @@ cdef class TaskLoop(RecordReader):
             if stopping:
                 if monotonic() >= deadline:
                     break
-                if n == 0 and not self._queued():
+                if n == 0 and not any_queued(self.channels):
                     break
         self.busy[self.index] = 0
         return self.tasks_done
-
-    cdef bint _queued(self):
-        cdef Channel ch
-        for ch in self.channels:
-            if ch.queued():
-                return True
-        return False
 
     cdef int _read(self, Channel ch) except -1:
         # One record per wake-up: epoll is level-triggered, so a channel with more waiting comes
