@@ -36,7 +36,9 @@ Frame (little-endian, 20-byte header + body)
   pipe message, into any process's inbox).
 - flags: 0x01 ASYNC delivery. A body larger than one record (RECORD_MAX - 20 bytes) travels as
   fragments, each a frame with the same type and task id: 0x02 FRAG_FIRST on the first, 0x04
-  FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last.
+  FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last. 0x10 COMMAND: a task from a
+  separate program through the message queue; its result goes to that program's reply
+  socket, not to a worker.
 - src wid: the worker id that sent a task, or the task worker id that sent a result.
 - task id: (epoch << 32) | counter; the epoch is the delivering process's pid, so ids are not
   reused across a respawn and a stale result is recognised.
@@ -50,12 +52,15 @@ body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, d
 
 cimport cython
 
+import collections
+
 import msgpack
 import numpy
 
 include "includes/system.pxi"
 include "core/frame.pyx"
 include "core/channel.pyx"
+include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"
 include "core/taskloop.pyx"
 include "core/mailbox.pyx"

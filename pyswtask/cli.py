@@ -1,9 +1,11 @@
-"""The ``pyswtask`` command: ``pyswtask run module:server`` and ``pyswtask --version``."""
+"""The ``pyswtask`` command: run a server, deliver a task to one, inspect its crontab and its
+message queue."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -82,6 +84,60 @@ def cron_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key(value: str) -> int:
+    from .msgqueue import parse_key
+    try:
+        return parse_key(value, "--key")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def deliver_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Delivers one task through the queue: prints the result as JSON (--wait) or the id."""
+    from .delivery import Task
+    from .errors import PyswtaskError
+
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        parser.error(f"PARAMS_JSON is not valid JSON: {exc}")
+    if not isinstance(params, list):
+        parser.error("PARAMS_JSON must be a JSON array, the method's positional arguments")
+    Task.configure(message_queue_key=args.key, exit_timeout=args.timeout)
+    try:
+        if args.wait:
+            result = Task.deliver(args.name, args.method, params, Task.TYPE_CO, args.timeout)
+            print(json.dumps(result, default=repr))
+        else:
+            print(Task.deliver(args.name, args.method, params, Task.TYPE_ASYNC, args.timeout))
+            if not Task.flush(args.timeout):
+                print("pyswtask: the queue stayed full; the task was not sent", file=sys.stderr)
+                return 1
+    except (PyswtaskError, ValueError, TypeError) as exc:
+        print(f"pyswtask: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def queue_command(args: argparse.Namespace) -> int:
+    from . import msgqueue
+
+    stat = msgqueue.queue_stat(args.key)
+    if stat is None:
+        print(f"pyswtask: no message queue on key 0x{args.key:x}", file=sys.stderr)
+        return 1
+    if args.queue_command == "purge":
+        print(f"{msgqueue.purge(args.key)} message(s) discarded from queue 0x{args.key:x}")
+        return 0
+    info = msgqueue.read_info(args.key)
+    stat["server_pid"] = info.pid if info is not None and info.alive() else None
+    if info is not None:
+        stat.update(task_ipc_mode=info.mode, worker_num=info.worker_num,
+                    task_worker_num=info.task_worker_num)
+    print(json.dumps(stat, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyswtask", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyswtask {__version__}")
@@ -101,9 +157,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--key", type=lambda v: int(v, 0), help="the cron_shm_key setting")
     where.add_argument("--pid-file", help="the server's pid_file")
     where.add_argument("--pid", type=int, help="the master's pid")
+    dl = sub.add_parser("deliver", help="deliver one task to a running server through its "
+                        "message queue")
+    dl.add_argument("name", help="the task's name")
+    dl.add_argument("method", help="the method to call")
+    dl.add_argument("params", nargs="?", default="[]", metavar="PARAMS_JSON",
+                    help="the positional arguments, as a JSON array (default [])")
+    dl.add_argument("--key", type=_key, required=True, help="the server's message_queue_key")
+    dl.add_argument("--wait", action="store_true",
+                    help="deliver CO and print the result as JSON (default: ASYNC, print the id)")
+    dl.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    queue = sub.add_parser("queue", help="a server's message queue: what waits in it, or empty it")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    for name, text in (("stat", "messages and bytes waiting, limits, the server on the key"),
+                       ("purge", "discard every message waiting in the queue")):
+        q = queue_sub.add_parser(name, help=text)
+        q.add_argument("--key", type=_key, required=True, help="the message_queue_key")
     args = parser.parse_args(argv)
     if args.command == "cron":
         return cron_command(args)
+    if args.command == "deliver":
+        return deliver_command(args, dl)
+    if args.command == "queue":
+        return queue_command(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     server = load_server(args.app)

@@ -27,7 +27,7 @@ EXIT_BOOT_ERROR = 3
 
 class ProcessContext:
     __slots__ = ("role", "worker_id", "server", "dispatcher", "loop", "timers", "mailbox",
-                 "process", "load", "writers")
+                 "process", "load", "writers", "package_max_length")
 
     def __init__(self) -> None:
         self.role: str | None = None
@@ -40,12 +40,14 @@ class ProcessContext:
         self.process: Process | None = None
         self.load: memoryview | None = None     # uint32 per worker: tasks without a result
         self.writers: set[int] = set()          # inboxes a worker waits to finish writing to
+        self.package_max_length = 0             # 0: no limit (outside a server)
 
     def enter(self, role: str, worker_id: int, server: Server) -> None:
         self.__init__()  # type: ignore[misc]
         self.role = role
         self.worker_id = worker_id
         self.server = server
+        self.package_max_length = int(server.settings["package_max_length"])
 
 
 current = ProcessContext()

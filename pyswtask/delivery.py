@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
-from . import context, pipe
+from . import command, context, pipe
 from ._core import TIMEOUT, Dispatcher, pack_envelope
 from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
 from .events import Event, events
@@ -45,6 +45,11 @@ class Task:
         idle one, round-robin when all are busy. Params must be msgpack-able: a value that is
         not raises TypeError naming it, and nothing is sent.
         """
+        if context.current.role is None and (queue := command.client()) is not None:
+            if type not in (Task.TYPE_CO, Task.TYPE_ASYNC):
+                raise ValueError(f"type must be Task.TYPE_CO or Task.TYPE_ASYNC, not {type!r}")
+            return queue.deliver(name, method, _pack(name, method, params, type), type,
+                                 _check_timeout(timeout), dst_worker_id)
         dispatcher = _dispatcher("Task.deliver")
         body = _pack(name, method, params, type)
         if type == Task.TYPE_ASYNC:
@@ -57,6 +62,24 @@ class Task:
         if result.__class__ is TaskError:
             raise result
         return result
+
+    @staticmethod
+    def configure(message_queue_key: int | str | None = None, *,
+                  exit_timeout: float = 3.0) -> None:
+        """For a program outside the server (a script, a cron(8) job): deliver through the
+        server's message queue on that key (default: the PYSWTASK_QUEUE_KEY environment
+        variable). ``Task.deliver`` then works there too: ASYNC returns a task id at once (the
+        task is written behind, at the latest when the program exits, waiting up to
+        ``exit_timeout`` for room); CO waits for the result. No server on the key raises
+        ServerNotRunning at the first delivery."""
+        command.configure(message_queue_key, exit_timeout)
+
+    @staticmethod
+    def flush(timeout: float = 3.0) -> bool:
+        """In a program delivering through the queue: writes out the ASYNC deliveries held
+        back, waiting up to timeout seconds; True when nothing is left."""
+        queue = command.client()
+        return True if queue is None else queue.flush(_check_timeout(timeout))
 
     @staticmethod
     def deliver_batch(calls: Iterable[Sequence[Any]], timeout: float = 3.0, *,
@@ -149,8 +172,9 @@ def _dispatcher(api: str) -> Dispatcher:
                             "worker (a worker_start hook, a timer or a listener)")
     raise ServerNotRunning(
         f"{api} works inside a worker of a running pyswtask server (a worker_start hook, a "
-        "timer, a listener, or code they call); this process is not one, and it has no "
-        "message queue configured to reach a server from a separate program")
+        "timer, a listener, or code they call); this process is not one. A separate program "
+        "delivers through a server's message queue: Task.configure(message_queue_key=...) or "
+        "PYSWTASK_QUEUE_KEY, then Task.deliver")
 
 
 def _check_timeout(timeout: float) -> float:
@@ -164,9 +188,14 @@ def _pack(name: str, method: str, params: Sequence[Any], type: int) -> bytes:
         raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
     logid, spanid = trace_ids.get()
     try:
-        return pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
+        body = pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:
         raise params_error(name, method, params, exc) from None
+    limit = context.current.package_max_length
+    if limit and len(body) > limit:
+        raise ValueError(f"params of {name}.{method} pack to {len(body)} bytes, above the "
+                         f"server's package_max_length ({limit})")
+    return body
 
 
 def params_error(name: str, method: str, params: Any, exc: Exception) -> TypeError:

@@ -12,6 +12,7 @@ __all__ = [
     "TaskTimeout",
     "DeliveryError",
     "ServerNotRunning",
+    "QueueFull",
     "UnknownTask",
     "UnknownMethod",
     "ProtocolError",
@@ -57,6 +58,10 @@ class DeliveryError(PyswtaskError):
 
 class ServerNotRunning(DeliveryError):
     """There is no running server to deliver to."""
+
+
+class QueueFull(DeliveryError, TimeoutError):
+    """The server's message queue stayed full for the whole timeout; the task was not sent."""
 
 
 class UnknownTask(LookupError):

@@ -23,6 +23,7 @@ from ._core import Mailbox
 from .context import EXIT_BOOT_ERROR
 from .cron import Crontab
 from .ipc import ServerIpc
+from .msgqueue import ServerQueue
 from .process import run_user_process
 from .taskworker import run_task_worker
 from .titles import set_title
@@ -82,6 +83,7 @@ class Master:
         self.exit_code = 0
         self.ipc: ServerIpc | None = None
         self.wakeup: tuple[int, int] | None = None
+        self.queue: ServerQueue | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -106,6 +108,13 @@ class Master:
             if self.crontab is not None:
                 self.crontab.open(os.getpid())
                 server.crontab = self.crontab
+            if server.uses_queue():
+                self.queue = ServerQueue(
+                    self.settings["message_queue_key"], self.settings["task_ipc_mode"],
+                    server.worker_num, server.task_worker_num,
+                    self.settings["package_max_length"])
+                self.queue.open(os.getpid())
+                server.queue = self.queue
             for child in self.children:
                 if child.kind != PROCESS or self.processes[child.index].boot:
                     self._spawn(child)
@@ -119,6 +128,9 @@ class Master:
                 self._respawn_due()
         finally:
             self._stop_children()
+            if self.queue is not None:
+                self.queue.remove()
+                server.queue = self.queue = None
             server._run_hook("shutdown")
             self._restore_signals(old_handlers)
             self.ipc.close()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import context, control, pipe
 from .cron import zone
+from .msgqueue import IPC_MODES, ServerQueue, parse_key
 from .process import ProcessSpec, declared
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "cron_grace": 60,
     # SysV key of the origin table (the run-time table's is one more); None: from the pid.
     "cron_shm_key": None,
+    # How workers send tasks to task workers, as in Swoole: 1 unix sockets; 2 a SysV message
+    # queue, one message type per task worker; 3 the same queue, any idle task worker taking
+    # the next task. Separate programs deliver through the queue in every mode.
+    "task_ipc_mode": 1,
+    # The queue's SysV key (int, or a string such as "0x70001001"); None: no keyed queue
+    # (modes 2 and 3 then use a private one, which separate programs cannot reach).
+    "message_queue_key": None,
+    # Largest task body (packed params) a worker or a separate program may deliver, bytes.
+    "package_max_length": 64 << 20,
 }
 
 HOOKS = ("start", "shutdown", "worker_start", "worker_stop", "task_worker_start",
@@ -81,6 +91,7 @@ class Server:
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"setting {key} must be a non-negative number, not {value!r}")
         self._check_cron_settings()
+        self._check_queue_settings()
         self._hooks: dict[str, list[Callable[..., Any]]] = {}
         self._processes: list[ProcessSpec] = []
         self.master_pid: int | None = None
@@ -88,6 +99,7 @@ class Server:
         self.crontab: Crontab | None = None
         self.process_ids: dict[str, int] = {}
         self.master_id: int | None = None       # the master's inbox, for control messages
+        self.queue: ServerQueue | None = None
 
     def _check_cron_settings(self) -> None:
         s = self.settings
@@ -103,6 +115,23 @@ class Server:
         key = s["cron_shm_key"]
         if key is not None and (not isinstance(key, int) or not 0 < key < 2**31 - 1):
             raise ValueError(f"setting cron_shm_key must be a positive int, not {key!r}")
+
+    def _check_queue_settings(self) -> None:
+        s = self.settings
+        if s["task_ipc_mode"] not in IPC_MODES or isinstance(s["task_ipc_mode"], bool):
+            raise ValueError(f"setting task_ipc_mode must be 1 (unix sockets), 2 (message "
+                             f"queue) or 3 (message queue, contention), not "
+                             f"{s['task_ipc_mode']!r}")
+        if s["message_queue_key"] is not None:
+            s["message_queue_key"] = parse_key(s["message_queue_key"], "setting message_queue_key")
+        limit = s["package_max_length"]
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"setting package_max_length must be a positive int, not {limit!r}")
+
+    def uses_queue(self) -> bool:
+        """Whether the server has a message queue: a key, or an ipc mode that needs one."""
+        return self.task_worker_num > 0 and (
+            self.settings["message_queue_key"] is not None or self.settings["task_ipc_mode"] != 1)
 
     def process_id(self, name: str) -> int | None:
         """The id (for send_message) of the user process of that name, once started."""

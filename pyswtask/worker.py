@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import context
-from ._core import Dispatcher, Mailbox
+from ._core import Dispatcher, Mailbox, QueueChannel
 from .delivery import fire_finish
 from .errors import TaskError
 from .events import Event, events
@@ -40,8 +40,9 @@ def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
             dispatcher = Dispatcher(
                 worker_id, ipc.task_fds, ipc.busy, on_finish=fire_finish,
                 make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
-                spin=settings["task_wait_spin"], load=ipc.load)
-            dispatcher.set_scheduler(loop.call_soon)
+                spin=settings["task_wait_spin"], load=ipc.load, outs=_queue_outs(server))
+            dispatcher.set_scheduler(loop.call_soon,
+                                     lambda callback: loop.call_later(0.0005, callback))
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
             ctx.dispatcher = dispatcher
         mailbox = ctx.mailbox = Mailbox(worker_id, ipc.inbox_fd, ipc.out_fds, epoch=os.getpid(),
@@ -67,6 +68,17 @@ def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
         _cancel_tasks(loop)
         loop.close()
     return 0
+
+
+def _queue_outs(server: Server) -> list[QueueChannel] | None:
+    """In task_ipc_mode 2, one queue channel per task worker (by message type); in mode 3,
+    one for all (the task workers take turns); in mode 1, none: the unix socket channels."""
+    queue = server.queue
+    if queue is None or queue.mode == 1:
+        return None
+    count = server.task_worker_num if queue.mode == 2 else 1
+    return [QueueChannel(-1, i, queue.msqid, queue.task_type(i), queue.msgmax)
+            for i in range(count)]
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

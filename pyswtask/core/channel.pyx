@@ -15,11 +15,13 @@ cdef class Channel:
     cdef uint32_t mask          # the epoll events registered now
     cdef dict frags             # task id -> bytearray, bodies being reassembled
     cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
+    cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
     cdef readonly uint64_t stray_fragments
 
-    def __cinit__(self, int fd, int peer):
+    def __cinit__(self, int fd, int peer, *args):
         self.fd = fd
         self.peer = peer
+        self.frag_max = _FRAG_BODY_MAX
         self.out.data = NULL
         self.out.start = self.out.end = self.out.cap = 0
         self.mask = 0
@@ -62,7 +64,7 @@ cdef class Channel:
         cdef char *p
         cdef size_t off = 0, chunk
         cdef uint8_t fl
-        if n <= _FRAG_BODY_MAX:
+        if n <= self.frag_max:
             p = self.reserve(_HEADER_SIZE + n)
             write_header(p, ftype, flags, task_id, src, <uint32_t>n)
             if n:
@@ -71,8 +73,8 @@ cdef class Channel:
         fl = _FLAG_FRAG_FIRST
         while off < n:
             chunk = n - off
-            if chunk > _FRAG_BODY_MAX:
-                chunk = _FRAG_BODY_MAX
+            if chunk > self.frag_max:
+                chunk = self.frag_max
             fl |= _FLAG_FRAG_MORE if off + chunk < n else _FLAG_FRAG_LAST
             p = self.reserve(_HEADER_SIZE + chunk)
             write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk)
@@ -170,6 +172,15 @@ cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except?
         PyErr_CheckSignals()
         return -1
     raise OSError(errno, "recv from channel failed")
+
+
+cdef size_t queued_bytes(list channels):
+    """Bytes the channels still hold to send."""
+    cdef Channel ch
+    cdef size_t n = 0
+    for ch in channels:
+        n += ch.queued()
+    return n
 
 
 cdef bint any_queued(list channels):

@@ -45,8 +45,12 @@ cdef class Dispatcher(RecordReader):
     for one of ours, and ids are never reused, so a late result never reaches a later call.
     """
     cdef int epfd
-    cdef list channels
+    cdef list channels              # results come in here, one channel per task worker
     cdef int nchan
+    cdef list outs                  # tasks go out here: the channels, or queue channels
+    cdef int nout
+    cdef bint via_queue             # task_ipc_mode 2/3: outs are QueueChannels
+    cdef object schedule_later      # loop.call_later-like: retries sends the queue refused
     cdef unsigned char[:] busy
     cdef unsigned int[:] load       # tasks without a result, per worker (shared memory)
     cdef bint has_load
@@ -61,7 +65,7 @@ cdef class Dispatcher(RecordReader):
     cdef object schedule            # loop.call_soon, or None outside an event loop
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
-    cdef Channel last               # the channel of the last task queued
+    cdef Channel last               # where the last task's result comes back (None: any)
     cdef readonly uint64_t late_results
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
@@ -71,7 +75,8 @@ cdef class Dispatcher(RecordReader):
         self.epfd = -1
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
-                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None):
+                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None,
+                 outs=None):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"worker {worker_id}"
@@ -102,6 +107,11 @@ cdef class Dispatcher(RecordReader):
             ch = Channel(fd, i)
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
+        self.outs = self.channels if outs is None else list(outs)
+        self.nout = len(self.outs)
+        self.via_queue = outs is not None
+        if self.nout == 0 or self.nout > self.nchan:
+            raise ValueError("a dispatcher needs one out channel per task worker, or one queue")
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -111,10 +121,13 @@ cdef class Dispatcher(RecordReader):
         """The epoll descriptor: readable whenever a result or send space is waiting."""
         return self.epfd
 
-    def set_scheduler(self, schedule):
+    def set_scheduler(self, schedule, schedule_later=None):
         """Gives the dispatcher loop.call_soon, so that ASYNC frames queued in one loop turn go
-        out together (one send per record, not per task) and finish callbacks run from the loop."""
+        out together (one send per record, not per task) and finish callbacks run from the loop.
+        schedule_later(callback) runs callback a little later: with a message queue, which has
+        no descriptor to wait on, it retries what a full queue refused."""
         self.schedule = schedule
+        self.schedule_later = schedule_later
 
     @property
     def pending_count(self):
@@ -122,13 +135,18 @@ cdef class Dispatcher(RecordReader):
 
     # -- choosing a task worker ---------------------------------------------------------------
 
-    cdef Channel _pick(self, int dst):
+    cdef int _pick(self, int dst) except -1:
         cdef int k, j
         if dst >= 0:
             if dst >= self.nchan:
                 raise ValueError(f"dst_worker_id {dst} is out of range: there are "
                                  f"{self.nchan} task workers (0..{self.nchan - 1})")
-            return <Channel>self.channels[dst]
+            if self.nout != self.nchan:
+                raise ValueError("dst_worker_id cannot pick a task worker in task_ipc_mode 3, "
+                                 "where the task workers take tasks from one queue in turn")
+            return dst
+        if self.nout == 1:
+            return 0
         # An idle task worker first, starting after the last one picked; round-robin when
         # every one is busy.
         j = self.rr
@@ -143,11 +161,13 @@ cdef class Dispatcher(RecordReader):
         self.rr = j + 1
         if self.rr == self.nchan:
             self.rr = 0
-        return <Channel>self.channels[j]
+        return j
 
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
-        cdef Channel ch = self._pick(dst)
-        self.last = ch
+        cdef int j = self._pick(dst)
+        cdef Channel ch = <Channel>self.outs[j]
+        # The channel the result will come back on, when known (not in contention mode).
+        self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         cdef uint64_t task_id
         self.counter += 1
         if self.counter == 0:
@@ -191,7 +211,7 @@ cdef class Dispatcher(RecordReader):
         cdef Channel ch = self.last
         cdef double started = monotonic()
         self.flush()
-        if not any_queued(self.channels):
+        if ch is not None and not any_queued(self.outs):
             self._wait_on(ch, entry, started + timeout)
         else:
             self._wait(entry, None, started + timeout)
@@ -251,13 +271,21 @@ cdef class Dispatcher(RecordReader):
     def _scheduled_flush(self):
         self.flush_scheduled = False
         self.flush()
+        if self.via_queue and self.schedule_later is not None and any_queued(self.outs):
+            self.flush_scheduled = True
+            self.schedule_later(self._scheduled_flush)
 
     def flush(self):
         """Sends what is queued on every channel, as far as the sockets take it."""
         cdef Channel ch
-        for ch in self.channels:
+        for ch in self.outs:
             if ch.queued():
                 self._flush_channel(ch)
+
+    @property
+    def queued(self):
+        """Bytes of task frames not sent yet."""
+        return queued_bytes(self.outs)
 
     cdef int _flush_channel(self, Channel ch) except -1:
         ch.flush()
@@ -265,8 +293,11 @@ cdef class Dispatcher(RecordReader):
         if ch.queued() >= self.high_water:
             # Backpressure: the task worker is not keeping up. Wait for room, reading results
             # meanwhile (a task worker blocked on sending us results would otherwise never read).
+            # A queue signals no room, so it is retried every millisecond.
             while ch.queued() >= self.high_water // 2:
-                self._poll(100)
+                self._poll(1 if self.via_queue else 100)
+                if self.via_queue:
+                    ch.flush()
         return 0
 
     # -- receiving ------------------------------------------------------------------------------
@@ -312,6 +343,10 @@ cdef class Dispatcher(RecordReader):
                 timeout_ms = 0
             else:
                 timeout_ms = <int>((deadline - now) * 1000.0) + 1
+            if self.via_queue and any_queued(self.outs):
+                self.flush()
+                if any_queued(self.outs):
+                    timeout_ms = 1
             self._poll(timeout_ms)
         if self.deferred and self.schedule is not None and not self.deferred_scheduled:
             self.deferred_scheduled = True

@@ -20,6 +20,7 @@ cdef enum:
     _FLAG_FRAG_MORE = 0x04
     _FLAG_FRAG_LAST = 0x08
     _FLAGS_FRAG = 0x0E
+    _FLAG_COMMAND = 0x10
 
 
 cdef packed struct FrameHeader:
@@ -44,6 +45,7 @@ FLAG_ASYNC = _FLAG_ASYNC
 FLAG_FRAG_FIRST = _FLAG_FRAG_FIRST
 FLAG_FRAG_MORE = _FLAG_FRAG_MORE
 FLAG_FRAG_LAST = _FLAG_FRAG_LAST
+FLAG_COMMAND = _FLAG_COMMAND
 
 # Envelope field order, as TaskHelper::pack had it: name, method, params, type, logid, spanid.
 ENVELOPE_FIELDS = ("name", "method", "params", "type", "logid", "spanid")

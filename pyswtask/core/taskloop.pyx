@@ -3,6 +3,7 @@
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
     _INBOX_TAG = 0xFFFFFFFE
+    _QUEUE_TAG = 0xFFFFFFFD
     _DURATIONS_MAX = 4096
 
 # A method whose runs average more than this is "slow": results already queued are sent before
@@ -27,6 +28,11 @@ cdef class TaskLoop(RecordReader):
     cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
     cdef object on_inbox            # on_inbox(): reads this process's pipe messages
     cdef dict durations             # (name, method) -> moving average of run time, seconds
+    cdef QueueReader reader         # the message queue's reader thread, or None
+    cdef int queue_fd               # its wake descriptor
+    cdef Channel qchan              # stands for the queue: where its fragments are reassembled
+    cdef object on_reply            # on_reply(task_id, ok, body): results for commands
+    cdef object on_stopping         # on_stopping(): tells the reader thread to finish
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
 
@@ -34,7 +40,8 @@ cdef class TaskLoop(RecordReader):
         self.epfd = -1
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
-                 on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20):
+                 on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
+                 QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -65,6 +72,15 @@ cdef class TaskLoop(RecordReader):
             ev.data.u32 = _INBOX_TAG
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed on the inbox")
+        self.reader = reader
+        self.queue_fd = queue_fd
+        self.qchan = Channel(-1, -1)
+        self.on_reply = on_reply
+        self.on_stopping = on_stopping
+        if reader is not None:
+            ev.data.u32 = _QUEUE_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, queue_fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on the queue's wake descriptor")
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -98,9 +114,15 @@ cdef class TaskLoop(RecordReader):
                         deadline = monotonic() + max_wait
                         # Poll briefly from now on: exit as soon as nothing is left to serve.
                         timeout_ms = 20
+                        if self.on_stopping is not None:
+                            self.on_stopping()
                     continue
                 if evs[i].data.u32 == _INBOX_TAG:
                     self.on_inbox()
+                    continue
+                if evs[i].data.u32 == _QUEUE_TAG:
+                    read(self.queue_fd, sigbuf, 8)
+                    self._read_queue()
                     continue
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:
@@ -111,7 +133,8 @@ cdef class TaskLoop(RecordReader):
             if stopping:
                 if monotonic() >= deadline:
                     break
-                if n == 0 and not any_queued(self.channels):
+                if n == 0 and not any_queued(self.channels) and (
+                        self.reader is None or (self.reader.finished and self.reader.used == 0)):
                     break
         self.busy[self.index] = 0
         return self.tasks_done
@@ -132,6 +155,26 @@ cdef class TaskLoop(RecordReader):
             ch.flush()
         return 0
 
+    cdef int _read_queue(self) except -1:
+        cdef ssize_t n
+        cdef int k
+        cdef Channel ch
+        cdef uint64_t one = 1
+        for k in range(_READ_BUDGET):
+            n = self.reader.pop(self.scratch)
+            if n < 0:
+                break
+            self.read_record(self.qchan, <size_t>n, _FRAME_TASK)
+        else:
+            # More is waiting: come back after the channels had their turn.
+            write(self.queue_fd, &one, 8)
+        self.busy[self.index] = 0
+        for ch in self.channels:
+            if ch.queued():
+                ch.flush()
+                ch.update_interest(self.epfd, self.high_water)
+        return 0
+
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return self._run_task(ch, h, body, n)
 
@@ -145,6 +188,7 @@ cdef class TaskLoop(RecordReader):
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
+            self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} refused: {exc}")
             ok, value = False, ["ProtocolError", str(exc), ""]
         else:
             key = (envelope[0], envelope[1])
@@ -161,6 +205,8 @@ cdef class TaskLoop(RecordReader):
             else:
                 self.durations[key] = <double>expected * 0.8 + started * 0.2
         self.tasks_done += 1
+        if ch is self.qchan and (h.flags & _FLAG_COMMAND) and (h.flags & _FLAG_ASYNC):
+            return 0        # a command's ASYNC task: nobody takes its result
         if ok:
             try:
                 out = packb(value)
@@ -169,6 +215,18 @@ cdef class TaskLoop(RecordReader):
                 value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
             out = packb(value)
+        if ch is self.qchan:
+            # From the queue: a command's task answers to the command (unless ASYNC); a
+            # worker's (ipc modes 2 and 3) on the channel back to that worker.
+            if h.flags & _FLAG_COMMAND:
+                if not (h.flags & _FLAG_ASYNC) and self.on_reply is not None:
+                    self.on_reply(task_id, ok, out)
+                return 0
+            if src >= len(self.channels):
+                self.on_protocol_error(f"{self.who}: a queued task names worker {src}, which "
+                                       "does not exist; its result dropped")
+                return 0
+            ch = <Channel>self.channels[src]
         ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
                PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
         return 0

@@ -1,0 +1,295 @@
+"""Delivering from a separate program (a "command": a script, a cron(8) job) through a running
+server's message queue, as Swoft's QueueTask did.
+
+``Task.configure(message_queue_key=...)`` or the PYSWTASK_QUEUE_KEY environment variable names
+the queue. ASYNC deliveries return a task id at once: they are packed many to a message and
+written behind the caller (by a helper thread as the queue drains, and at exit), so a burst
+costs one msgsnd per message, not per task. Results of ASYNC tasks go nowhere. CO deliveries
+wait for their result on a reply socket of this process (an abstract unix datagram socket
+named after the queue and the pid), after everything delivered before them has been written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import sysv_ipc  # type: ignore[import-not-found]
+
+from ._core import (
+    FLAG_ASYNC,
+    FLAG_FRAG_FIRST,
+    FLAG_FRAG_LAST,
+    FRAME_ERROR,
+    FRAME_RESULT,
+    QueueGone,
+    QueueSender,
+    parse_frames,
+)
+from .errors import DeliveryError, QueueFull, ServerNotRunning, TaskError, TaskTimeout
+from .msgqueue import QueueInfo, parse_key, read_info, reply_address
+
+__all__ = ["configure", "client", "QueueClient", "ENV_KEY"]
+
+log = logging.getLogger("pyswtask.command")
+
+ENV_KEY = "PYSWTASK_QUEUE_KEY"
+# ASYNC bytes a command may hold unsent before deliver waits for the queue to drain.
+_BACKLOG_MAX = 1 << 20
+# How long the write-behind thread lets a partial message fill before sending it.
+_LINGER = 0.0005
+
+_lock = threading.Lock()
+_configured: dict[str, Any] = {}
+_client: QueueClient | None = None
+
+
+def configure(message_queue_key: int | str | None = None, exit_timeout: float = 3.0) -> None:
+    """Sets the queue this program delivers through (instead of PYSWTASK_QUEUE_KEY), and how
+    long the exit waits to write ASYNC deliveries still held back."""
+    global _client
+    with _lock:
+        if _client is not None:
+            _client.close()
+            _client = None
+        _configured.clear()
+        if message_queue_key is not None:
+            _configured["key"] = parse_key(message_queue_key)
+        _configured["exit_timeout"] = float(exit_timeout)
+
+
+def configured_key() -> int | None:
+    """The key set by configure, else from the environment, else None."""
+    if "key" in _configured:
+        return int(_configured["key"])
+    env = os.environ.get(ENV_KEY)
+    if env:
+        return parse_key(env, ENV_KEY)
+    return None
+
+
+def client() -> QueueClient | None:
+    """This process's client of the configured queue, attached on first use; None when no
+    queue is configured. Raises ServerNotRunning when no server serves that queue."""
+    global _client
+    if _client is not None:
+        return _client
+    with _lock:
+        if _client is not None:
+            return _client
+        key = configured_key()
+        if key is None:
+            return None
+        _client = QueueClient(key, float(_configured.get("exit_timeout", 3.0)))
+        return _client
+
+
+def _forget_after_fork() -> None:
+    # A forked child has its own pid, so its own reply socket and task ids.
+    global _client
+    _client = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class QueueClient:
+    """One program's connection to the server on a queue key."""
+
+    def __init__(self, key: int, exit_timeout: float = 3.0) -> None:
+        self.key = key
+        self.pid = os.getpid()
+        self.exit_timeout = exit_timeout
+        try:
+            mq = sysv_ipc.MessageQueue(key)
+        except sysv_ipc.ExistentialError:
+            raise ServerNotRunning(f"no server is running on message queue key 0x{key:x}: "
+                                   "there is no such queue") from None
+        except sysv_ipc.PermissionsError:
+            raise DeliveryError(f"message queue 0x{key:x} belongs to another user") from None
+        info = read_info(key)
+        if info is None:
+            raise ServerNotRunning(f"no pyswtask server is running on message queue key "
+                                   f"0x{key:x}: the queue exists, but no server announced "
+                                   "itself on it (see `pyswtask queue stat`)")
+        if not info.alive():
+            raise ServerNotRunning(f"no server is running on message queue key 0x{key:x}: "
+                                   f"the queue was left by server pid {info.pid}, which is gone")
+        self.info: QueueInfo = info
+        self.msqid = mq.id
+        self.sender = QueueSender(mq.id, info.worker_num + 1, info.task_worker_num, info.msgmax,
+                                  info.worker_num, self.pid)
+        self.lock = threading.Lock()
+        self.pending = threading.Event()
+        self.flusher: threading.Thread | None = None
+        self.reply: socket.socket | None = None
+        self.closed = False
+        atexit.register(self.close)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def deliver(self, name: str, method: str, body: bytes, type: int, timeout: float,
+                dst: int) -> Any:
+        """Sends one packed task; ASYNC returns its id, CO its result."""
+        if len(body) > self.info.package_max_length:
+            raise ValueError(f"params of {name}.{method} pack to {len(body)} bytes, above the "
+                             f"server's package_max_length ({self.info.package_max_length})")
+        if type == 2:
+            with self.lock:
+                try:
+                    task_id = self.sender.put(body, dst, FLAG_ASYNC, _BACKLOG_MAX)
+                    if not task_id:
+                        self._make_room(time.monotonic() + timeout, _BACKLOG_MAX, name, method)
+                        task_id = self.sender.put(body, dst, FLAG_ASYNC)
+                except QueueGone:
+                    raise self._gone() from None
+            if not self.pending.is_set():
+                self._wake_flusher()
+            return task_id
+        deadline = time.monotonic() + timeout
+        sock = self._reply_socket()
+        with self.lock:
+            # Everything delivered before this goes first, then this task alone.
+            self._make_room(deadline, 1, name, method)
+            task_id = self.sender.put(body, dst, 0)
+            before = self.sender.queued
+            self._make_room(deadline, 1, name, method, taking_back=before)
+        return self._wait_reply(sock, task_id, name, method, deadline, timeout)
+
+    def _flush_once(self) -> bool:
+        try:
+            return bool(self.sender.flush())
+        except QueueGone:
+            raise self._gone() from None
+
+    def _gone(self) -> ServerNotRunning:
+        return ServerNotRunning(f"the server on message queue key 0x{self.key:x} stopped "
+                                "(its queue was removed)")
+
+    def _make_room(self, deadline: float, below: int, name: str, method: str,
+                   taking_back: int = 0) -> None:
+        """Sends until fewer than below bytes are held back, or raises QueueFull at the
+        deadline. taking_back: the size of the task just queued, which is then taken back
+        when none of it was sent (so no part of it is left in the queue)."""
+        pause = 0.00005
+        while not self._flush_once() and self.sender.queued >= below:
+            if time.monotonic() >= deadline:
+                if taking_back and self.sender.queued == taking_back:
+                    self.sender.discard()
+                elif taking_back:
+                    # Its first part is in the queue: the rest must follow.
+                    self._drain(time.monotonic() + 10.0)
+                    return
+                raise QueueFull(f"message queue 0x{self.key:x} is full: task {name}.{method} "
+                                f"was not sent within the timeout ({self.sender.queued} bytes "
+                                "held back; are the task workers running?)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+    def _drain(self, deadline: float) -> bool:
+        pause = 0.00005
+        while not self._flush_once():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+        return True
+
+    def _wake_flusher(self) -> None:
+        if self.sender.queued:
+            self.pending.set()
+            if self.flusher is None:
+                self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                                name="pyswtask-queue-flusher")
+                self.flusher.start()
+
+    def _flush_loop(self) -> None:
+        # Sends the partial message a burst leaves behind, once deliveries pause: while they
+        # keep coming, full messages go out from deliver itself and this thread stays away
+        # from the lock.
+        seen = -1
+        while not self.closed:
+            self.pending.wait()
+            time.sleep(_LINGER)
+            puts = self.sender.puts
+            if puts != seen:
+                seen = puts
+                continue
+            with self.lock:
+                try:
+                    done = self._flush_once()
+                except ServerNotRunning as exc:
+                    log.error("%s: %d bytes of ASYNC tasks lost", exc, self.sender.queued)
+                    self.sender.discard()
+                    done = True
+                if done:
+                    self.pending.clear()
+                    continue
+            time.sleep(0.001)
+
+    def flush(self, timeout: float) -> bool:
+        """Writes out every ASYNC delivery held back, waiting up to timeout seconds."""
+        with self.lock:
+            return self._drain(time.monotonic() + timeout)
+
+    def close(self) -> None:
+        if self.closed or self.pid != os.getpid():
+            return
+        if not self.flush(self.exit_timeout):
+            log.error("message queue 0x%x stayed full: %d bytes of ASYNC tasks not delivered",
+                      self.key, self.sender.queued)
+        self.closed = True
+        self.pending.set()
+        if self.reply is not None:
+            self.reply.close()
+            self.reply = None
+        atexit.unregister(self.close)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _reply_socket(self) -> socket.socket:
+        if self.reply is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(reply_address(self.msqid, self.pid))
+            self.reply = sock
+        return self.reply
+
+    def _wait_reply(self, sock: socket.socket, task_id: int, name: str, method: str,
+                    deadline: float, timeout: float) -> Any:
+        parts: list[bytes] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+            sock.settimeout(left)
+            try:
+                record = sock.recv(1 << 17)
+            except TimeoutError:
+                continue
+            try:
+                frames = parse_frames(record)
+            except ValueError as exc:
+                log.error("malformed reply dropped: %s", exc)
+                continue
+            for ftype, flags, tid, _src, body in frames:
+                if tid != task_id:
+                    continue        # the reply to an earlier call that timed out
+                if flags & FLAG_FRAG_FIRST:
+                    parts = [body]
+                    continue
+                if parts:
+                    parts.append(body)
+                    if not flags & FLAG_FRAG_LAST:
+                        continue
+                    body = b"".join(parts)
+                value = msgpack.unpackb(body)
+                if ftype == FRAME_ERROR:
+                    raise TaskError.from_wire(value)
+                if ftype == FRAME_RESULT:
+                    return value

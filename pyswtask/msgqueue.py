@@ -1,0 +1,311 @@
+"""The server's SysV message queue (Swoole's ``message_queue_key`` / ``task_ipc_mode``).
+
+The master creates the queue (mode 0600) before it forks and removes it when the server stops.
+Task workers read it on a thread of their own (``QueueReader``); message type
+``worker_num + 1 + i`` is task worker ``i``'s, as in Swoole. In task_ipc_mode 2 the workers send
+their tasks there too, by type; in mode 3 every task worker reads every task type (contention).
+Results always come back on the worker's unix socket channel, or, for a separate program (a
+"command"), on that program's reply socket.
+
+A keyed queue is announced by a small shared-memory record under the same key, holding what a
+command needs: the master's pid, the process counts, the per-message limit. A command that
+finds no record, or a record whose master is gone, knows no server is running.
+
+A queue left by a server that died without removing it is adopted at the next start: its
+messages run, as they would under Swoole, and the log says how many. ``pyswtask queue purge``
+discards them first when that is not wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import sysv_ipc  # type: ignore[import-not-found]
+
+from ._core import (
+    FLAG_FRAG_FIRST,
+    FLAG_FRAG_LAST,
+    FLAG_FRAG_MORE,
+    FRAME_ERROR,
+    FRAME_RESULT,
+    HEADER_SIZE,
+    PART_TYPE_BASE,
+    RECORD_MAX,
+    pack_frame,
+    queue_receive,
+    queue_send,
+    sentinel,
+)
+
+__all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax",
+           "reply_address", "queue_stat", "ReplySender", "IPC_MODES"]
+
+log = logging.getLogger("pyswtask.queue")
+
+IPC_MODES = (1, 2, 3)
+_INFO_MAGIC = "pyswtask-queue"
+_INFO_SIZE = 4096
+
+
+def parse_key(value: Any, what: str = "message_queue_key") -> int:
+    """A SysV key from an int or a string such as "0x70001001"."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise ValueError(f"{what} must be an int or a hex string such as 0x70001001, not "
+                             f"{value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise ValueError(f"{what} must be a positive int below 2**31, not {value!r}")
+    return value
+
+
+def system_msgmax() -> int:
+    """The kernel's per-message limit (msgmax), capped at one record."""
+    try:
+        with open("/proc/sys/kernel/msgmax") as f:
+            value = int(f.read())
+    except (OSError, ValueError):
+        value = 8192
+    return min(value, RECORD_MAX)
+
+
+def reply_address(msqid: int, pid: int) -> bytes:
+    """The abstract unix socket a command reads its CO results on."""
+    return b"\0pyswtask-reply/%d/%d" % (msqid, pid)
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """What a server publishes beside its keyed queue."""
+
+    pid: int
+    worker_num: int
+    task_worker_num: int
+    mode: int
+    msgmax: int
+    msqid: int
+    package_max_length: int
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def read_info(key: int) -> QueueInfo | None:
+    """The record of the server on that key, or None when there is none."""
+    try:
+        shm = sysv_ipc.SharedMemory(key)
+    except sysv_ipc.ExistentialError:
+        return None
+    try:
+        raw = shm.read(_INFO_SIZE)
+    finally:
+        shm.detach()
+    try:
+        size = int.from_bytes(raw[:4], "little")
+        data = msgpack.unpackb(raw[4:4 + size])
+        if data.pop("magic") != _INFO_MAGIC:
+            return None
+        return QueueInfo(**data)
+    except Exception:
+        return None
+
+
+def queue_stat(key: int) -> dict[str, Any] | None:
+    """Messages and bytes waiting in the queue on that key, its limits and last users; None
+    when there is no such queue."""
+    try:
+        mq = sysv_ipc.MessageQueue(key)
+    except sysv_ipc.ExistentialError:
+        return None
+    cbytes = None
+    try:
+        with open("/proc/sysvipc/msg") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1]) == mq.id:
+                    cbytes = int(fields[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"key": f"0x{key:08x}", "msqid": mq.id, "messages": mq.current_messages,
+            "bytes": cbytes, "max_bytes": mq.max_size, "msgmax": system_msgmax(),
+            "mode": oct(mq.mode), "last_send_pid": mq.last_send_pid,
+            "last_receive_pid": mq.last_receive_pid}
+
+
+def purge(key: int) -> int:
+    """Discards every message waiting on that key; returns how many."""
+    mq = sysv_ipc.MessageQueue(key, max_message_size=system_msgmax())
+    count = 0
+    while True:
+        try:
+            mq.receive(block=False)
+        except sysv_ipc.BusyError:
+            return count
+        count += 1
+
+
+class ServerQueue:
+    """The master's handle of the queue: creates or adopts it, publishes it, removes it."""
+
+    def __init__(self, key: int | None, mode: int, worker_num: int, task_worker_num: int,
+                 package_max_length: int) -> None:
+        self.key = key
+        self.mode = mode
+        self.worker_num = worker_num
+        self.task_worker_num = task_worker_num
+        self.package_max_length = package_max_length
+        self.msgmax = system_msgmax()
+        self.mq: sysv_ipc.MessageQueue | None = None
+        self.info_shm: sysv_ipc.SharedMemory | None = None
+        self.msqid = -1
+
+    def task_type(self, index: int) -> int:
+        """The message type of task worker index's tasks."""
+        return self.worker_num + 1 + index
+
+    def reader_type(self, index: int) -> int:
+        """What task worker index passes to msgrcv: its own type, or in contention mode every
+        task type (the lowest waiting first)."""
+        if self.mode == 3:
+            return -(self.worker_num + self.task_worker_num)
+        return self.task_type(index)
+
+    def open(self, master_pid: int) -> None:
+        if self.key is None:
+            self.mq = sysv_ipc.MessageQueue(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREX, mode=0o600)
+        else:
+            self.mq = self._open_keyed(self.key)
+        self.msqid = self.mq.id
+        if self.key is not None:
+            self._publish(master_pid)
+
+    def _open_keyed(self, key: int) -> sysv_ipc.MessageQueue:
+        info = read_info(key)
+        if info is not None and info.alive() and info.pid != os.getpid():
+            raise RuntimeError(f"message_queue_key 0x{key:x} is in use by a running server "
+                               f"(master pid {info.pid}); choose another key")
+        try:
+            return sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600)
+        except sysv_ipc.ExistentialError:
+            pass
+        mq = sysv_ipc.MessageQueue(key)
+        if mq.uid != os.geteuid():
+            raise RuntimeError(f"message_queue_key 0x{key:x} names a queue of another user "
+                               f"(uid {mq.uid}); choose another key")
+        mq.mode = 0o600
+        left = mq.current_messages
+        who = f"server pid {info.pid}, which is gone" if info else "another program"
+        if left:
+            log.warning("message queue 0x%x was left by %s: its %d message(s) will run, as "
+                        "under Swoole (run `pyswtask queue purge --key 0x%x` before starting "
+                        "to discard them)", key, who, left, key)
+            self._requeue(mq)
+        else:
+            log.info("message queue 0x%x left by %s adopted (empty)", key, who)
+        return mq
+
+    def _requeue(self, mq: sysv_ipc.MessageQueue) -> None:
+        """Moves the old tasks to this server's task types (the old server may have had other
+        process counts); drops old stop sentinels. Later parts of bodies keep their types."""
+        old: list[bytes] = []
+        while (text := queue_receive(mq.id, -(PART_TYPE_BASE - 1), self.msgmax)) is not None:
+            if len(text) == 8 and text[:4] == b"\0\0\0\0":
+                continue
+            old.append(text)
+        for i, text in enumerate(old):
+            if not queue_send(mq.id, self.task_type(i % self.task_worker_num), text):
+                log.error("message queue full while moving old messages: %d dropped",
+                          len(old) - i)
+                break
+
+    def _publish(self, master_pid: int) -> None:
+        assert self.key is not None
+        try:
+            sysv_ipc.SharedMemory(self.key).remove()
+        except sysv_ipc.ExistentialError:
+            pass
+        body = msgpack.packb({
+            "magic": _INFO_MAGIC, "pid": master_pid, "worker_num": self.worker_num,
+            "task_worker_num": self.task_worker_num, "mode": self.mode, "msgmax": self.msgmax,
+            "msqid": self.msqid, "package_max_length": self.package_max_length})
+        shm = sysv_ipc.SharedMemory(self.key, sysv_ipc.IPC_CREX, mode=0o600, size=_INFO_SIZE)
+        shm.write(len(body).to_bytes(4, "little") + body)
+        shm.detach()
+        self.info_shm = shm
+
+    def remove(self) -> None:
+        """Removes the queue and its record; says how many messages it still held."""
+        if self.info_shm is not None:
+            try:
+                self.info_shm.remove()
+            except sysv_ipc.ExistentialError:
+                pass
+            self.info_shm = None
+        if self.mq is None:
+            return
+        try:
+            left = self.mq.current_messages
+            self.mq.remove()
+        except sysv_ipc.ExistentialError:
+            left = 0
+        if left:
+            log.warning("message queue %s removed with %d message(s) not run before the "
+                        "stop deadline (max_wait_time)",
+                        f"0x{self.key:x}" if self.key else f"id {self.msqid}", left)
+        self.mq = None
+
+    def stop_reader(self, index: int, pid: int, timeout: float) -> bool:
+        """Asks task worker index's reader thread (in process pid) to finish: a sentinel
+        queued behind the messages already waiting for it."""
+        mtype = abs(self.reader_type(index))
+        deadline = time.monotonic() + timeout
+        while not queue_send(self.msqid, mtype, sentinel(pid)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+
+class ReplySender:
+    """A task worker's side of the reply sockets: results of CO tasks from commands."""
+
+    def __init__(self, msqid: int, worker_id: int) -> None:
+        self.msqid = msqid
+        self.worker_id = worker_id
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # A command that does not read its replies must not hold up the task worker for long.
+        self.sock.settimeout(1.0)
+
+    def send(self, task_id: int, ok: bool, body: bytes) -> None:
+        addr = reply_address(self.msqid, task_id >> 32)
+        ftype = FRAME_RESULT if ok else FRAME_ERROR
+        chunk = RECORD_MAX - HEADER_SIZE
+        try:
+            if len(body) <= chunk:
+                self.sock.sendto(pack_frame(ftype, 0, task_id, self.worker_id, body), addr)
+                return
+            for off in range(0, len(body), chunk):
+                flags = FLAG_FRAG_FIRST if off == 0 else 0
+                flags |= FLAG_FRAG_LAST if off + chunk >= len(body) else FLAG_FRAG_MORE
+                self.sock.sendto(pack_frame(ftype, flags, task_id, self.worker_id,
+                                            body[off:off + chunk]), addr)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("result of task %d dropped: its command (pid %d) is gone", task_id,
+                     task_id >> 32)
+        except TimeoutError:
+            log.warning("result of task %d dropped: its command (pid %d) does not read "
+                        "its replies", task_id, task_id >> 32)
+
