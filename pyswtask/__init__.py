@@ -33,6 +33,7 @@ from .errors import (
     ServerNotRunning,
     TaskError,
     TaskTimeout,
+    TaskWorkerLost,
     UnknownMethod,
     UnknownTask,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "PyswtaskError",
     "TaskError",
     "TaskTimeout",
+    "TaskWorkerLost",
     "DeliveryError",
     "QueueFull",
     "ServerNotRunning",

@@ -12,6 +12,7 @@ FRAME_TASK: Final[int]
 FRAME_RESULT: Final[int]
 FRAME_ERROR: Final[int]
 FRAME_PIPE: Final[int]
+FRAME_LOST: Final[int]
 FLAG_ASYNC: Final[int]
 FLAG_FRAG_FIRST: Final[int]
 FLAG_FRAG_MORE: Final[int]
@@ -45,7 +46,9 @@ class Dispatcher:
                  make_error: Callable[[Any], BaseException],
                  on_protocol_error: Callable[[str], Any], epoch: int, spin: float = 0.0,
                  high_water: int = ..., load: memoryview | None = None,
-                 outs: list[QueueChannel] | None = None) -> None: ...
+                 outs: list[QueueChannel] | None = None, max_pending: int = ...) -> None: ...
+    delivered: int
+    max_pending: int
     def fileno(self) -> int: ...
     def set_scheduler(self, schedule: Callable[[Callable[[], Any]], Any] | None,
                       schedule_later: Callable[[Callable[[], Any]], Any] | None = None) -> None: ...
@@ -69,12 +72,14 @@ class TaskLoop:
     high_water: int
     def __init__(self, worker_id: int, index: int, fds: list[int], busy: Any, stop_fd: int, *,
                  execute: Callable[[Envelope, int, int], tuple[bool, Any]],
-                 on_signal: Callable[[bytes], bool],
+                 on_signal: Callable[[bytes], int],
                  on_protocol_error: Callable[[str], Any], inbox_fd: int = -1,
                  on_inbox: Callable[[], Any] | None = None, high_water: int = ...,
                  reader: QueueReader | None = None, queue_fd: int = -1,
                  on_reply: Callable[[int, bool, bytes], Any] | None = None,
-                 on_stopping: Callable[[], Any] | None = None) -> None: ...
+                 on_stopping: Callable[[], Any] | None = None, state: memoryview | None = None,
+                 max_tasks: int = 0) -> None: ...
+    max_tasks: int
     def run(self, max_wait: float) -> int: ...
 
 class QueueGone(OSError): ...

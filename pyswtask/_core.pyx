@@ -33,7 +33,9 @@ Frame (little-endian, 20-byte header + body)
      +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
 
 - type: 1 TASK (worker -> task worker), 2 RESULT, 3 ERROR (task worker -> worker), 4 PIPE (a
-  pipe message, into any process's inbox).
+  pipe message, into any process's inbox), 5 LOST (master -> worker, on a dead task worker's
+  end of the channel: which of the worker's tasks it had taken; body
+  ``[running task id, last task id read, reason]``).
 - flags: 0x01 ASYNC delivery. A body larger than one record (RECORD_MAX - 20 bytes) travels as
   fragments, each a frame with the same type and task id: 0x02 FRAG_FIRST on the first, 0x04
   FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last. 0x10 COMMAND: a task from a

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyswtask.master")
 
 START_PROCESS = "pyswtask.start_process"
+READY = "pyswtask.ready"
 
 
 def request_start(server: Server, name: str) -> None:
@@ -32,9 +33,22 @@ def request_start(server: Server, name: str) -> None:
     pipe.send_message(name, server.master_id, type=START_PROCESS)
 
 
-def requested_starts(mailbox: Mailbox) -> list[str]:
-    """The names of the processes asked for in the messages waiting in the master's inbox."""
-    names = []
+def announce_ready(server: Server, pid: int) -> None:
+    """Tells the master this worker or task worker is serving (its start hooks ran): a reload
+    moves on to the next process only then."""
+    if server.master_id is None:
+        return
+    try:
+        pipe.send_message(pid, server.master_id, type=READY)
+    except Exception as exc:
+        log.warning("process %d could not tell the master it is ready: %s", pid, exc)
+
+
+def read_control(mailbox: Mailbox) -> tuple[list[str], list[int]]:
+    """The messages waiting in the master's inbox: the names of the processes asked for, and
+    the pids of the children that said they are ready."""
+    names: list[str] = []
+    ready: list[int] = []
     for src, _msg_id, body in mailbox.receive():
         try:
             mtype, data = pipe.unpack_message(body)
@@ -43,7 +57,9 @@ def requested_starts(mailbox: Mailbox) -> list[str]:
             continue
         if mtype == START_PROCESS and isinstance(data, str):
             names.append(data)
+        elif mtype == READY and isinstance(data, int):
+            ready.append(data)
         else:
             log.warning("master: message %r from process %d dropped: the master takes control "
                         "messages only", mtype, src)
-    return names
+    return names, ready

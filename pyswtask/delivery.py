@@ -59,7 +59,7 @@ class Task:
         result = dispatcher.call(body, dst_worker_id, _check_timeout(timeout))
         if result is TIMEOUT:
             raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
-        if result.__class__ is TaskError:
+        if isinstance(result, TaskError):
             raise result
         return result
 

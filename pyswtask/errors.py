@@ -13,6 +13,7 @@ __all__ = [
     "DeliveryError",
     "ServerNotRunning",
     "QueueFull",
+    "TaskWorkerLost",
     "UnknownTask",
     "UnknownMethod",
     "ProtocolError",
@@ -44,8 +45,16 @@ class TaskError(PyswtaskError):
         """Builds the error from an ERROR frame body: [type, message, traceback]."""
         if (isinstance(body, list) and len(body) == 3
                 and all(isinstance(part, str) for part in body)):
+            if body[0] == "TaskWorkerLost":
+                return TaskWorkerLost(body[0], body[1], body[2])
             return cls(body[0], body[1], body[2])
         return cls("ProtocolError", f"malformed error reply: {body!r:.200}", "")
+
+
+class TaskWorkerLost(TaskError):
+    """The task worker running the task died (killed, crashed): the task may have run, in part
+    or whole, and is not run again (at most once). Tasks it had not started are run by the
+    task worker that replaces it."""
 
 
 class TaskTimeout(PyswtaskError, TimeoutError):

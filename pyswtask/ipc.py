@@ -5,7 +5,10 @@
   child holds every write end, and the read end of its own; the master's takes control
   messages only);
 - busy flags: one byte per task worker, shared memory;
-- load: one uint32 per worker (its tasks without a result yet), shared memory.
+- load: one uint32 per worker (its tasks without a result yet), shared memory;
+- task worker state: per task worker, the task it is running, that task's worker, and the last
+  task id it read from each worker (uint64 each), so that when it dies the master can tell
+  each worker which of its tasks went down with it.
 
 The master keeps every end open for the life of the server, so a respawned child inherits the
 same sockets (and what is queued in them) as the process it replaces.
@@ -13,9 +16,16 @@ same sockets (and what is queued in them) as the process it replaces.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import socket
 from typing import NamedTuple
+
+import msgpack  # type: ignore[import-untyped]
+
+from ._core import FRAME_LOST, pack_frame
+
+log = logging.getLogger("pyswtask.master")
 
 
 class ChildIpc(NamedTuple):
@@ -26,6 +36,7 @@ class ChildIpc(NamedTuple):
     load: memoryview            # uint32 per worker
     inbox_fd: int
     out_fds: list[int]          # the write end of every inbox, by global id
+    tw_state: memoryview        # uint64: per task worker [running, its worker, read upto x N]
 
 
 class ServerIpc:
@@ -42,6 +53,8 @@ class ServerIpc:
                         for _ in range(self.master_id + 1)]
         self.busy = mmap.mmap(-1, max(task_worker_num, 1))
         self._load = mmap.mmap(-1, 4 * worker_num)
+        self._tw_state = mmap.mmap(-1, max(8 * task_worker_num * (2 + worker_num), 8))
+        self.tw_state = memoryview(self._tw_state).cast("Q")
 
     def for_child(self, kind: str, global_id: int, index: int) -> ChildIpc:
         """In a freshly forked child: closes what it does not use, returns what it keeps."""
@@ -57,7 +70,29 @@ class ServerIpc:
             if s.fileno() not in keep:
                 s.close()
         return ChildIpc([s.fileno() for s in task], self.busy, memoryview(self._load).cast("I"),
-                        self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes])
+                        self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes],
+                        self.tw_state)
+
+    def report_lost(self, index: int, reason: str) -> None:
+        """After task worker index died: tells each worker, on the dead end of their channel
+        (read by the worker like a result), which of its tasks the task worker had taken."""
+        state = self.tw_state
+        base = index * (2 + self.worker_num)
+        running, running_src = state[base], state[base + 1]
+        for w in range(self.worker_num):
+            upto = state[base + 2 + w]
+            mine = running if running_src == w else 0
+            if not (mine or upto):
+                continue
+            frame = pack_frame(FRAME_LOST, 0, mine or upto, self.worker_num + index,
+                               msgpack.packb([mine, upto, reason]))
+            try:
+                self.pairs[w][index][1].send(frame, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                log.error("worker %d not told of its tasks lost with task worker %d: %s", w,
+                          self.worker_num + index, exc)
+            state[base + 2 + w] = 0
+        state[base] = 0
 
     def master_inbox(self) -> tuple[int, list[int]]:
         """The master's inbox read end and every write end."""
@@ -72,3 +107,5 @@ class ServerIpc:
             s.close()
         self.busy.close()
         self._load.close()
+        self.tw_state.release()
+        self._tw_state.close()

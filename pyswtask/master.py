@@ -38,7 +38,8 @@ WORKER = context.WORKER
 TASK_WORKER = context.TASK_WORKER
 PROCESS = context.PROCESS
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
+            signal.SIGUSR2)
 
 
 class Child:
@@ -84,6 +85,9 @@ class Master:
         self.ipc: ServerIpc | None = None
         self.wakeup: tuple[int, int] | None = None
         self.queue: ServerQueue | None = None
+        self.reloads: collections.deque[Child] = collections.deque()
+        self.reloading: tuple[Child, int] | None = None
+        self.ready_pids: set[int] = set()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -126,6 +130,7 @@ class Master:
                 self._handle_signals()
                 self._handle_control()
                 self._respawn_due()
+                self._reload_step()
         finally:
             self._stop_children()
             if self.queue is not None:
@@ -183,7 +188,9 @@ class Master:
 
     def _handle_control(self) -> None:
         """Control messages from the children: for now, starting a boot=False process."""
-        for name in control.requested_starts(self.inbox):
+        names, ready = control.read_control(self.inbox)
+        self.ready_pids.update(ready)
+        for name in names:
             child = next((c for c in self.children
                           if c.kind == PROCESS and c.name == name), None)
             if child is None:
@@ -199,6 +206,12 @@ class Master:
             signum = self.signals.popleft()
             if signum == signal.SIGCHLD:
                 self._reap()
+            elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+                kind = WORKER if signum == signal.SIGUSR1 else TASK_WORKER
+                log.info("master got %s: reloading the %ss one at a time",
+                         signal.Signals(signum).name, kind)
+                self.reloads.extend(c for c in self.children
+                                    if c.kind == kind and c not in self.reloads)
             elif not self.stopping:
                 log.info("master got %s: stopping", signal.Signals(signum).name)
                 self.stopping = True
@@ -266,6 +279,7 @@ class Master:
             if pid == 0:
                 return
             child = self.by_pid.pop(pid, None)
+            self.ready_pids.discard(pid)
             if child is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -285,7 +299,33 @@ class Master:
         delay = 0.0 if child.failures == 0 else min(
             0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
         child.respawn_at = time.monotonic() + delay
-        log.warning("%s died with %s; respawning in %.1f s", child, how, delay)
+        if code == 0 and child.kind != PROCESS:
+            log.info("%s recycled itself; respawning", child)
+        else:
+            log.warning("%s died with %s; respawning in %.1f s", child, how, delay)
+        if child.kind == TASK_WORKER and self.ipc is not None:
+            self.ipc.report_lost(child.index, f"task worker {child.worker_id} (pid {child.pid}) "
+                                 f"died with {how}")
+
+    def _reload_step(self) -> None:
+        """Restarts the children queued by SIGUSR1/SIGUSR2 one at a time: the next is asked
+        to stop only once the previous one's successor is running."""
+        current = self.reloading
+        if current is not None:
+            child, old_pid = current
+            if child.pid == old_pid or not child.pid:
+                return
+            # The successor serves once its start hooks ran (it says so), or surely after 10 s.
+            if child.pid not in self.ready_pids and time.monotonic() - child.started < 10.0:
+                return
+            self.reloading = None
+        while self.reloads and self.reloading is None:
+            child = self.reloads.popleft()
+            if child.pid:
+                self.reloading = (child, child.pid)
+                # A task worker hands its channels over to its successor (SIGUSR1); a worker
+                # waits for the results of what it delivered (SIGTERM).
+                os.kill(child.pid, signal.SIGUSR1 if child.kind == TASK_WORKER else signal.SIGTERM)
 
     def _next_respawn_delay(self) -> float:
         due = [c.respawn_at for c in self.children if c.respawn_at is not None]

@@ -43,10 +43,14 @@ def pack_message(type: str, data: Any) -> bytes:
         raise TypeError(f"a pipe message type must be a non-empty string, not {type!r}")
     try:
         body: bytes = _packb((type, data))
-        return body
     except (TypeError, ValueError, OverflowError) as exc:
         what = delivery._describe_unpackable([data], exc).replace("params[0]", "data")
         raise TypeError(f"pipe message {type!r} cannot be packed: {what}") from None
+    limit = context.current.package_max_length
+    if limit and len(body) > limit:
+        raise ValueError(f"pipe message {type!r} packs to {len(body)} bytes, above the "
+                         f"server's package_max_length ({limit})")
+    return body
 
 
 def unpack_message(body: bytes) -> tuple[str, Any]:
@@ -283,6 +287,9 @@ class ProcessDelivery:
             body = _packb((PIPE_TASK, (req_id, name, method, params, wants_reply)))
         except (TypeError, ValueError, OverflowError) as exc:
             raise delivery.params_error(name, method, params, exc) from None
+        if ctx.package_max_length and len(body) > ctx.package_max_length:
+            raise ValueError(f"params of {name}.{method} pack to {len(body)} bytes, above the "
+                             f"server's package_max_length ({ctx.package_max_length})")
         if not wants_reply:
             self._send_behind(worker_id, body)
             return req_id

@@ -55,6 +55,13 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # The queue's SysV key (int, or a string such as "0x70001001"); None: no keyed queue
     # (modes 2 and 3 then use a private one, which separate programs cannot reach).
     "message_queue_key": None,
+    # Recycle a task worker after it ran this many tasks (0: never), as Swoole's
+    # task_max_request: it finishes what it took, exits, and a fresh one takes its place.
+    "task_max_request": 0,
+    # Recycle a worker after it delivered this many tasks (0: never), as Swoole's max_request.
+    "max_request": 0,
+    # Tasks a worker may have delivered and not yet got a result for; more wait (backpressure).
+    "task_queue_size": 65536,
     # Largest task body (packed params) a worker or a separate program may deliver, bytes.
     "package_max_length": 64 << 20,
 }
@@ -124,6 +131,11 @@ class Server:
                              f"{s['task_ipc_mode']!r}")
         if s["message_queue_key"] is not None:
             s["message_queue_key"] = parse_key(s["message_queue_key"], "setting message_queue_key")
+        for key in ("task_max_request", "max_request", "task_queue_size"):
+            if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 0:
+                raise ValueError(f"setting {key} must be a non-negative int, not {s[key]!r}")
+        if s["task_queue_size"] < 1:
+            raise ValueError("setting task_queue_size must be at least 1")
         limit = s["package_max_length"]
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ValueError(f"setting package_max_length must be a positive int, not {limit!r}")

@@ -8,7 +8,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import context
+from . import context, control
 from ._core import Mailbox, QueueReader, TaskLoop
 from .events import Event, events
 from .executor import TaskExecutor
@@ -30,6 +30,7 @@ def run_task_worker(server: Server, worker_id: int, index: int, ipc: ChildIpc) -
         # task in progress is never interrupted and the loop decides when to stop.
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGTERM, _ignore)
+        signal.signal(signal.SIGUSR1, _ignore)
         signal.set_wakeup_fd(wfd)
         executor = TaskExecutor(events)
         mailbox = ctx.mailbox = Mailbox(worker_id, ipc.inbox_fd, ipc.out_fds, epoch=os.getpid(),
@@ -39,12 +40,14 @@ def run_task_worker(server: Server, worker_id: int, index: int, ipc: ChildIpc) -
         loop = TaskLoop(worker_id, index, ipc.task_fds, ipc.busy, rfd, execute=executor.execute,
                         on_signal=_is_stop, on_protocol_error=log.error,
                         inbox_fd=mailbox.fileno(), on_inbox=lambda: dispatch_messages(mailbox),
+                        state=ipc.tw_state, max_tasks=server.settings["task_max_request"],
                         **queue)
     except Exception:
         log.exception("task worker %d could not start", worker_id)
         return context.EXIT_BOOT_ERROR
     server._run_hook("task_worker_start", worker_id)
     events.trigger(Event.TASK_WORKER_START, server, worker_id)
+    control.announce_ready(server, os.getpid())
     loop.run(server.settings["max_wait_time"])
     reader = queue.get("reader")
     if reader is not None:
@@ -83,5 +86,8 @@ def _ignore(signum: int, frame: Any) -> None:
     pass
 
 
-def _is_stop(signums: bytes) -> bool:
-    return signal.SIGTERM in signums
+def _is_stop(signums: bytes) -> int:
+    """SIGTERM: stop, running what the workers sent; SIGUSR1 (a reload): hand over."""
+    if signal.SIGTERM in signums:
+        return 1
+    return 2 if signal.SIGUSR1 in signums else 0

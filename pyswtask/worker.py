@@ -14,7 +14,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from . import context
+from . import context, control
 from ._core import Dispatcher, Mailbox, QueueChannel
 from .delivery import fire_finish
 from .errors import TaskError
@@ -40,7 +40,8 @@ def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
             dispatcher = Dispatcher(
                 worker_id, ipc.task_fds, ipc.busy, on_finish=fire_finish,
                 make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
-                spin=settings["task_wait_spin"], load=ipc.load, outs=_queue_outs(server))
+                spin=settings["task_wait_spin"], load=ipc.load, outs=_queue_outs(server),
+                max_pending=settings["task_queue_size"])
             dispatcher.set_scheduler(loop.call_soon,
                                      lambda callback: loop.call_later(0.0005, callback))
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
@@ -51,12 +52,15 @@ def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
         loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox)
         stopping = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, _set_once, stopping)
+        if settings["max_request"] and ctx.dispatcher is not None:
+            _recycle_after(loop, ctx.dispatcher, settings["max_request"], stopping)
     except Exception:
         log.exception("worker %d could not start", worker_id)
         return context.EXIT_BOOT_ERROR
     try:
         server._run_hook("worker_start", worker_id)
         events.trigger(Event.WORKER_START, server, worker_id)
+        control.announce_ready(server, os.getpid())
         loop.run_until_complete(stopping)
         server._run_hook("worker_stop", worker_id)
         events.trigger(Event.WORKER_STOP, server, worker_id)
@@ -79,6 +83,20 @@ def _queue_outs(server: Server) -> list[QueueChannel] | None:
     count = server.task_worker_num if queue.mode == 2 else 1
     return [QueueChannel(-1, i, queue.msqid, queue.task_type(i), queue.msgmax)
             for i in range(count)]
+
+
+def _recycle_after(loop: asyncio.AbstractEventLoop, dispatcher: Dispatcher, limit: int,
+                   stopping: asyncio.Future[None]) -> None:
+    """max_request: once this worker delivered limit tasks, it stops as on SIGTERM (its
+    in-flight results still come back) and the master starts a fresh one."""
+    def check() -> None:
+        if dispatcher.delivered >= limit:
+            log.info("worker %d delivered %d tasks (max_request): recycling",
+                     context.current.worker_id, dispatcher.delivered)
+            _set_once(stopping)
+        else:
+            loop.call_later(0.05, check)
+    loop.call_later(0.05, check)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

@@ -235,7 +235,8 @@ cdef class RecordReader:
         while off < n:
             why = check_header(self.scratch + off, n - off, &h)
             if why == NULL and h.type != accepted and not (
-                    accepted == _FRAME_RESULT and h.type == _FRAME_ERROR):
+                    accepted == _FRAME_RESULT and (h.type == _FRAME_ERROR or
+                                                   h.type == _FRAME_LOST)):
                 why = "a frame of a type this end does not take"
             if why != NULL:
                 self.bad_records += 1

@@ -29,6 +29,8 @@ cdef class _Pending:
     cdef object obj             # ASYNC: callback or None; FUTURE: future; BATCH: _Batch
     cdef object value
     cdef Py_ssize_t index
+    cdef int tw                 # the out channel it went to
+    cdef bytes body             # kept to send again if a dead task worker never started it
 
 
 @cython.final
@@ -57,6 +59,8 @@ cdef class Dispatcher(RecordReader):
     cdef int rr
     cdef uint64_t epoch
     cdef uint32_t counter
+    cdef readonly uint64_t delivered
+    cdef public Py_ssize_t max_pending  # task_queue_size: more deliveries wait for results
     cdef uint16_t worker_id
     cdef dict pending
     cdef list deferred
@@ -76,7 +80,7 @@ cdef class Dispatcher(RecordReader):
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
                  uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None,
-                 outs=None):
+                 outs=None, Py_ssize_t max_pending=65536):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"worker {worker_id}"
@@ -97,6 +101,7 @@ cdef class Dispatcher(RecordReader):
         self.on_protocol_error = on_protocol_error
         self.spin = spin
         self.high_water = high_water
+        self.max_pending = max_pending
         self.pending = {}
         self.deferred = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -164,8 +169,14 @@ cdef class Dispatcher(RecordReader):
         return j
 
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
-        cdef int j = self._pick(dst)
-        cdef Channel ch = <Channel>self.outs[j]
+        cdef int j
+        cdef Channel ch
+        if len(self.pending) >= self.max_pending:
+            self._wait_for_room()
+        j = self._pick(dst)
+        ch = <Channel>self.outs[j]
+        entry.tw = j
+        entry.body = body
         # The channel the result will come back on, when known (not in contention mode).
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         cdef uint64_t task_id
@@ -173,6 +184,7 @@ cdef class Dispatcher(RecordReader):
         if self.counter == 0:
             self.counter = 1
         task_id = (self.epoch << 32) | self.counter
+        self.delivered += 1
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         self.pending[task_id] = entry
@@ -244,6 +256,21 @@ cdef class Dispatcher(RecordReader):
                 self.pending.pop(task_id, None)
             self._update_load()
         return batch.results
+
+    cdef int _wait_for_room(self) except -1:
+        """Backpressure: task_queue_size tasks are waiting for results. Send what is queued and
+        read results until some room is free, so that a burst cannot grow this process without
+        bound (finish callbacks run later, from the loop)."""
+        cdef Py_ssize_t room = self.max_pending - (self.max_pending >> 4)
+        self.flush()
+        while len(self.pending) >= room:
+            self._poll(100)
+            if self.via_queue:
+                self.flush()
+        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
+            self.deferred_scheduled = True
+            self.schedule(self.run_deferred)
+        return 0
 
     def forget(self, uint64_t task_id):
         """Drops a pending task (its caller gave up); a result that comes later is discarded."""
@@ -412,7 +439,54 @@ cdef class Dispatcher(RecordReader):
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
+        if h.type == _FRAME_LOST:
+            return self._on_lost(ch, body, n)
         return self._on_result(h.task_id, h.type, body, n)
+
+    cdef int _on_lost(self, Channel ch, const char *p, size_t n) except -1:
+        """A task worker died (the master tells us on its end of the channel): the task it was
+        running, and any it had run without its result reaching us, fail with TaskWorkerLost;
+        those it had read but not started go to its successor (same channel) again."""
+        cdef uint64_t running, read_upto, done_upto, task_id
+        cdef _Pending entry
+        cdef Channel out
+        try:
+            running, read_upto, reason = unpackb(p, n)
+        except Exception as exc:
+            self.on_protocol_error(f"{self.who}: malformed lost-task notice dropped: {exc}")
+            return 0
+        # Ids of an earlier process of this worker say nothing about ours.
+        if running >> 32 != self.epoch:
+            running = 0
+        if read_upto >> 32 != self.epoch:
+            read_upto = 0
+        done_upto = running if running else read_upto
+        lost = []
+        again = []
+        for key, value in self.pending.items():
+            task_id = key
+            entry = <_Pending>value
+            if entry.tw != ch.peer or task_id >> 32 != self.epoch:
+                continue
+            if task_id <= done_upto:
+                lost.append(task_id)
+            elif running and task_id <= read_upto:
+                again.append(task_id)
+        for task_id in lost:
+            entry = <_Pending>self.pending.pop(task_id)
+            what = "while running this task" if task_id == running else (
+                "after running this task; its result was lost")
+            self._complete(task_id, entry, self.make_error(
+                ["TaskWorkerLost", f"{reason} {what}", ""]), True)
+        for task_id in sorted(again):
+            entry = <_Pending>self.pending[task_id]
+            out = <Channel>self.outs[entry.tw]
+            out.put(_FRAME_TASK, _FLAG_ASYNC if entry.kind == _P_ASYNC else 0, task_id,
+                    self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body))
+        if again:
+            self._schedule_flush()
+        self._update_load()
+        return 0
 
     cdef int _on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1:
         cdef _Pending entry
@@ -430,6 +504,11 @@ cdef class Dispatcher(RecordReader):
             value = ["ProtocolError", f"task result is not valid msgpack: {exc}", ""]
         if ftype == _FRAME_ERROR:
             value = self.make_error(value)
+        return self._complete(task_id, entry, value, ftype == _FRAME_ERROR)
+
+    cdef int _complete(self, uint64_t task_id, _Pending entry, object value,
+                       bint failed) except -1:
+        entry.body = None
         if entry.kind == _P_SYNC:
             entry.done = True
             entry.value = value
@@ -438,7 +517,7 @@ cdef class Dispatcher(RecordReader):
             (<_Batch>entry.obj).remaining -= 1
         elif entry.kind == _P_FUTURE:
             if not entry.obj.done():
-                if ftype == _FRAME_ERROR:
+                if failed:
                     entry.obj.set_exception(value)
                 else:
                     entry.obj.set_result(value)

@@ -13,7 +13,8 @@ cdef enum:
     _FRAME_RESULT = 2
     _FRAME_ERROR = 3
     _FRAME_PIPE = 4
-    _FRAME_TYPE_MAX = 4
+    _FRAME_LOST = 5
+    _FRAME_TYPE_MAX = 5
 
     _FLAG_ASYNC = 0x01
     _FLAG_FRAG_FIRST = 0x02
@@ -41,6 +42,7 @@ FRAME_TASK = _FRAME_TASK
 FRAME_RESULT = _FRAME_RESULT
 FRAME_ERROR = _FRAME_ERROR
 FRAME_PIPE = _FRAME_PIPE
+FRAME_LOST = _FRAME_LOST
 FLAG_ASYNC = _FLAG_ASYNC
 FLAG_FRAG_FIRST = _FLAG_FRAG_FIRST
 FLAG_FRAG_MORE = _FLAG_FRAG_MORE
@@ -113,6 +115,19 @@ def pack_frame(int ftype, int flags, uint64_t task_id, int src_worker, body):
     if n:
         memcpy(p + _HEADER_SIZE, &view[0], n)
     return out
+
+
+cdef uint64_t last_task_id(const char *p, size_t n) noexcept nogil:
+    """The task id of a record's last frame; 0 when the record is malformed."""
+    cdef size_t off = 0
+    cdef FrameHeader h
+    cdef uint64_t last = 0
+    while off < n:
+        if check_header(p + off, n - off, &h) != NULL:
+            return 0
+        last = h.task_id
+        off += _HEADER_SIZE + h.body_len
+    return last
 
 
 def parse_frames(data):

@@ -33,6 +33,10 @@ cdef class TaskLoop(RecordReader):
     cdef Channel qchan              # stands for the queue: where its fragments are reassembled
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
+    cdef uint64_t[:] state          # shared: [running task id, its worker, last id read per
+    cdef bint has_state             #   worker]; read by the master if this process dies
+    cdef Py_ssize_t state_base
+    cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
 
@@ -41,7 +45,8 @@ cdef class TaskLoop(RecordReader):
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
-                 QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None):
+                 QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
+                 state=None, uint64_t max_tasks=0):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -72,6 +77,13 @@ cdef class TaskLoop(RecordReader):
             ev.data.u32 = _INBOX_TAG
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed on the inbox")
+        self.max_tasks = max_tasks
+        if state is not None:
+            self.state = state
+            self.has_state = True
+            self.state_base = index * (2 + len(self.channels))
+            if self.state.shape[0] < self.state_base + 2 + len(self.channels):
+                raise ValueError("the task worker state array is too small")
         self.reader = reader
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
@@ -87,15 +99,18 @@ cdef class TaskLoop(RecordReader):
             close(self.epfd)
 
     def run(self, double max_wait):
-        """Serves until on_signal says stop; then drains what the workers already sent, for at
-        most max_wait seconds, and returns the number of tasks run."""
+        """Serves until on_signal says stop (1: drain what the workers already sent, for at
+        most max_wait seconds; 2: hand over, reading nothing more from the channels, whose
+        content waits for the successor) or max_tasks ran; returns the number of tasks run."""
         cdef epoll_event evs[_EVENTS_MAX]
         cdef int n, i, timeout_ms = -1
         cdef bint stopping = False
+        cdef bint recycling = False
         cdef double deadline = 0.0
         cdef Channel ch
         cdef char sigbuf[64]
         cdef ssize_t r
+        cdef int how
         while True:
             self.busy[self.index] = 0
             with nogil:
@@ -109,11 +124,16 @@ cdef class TaskLoop(RecordReader):
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
                     r = read(self.stop_fd, sigbuf, sizeof(sigbuf))
-                    if r > 0 and not stopping and self.on_signal(sigbuf[:r]):
+                    how = self.on_signal(sigbuf[:r]) if r > 0 and not stopping else 0
+                    if how:
                         stopping = True
+                        recycling = how == 2
                         deadline = monotonic() + max_wait
                         # Poll briefly from now on: exit as soon as nothing is left to serve.
                         timeout_ms = 20
+                        if recycling:
+                            for ch in self.channels:
+                                ch.update_interest(self.epfd, 0)
                         if self.on_stopping is not None:
                             self.on_stopping()
                     continue
@@ -127,9 +147,20 @@ cdef class TaskLoop(RecordReader):
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:
                     ch.flush()
-                if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not recycling:
                     self._read(ch)
-                ch.update_interest(self.epfd, self.high_water)
+                ch.update_interest(self.epfd, 0 if recycling else self.high_water)
+            if self.max_tasks and self.tasks_done >= self.max_tasks and not stopping:
+                # Recycled (task_max_request): read nothing more from the channels (what is
+                # there waits for the task worker that replaces this one), send the replies,
+                # finish what the queue reader took, then exit.
+                stopping = recycling = True
+                deadline = monotonic() + max_wait
+                timeout_ms = 20
+                for ch in self.channels:
+                    ch.update_interest(self.epfd, 0)
+                if self.on_stopping is not None:
+                    self.on_stopping()
             if stopping:
                 if monotonic() >= deadline:
                     break
@@ -147,6 +178,8 @@ cdef class TaskLoop(RecordReader):
             return 0
         r = recv_record(ch.fd, self.scratch)
         if r > 0:
+            if self.has_state:
+                self.state[self.state_base + 2 + ch.peer] = last_task_id(self.scratch, <size_t>r)
             self.read_record(ch, <size_t>r, _FRAME_TASK)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
@@ -195,9 +228,14 @@ cdef class TaskLoop(RecordReader):
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
                 ch.flush()
+            if self.has_state and ch is not self.qchan:
+                self.state[self.state_base + 1] = src
+                self.state[self.state_base] = task_id
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started
+            if self.has_state:
+                self.state[self.state_base] = 0
             if expected is None:
                 if len(self.durations) >= _DURATIONS_MAX:
                     self.durations.clear()
