@@ -95,6 +95,24 @@ def test_mutated_frames_parse_or_fail_cleanly(body: bytes, pos: int, patch: byte
         pass
 
 
+def test_strided_and_reversed_views_are_refused_not_read_past_their_end() -> None:
+    """Regression: the parsers copied from &view[0] as from a flat buffer; a reversed
+    memoryview made them read past its end (and crash at a page boundary)."""
+    frame = pack_frame(FRAME_TASK, 0, 1, 0, b"abcdef")
+    envelope = pack_envelope("t", "m", [1])
+    for view in (memoryview(frame)[::-1], memoryview(frame + frame)[::2]):
+        with pytest.raises(BufferError):
+            parse_frames(view)
+        with pytest.raises(BufferError):
+            pack_frame(FRAME_TASK, 0, 1, 0, view)
+    with pytest.raises(BufferError):
+        unpack_envelope(memoryview(envelope)[::-1])
+    # Flat views of every kind are read as they are.
+    assert pack_frame(FRAME_TASK, 0, 1, 0, memoryview(b"xabcdefx")[1:-1]) == frame
+    assert parse_frames(bytearray(frame)) == parse_frames(memoryview(frame)) == parse_frames(frame)
+    assert unpack_envelope(bytearray(envelope)) == unpack_envelope(memoryview(envelope))
+
+
 def test_envelope_round_trip_keeps_swoft_field_order() -> None:
     body = pack_envelope("demo", "echo", [1, "abc", 3.5], 2, "log-1", 7)
     assert msgpack.unpackb(body) == ["demo", "echo", [1, "abc", 3.5], 2, "log-1", 7]

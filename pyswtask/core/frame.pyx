@@ -96,9 +96,13 @@ cdef inline const char *check_header(const char *p, size_t avail, FrameHeader *h
     return NULL
 
 
+# The bytes-like arguments below are taken as C-contiguous views ([::1]): the code copies from
+# &view[0] as from a flat buffer, which a strided or reversed memoryview is not (reading through
+# one went past its end). Such a view is refused with BufferError; bytes(view) makes it flat.
+
 def pack_frame(int ftype, int flags, uint64_t task_id, int src_worker, body):
     """One frame as bytes (header + body). The body must fit one record."""
-    cdef const unsigned char[:] view = body
+    cdef const unsigned char[::1] view = body
     cdef Py_ssize_t n = view.shape[0]
     if n > _FRAG_BODY_MAX:
         raise ValueError(f"body of {n} bytes exceeds one record ({_FRAG_BODY_MAX} bytes); "
@@ -118,7 +122,7 @@ def parse_frames(data):
 
     Raises ProtocolError naming the first defect; never reads past the buffer.
     """
-    cdef const unsigned char[:] view = data
+    cdef const unsigned char[::1] view = data
     cdef size_t n = view.shape[0], off = 0
     cdef FrameHeader h
     cdef const char *why
@@ -161,7 +165,7 @@ cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
 
 def unpack_envelope(body):
     """(name, method, params, type, logid, spanid) from an envelope; ProtocolError if malformed."""
-    cdef const unsigned char[:] view = body
+    cdef const unsigned char[::1] view = body
     if view.shape[0] == 0:
         raise ProtocolError("empty task envelope")
     return unpack_envelope_c(<const char *>&view[0], view.shape[0])
