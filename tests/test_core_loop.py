@@ -119,6 +119,7 @@ def test_a_malformed_record_is_dropped_and_the_channel_keeps_serving(task_loop: 
     text = log.read_text()
     assert "task worker 1: record on channel 0 dropped at offset 0: bad magic" in text
     assert "a frame of a type this end does not take" in text
+    assert "task worker 1: task 5 from worker 0 on channel 0 refused: task envelope is not valid" in text
     # A task whose envelope is broken still gets an answer, so no caller waits for nothing.
     assert d.late_results == 2  # the ERROR replies for ids 5 and 77<<32|999 matched no call
 
