@@ -52,6 +52,7 @@ cimport cython
 
 import msgpack
 import numpy
+import reprlib
 
 include "includes/system.pxi"
 include "core/frame.pyx"

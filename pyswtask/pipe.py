@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import msgpack  # type: ignore[import-untyped]
 
 from . import context, delivery
-from ._core import Mailbox
+from ._core import Mailbox, brief_repr
 from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
 from .events import Event, events
 
@@ -56,7 +56,7 @@ def unpack_message(body: bytes) -> tuple[str, Any]:
     except Exception as exc:
         raise ValueError(f"pipe message is not valid msgpack: {exc}") from None
     if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str)):
-        raise ValueError(f"pipe message is not [type, data]: {obj!r:.100}")
+        raise ValueError(f"pipe message is not [type, data]: {brief_repr(obj, 100)}")
     return obj[0], obj[1]
 
 
@@ -166,7 +166,7 @@ def _on_task_message(event: Any) -> None:
     try:
         req_id, name, method, params, reply = data
     except (TypeError, ValueError):
-        log.error("malformed task message from process %d dropped: %r", src, data)
+        log.error("malformed task message from process %d dropped: %s", src, brief_repr(data))
         return
     callback = None
     if reply:
@@ -182,14 +182,14 @@ def _on_task_message(event: Any) -> None:
 
 def _deliver_many(calls: Any, src: int) -> None:
     if not isinstance(calls, list):
-        log.error("malformed tasks message from process %d dropped: %r", src, calls)
+        log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(calls))
         return
     for call in calls:
         try:
             name, method, params = call
             delivery.Task.deliver(name, method, params, TYPE_ASYNC)
         except Exception as exc:
-            log.error("task %r for process %d not delivered: %s", call, src, exc)
+            log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
 
 
 def _reply(dst: int, req_id: int, result: Any) -> None:

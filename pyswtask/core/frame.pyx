@@ -53,6 +53,20 @@ class ProtocolError(ValueError):
     """A frame or an envelope that does not follow the wire format."""
 
 
+# Untrusted values in error messages: repr() of a value msgpack decoded can recurse as deep as
+# msgpack nests (1024 levels, past Python's recursion limit) and cost as much as its size.
+_brief = reprlib.Repr()
+_brief.maxlevel = 4
+_brief.maxstring = _brief.maxother = 80
+_brief.maxlist = _brief.maxtuple = _brief.maxdict = 8
+
+
+def brief_repr(obj, Py_ssize_t limit=200):
+    """repr(obj) for a message about input from the wire: shortened, never more than limit
+    characters, and never RecursionError however deeply obj nests."""
+    return _brief.repr(obj)[:limit]
+
+
 cdef object _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 cdef object _unpackb = msgpack.unpackb
 
@@ -151,7 +165,7 @@ cdef tuple _check_envelope(obj):
             or type((<list>obj)[1]) is not str or type((<list>obj)[2]) is not list
             or type((<list>obj)[3]) is not int or type((<list>obj)[4]) is not str
             or type((<list>obj)[5]) is not int):
-        raise ProtocolError(f"malformed task envelope: {obj!r:.200}")
+        raise ProtocolError(f"malformed task envelope: {brief_repr(obj)}")
     return tuple(<list>obj)
 
 
