@@ -302,8 +302,9 @@ class ProcessDelivery:
         done: list[Any] = []
 
         def intercept(mtype: str, data: Any, src: int) -> bool:
-            if mtype == PIPE_TASK_RESULT and data and data[0] == req_id:
-                done.append(data)
+            reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+            if reply is not None and reply[0] == req_id:
+                done.append(reply)
             else:
                 self.backlog.append((mtype, data, src))
             return True
@@ -323,12 +324,10 @@ class ProcessDelivery:
 
     def take_reply(self, mtype: str, data: Any, src: int) -> bool:
         """intercept for reads outside a CO wait: replies go to their callbacks."""
-        if mtype != PIPE_TASK_RESULT:
+        reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+        if reply is None:
             return False
-        try:
-            req_id, ok, value = data
-        except (TypeError, ValueError):
-            return False
+        req_id, ok, value = reply
         callback = self.callbacks.pop(req_id, None)
         if callback is not None:
             result = value if ok else TaskError.from_wire(value)
@@ -337,6 +336,15 @@ class ProcessDelivery:
             except Exception:
                 log.exception("callback of task request %d failed", req_id)
         return True
+
+
+def _task_reply(data: Any) -> tuple[int, bool, Any] | None:
+    """(request id, ok, value) from the data of a "task.result" message; None when it is not
+    one (any process can send that type: a malformed one must not break a waiting delivery)."""
+    if (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
+            and type(data[1]) is bool):
+        return data[0], data[1], data[2]
+    return None
 
 
 def deliver_many_by_process(calls: list[tuple[str, str, Sequence[Any]]], worker_id: int = -1,
