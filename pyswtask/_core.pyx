@@ -58,6 +58,7 @@ import collections
 
 import msgpack
 import numpy
+import reprlib
 
 include "includes/system.pxi"
 include "core/frame.pyx"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._core import ProtocolError
+from ._core import ProtocolError, brief_repr
 
 __all__ = [
     "PyswtaskError",
@@ -48,7 +48,7 @@ class TaskError(PyswtaskError):
             if body[0] == "TaskWorkerLost":
                 return TaskWorkerLost(body[0], body[1], body[2])
             return cls(body[0], body[1], body[2])
-        return cls("ProtocolError", f"malformed error reply: {body!r:.200}", "")
+        return cls("ProtocolError", f"malformed error reply: {brief_repr(body)}", "")
 
 
 class TaskWorkerLost(TaskError):

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import context, control
+from . import cleanup, context, control
 from ._core import Mailbox
 from .context import EXIT_BOOT_ERROR
 from .cron import Crontab
@@ -106,6 +106,8 @@ class Master:
         context.current.mailbox = self.inbox
         pid_file = self.settings["pid_file"]
         try:
+            _check_pid_file(pid_file)
+            cleanup.sweep()
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
@@ -371,6 +373,23 @@ class Master:
             self._reap()
             self._sleep(min(left, 0.05))
         self._reap()
+
+
+def _check_pid_file(path: str | None) -> None:
+    """Refuses to start over a running master named by the pid file; a stale one is replaced
+    (what its server left in shared memory is swept by cleanup.sweep)."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read()
+    except (OSError, ValueError, IndexError):
+        return
+    if pid != os.getpid() and title.startswith(b"pyswtask: master"):
+        raise RuntimeError(f"a server is already running with pid file {path} (master pid {pid})")
+    log.info("pid file %s names pid %d, which is not a running master: replacing it", path, pid)
 
 
 _PR_SET_PDEATHSIG = 1

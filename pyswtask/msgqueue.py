@@ -49,6 +49,9 @@ __all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax"
 log = logging.getLogger("pyswtask.queue")
 
 IPC_MODES = (1, 2, 3)
+# Modes 2 and 3 without message_queue_key: a key derived from the master's pid, so that a queue
+# left by a killed server can be found and removed (pyswtask.cleanup); no program delivers there.
+PRIVATE_KEY_BASE = 0x70040000
 _INFO_MAGIC = "pyswtask-queue"
 _INFO_SIZE = 4096
 
@@ -170,6 +173,7 @@ class ServerQueue:
         self.msgmax = system_msgmax()
         self.mq: sysv_ipc.MessageQueue | None = None
         self.info_shm: sysv_ipc.SharedMemory | None = None
+        self.info_key: int | None = None
         self.msqid = -1
 
     def task_type(self, index: int) -> int:
@@ -185,12 +189,20 @@ class ServerQueue:
 
     def open(self, master_pid: int) -> None:
         if self.key is None:
-            self.mq = sysv_ipc.MessageQueue(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREX, mode=0o600)
+            derived = PRIVATE_KEY_BASE + master_pid % 0x8000
+            try:
+                self.mq = sysv_ipc.MessageQueue(derived, sysv_ipc.IPC_CREX, mode=0o600)
+                self.info_key = derived
+            except sysv_ipc.ExistentialError:
+                # Another live server's pid maps to the same key: go without one.
+                self.mq = sysv_ipc.MessageQueue(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREX,
+                                                mode=0o600)
         else:
             self.mq = self._open_keyed(self.key)
+            self.info_key = self.key
         self.msqid = self.mq.id
-        if self.key is not None:
-            self._publish(master_pid)
+        if self.info_key is not None:
+            self._publish(self.info_key, master_pid)
 
     def _open_keyed(self, key: int) -> sysv_ipc.MessageQueue:
         info = read_info(key)
@@ -231,17 +243,16 @@ class ServerQueue:
                           len(old) - i)
                 break
 
-    def _publish(self, master_pid: int) -> None:
-        assert self.key is not None
+    def _publish(self, key: int, master_pid: int) -> None:
         try:
-            sysv_ipc.SharedMemory(self.key).remove()
+            sysv_ipc.SharedMemory(key).remove()
         except sysv_ipc.ExistentialError:
             pass
         body = msgpack.packb({
             "magic": _INFO_MAGIC, "pid": master_pid, "worker_num": self.worker_num,
             "task_worker_num": self.task_worker_num, "mode": self.mode, "msgmax": self.msgmax,
             "msqid": self.msqid, "package_max_length": self.package_max_length})
-        shm = sysv_ipc.SharedMemory(self.key, sysv_ipc.IPC_CREX, mode=0o600, size=_INFO_SIZE)
+        shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o600, size=_INFO_SIZE)
         shm.write(len(body).to_bytes(4, "little") + body)
         shm.detach()
         self.info_shm = shm

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import msgpack  # type: ignore[import-untyped]
 
 from . import context, delivery
-from ._core import Mailbox
+from ._core import Mailbox, brief_repr
 from .errors import DeliveryError, ServerNotRunning, TaskError, TaskTimeout
 from .events import Event, events
 
@@ -60,7 +60,7 @@ def unpack_message(body: bytes) -> tuple[str, Any]:
     except Exception as exc:
         raise ValueError(f"pipe message is not valid msgpack: {exc}") from None
     if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str)):
-        raise ValueError(f"pipe message is not [type, data]: {obj!r:.100}")
+        raise ValueError(f"pipe message is not [type, data]: {brief_repr(obj, 100)}")
     return obj[0], obj[1]
 
 
@@ -170,7 +170,7 @@ def _on_task_message(event: Any) -> None:
     try:
         req_id, name, method, params, reply = data
     except (TypeError, ValueError):
-        log.error("malformed task message from process %d dropped: %r", src, data)
+        log.error("malformed task message from process %d dropped: %s", src, brief_repr(data))
         return
     callback = None
     if reply:
@@ -186,14 +186,14 @@ def _on_task_message(event: Any) -> None:
 
 def _deliver_many(calls: Any, src: int) -> None:
     if not isinstance(calls, list):
-        log.error("malformed tasks message from process %d dropped: %r", src, calls)
+        log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(calls))
         return
     for call in calls:
         try:
             name, method, params = call
             delivery.Task.deliver(name, method, params, TYPE_ASYNC)
         except Exception as exc:
-            log.error("task %r for process %d not delivered: %s", call, src, exc)
+            log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
 
 
 def _reply(dst: int, req_id: int, result: Any) -> None:
@@ -309,8 +309,9 @@ class ProcessDelivery:
         done: list[Any] = []
 
         def intercept(mtype: str, data: Any, src: int) -> bool:
-            if mtype == PIPE_TASK_RESULT and data and data[0] == req_id:
-                done.append(data)
+            reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+            if reply is not None and reply[0] == req_id:
+                done.append(reply)
             else:
                 self.backlog.append((mtype, data, src))
             return True
@@ -330,12 +331,10 @@ class ProcessDelivery:
 
     def take_reply(self, mtype: str, data: Any, src: int) -> bool:
         """intercept for reads outside a CO wait: replies go to their callbacks."""
-        if mtype != PIPE_TASK_RESULT:
+        reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+        if reply is None:
             return False
-        try:
-            req_id, ok, value = data
-        except (TypeError, ValueError):
-            return False
+        req_id, ok, value = reply
         callback = self.callbacks.pop(req_id, None)
         if callback is not None:
             result = value if ok else TaskError.from_wire(value)
@@ -344,6 +343,15 @@ class ProcessDelivery:
             except Exception:
                 log.exception("callback of task request %d failed", req_id)
         return True
+
+
+def _task_reply(data: Any) -> tuple[int, bool, Any] | None:
+    """(request id, ok, value) from the data of a "task.result" message; None when it is not
+    one (any process can send that type: a malformed one must not break a waiting delivery)."""
+    if (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
+            and type(data[1]) is bool):
+        return data[0], data[1], data[2]
+    return None
 
 
 def deliver_many_by_process(calls: list[tuple[str, str, Sequence[Any]]], worker_id: int = -1,

@@ -119,9 +119,21 @@ def test_a_malformed_record_is_dropped_and_the_channel_keeps_serving(task_loop: 
     text = log.read_text()
     assert "task worker 1: record on channel 0 dropped at offset 0: bad magic" in text
     assert "a frame of a type this end does not take" in text
+    assert "task worker 1: task 5 from worker 0 on channel 0 refused: task envelope is not valid" in text
     # A task whose envelope is broken still gets an answer, so no caller waits for nothing.
     assert d.late_results == 2  # the ERROR replies for ids 5 and 77<<32|999 matched no call
 
+
+def test_a_deeply_nested_envelope_is_answered_and_the_loop_goes_on(task_loop: Any) -> None:
+    """Regression: repr() of an envelope nested 1000 deep, for its error message, raised
+    RecursionError out of TaskLoop.run, and the task worker died."""
+    sock, log, _ = task_loop
+    d, _, _ = make_dispatcher(sock.fileno())
+    sock.send(pack_frame(FRAME_TASK, 0, 5, 0, b"\x91" * 1000 + b"\xc0"))
+    assert d.call(body("after"), -1, 5.0) == ["after"]
+    assert ("task worker 1: task 5 from worker 0 on channel 0 refused: malformed task envelope: "
+            "[[[[[...]]]]]") in log.read_text()
+    assert d.late_results == 1
 
 def test_results_are_matched_by_id_late_and_foreign_ones_dropped(
         pair: tuple[socket.socket, socket.socket]) -> None:

@@ -17,11 +17,14 @@ from pyswtask._core import (
     HEADER_SIZE,
     RECORD_MAX,
     ProtocolError,
+    brief_repr,
     pack_envelope,
     pack_frame,
     parse_frames,
     unpack_envelope,
 )
+from pyswtask.errors import TaskError
+from pyswtask.pipe import unpack_message
 
 
 def test_header_layout_matches_the_documented_diagram() -> None:
@@ -95,6 +98,24 @@ def test_mutated_frames_parse_or_fail_cleanly(body: bytes, pos: int, patch: byte
         pass
 
 
+def test_strided_and_reversed_views_are_refused_not_read_past_their_end() -> None:
+    """Regression: the parsers copied from &view[0] as from a flat buffer; a reversed
+    memoryview made them read past its end (and crash at a page boundary)."""
+    frame = pack_frame(FRAME_TASK, 0, 1, 0, b"abcdef")
+    envelope = pack_envelope("t", "m", [1])
+    for view in (memoryview(frame)[::-1], memoryview(frame + frame)[::2]):
+        with pytest.raises(BufferError):
+            parse_frames(view)
+        with pytest.raises(BufferError):
+            pack_frame(FRAME_TASK, 0, 1, 0, view)
+    with pytest.raises(BufferError):
+        unpack_envelope(memoryview(envelope)[::-1])
+    # Flat views of every kind are read as they are.
+    assert pack_frame(FRAME_TASK, 0, 1, 0, memoryview(b"xabcdefx")[1:-1]) == frame
+    assert parse_frames(bytearray(frame)) == parse_frames(memoryview(frame)) == parse_frames(frame)
+    assert unpack_envelope(bytearray(envelope)) == unpack_envelope(memoryview(envelope))
+
+
 def test_envelope_round_trip_keeps_swoft_field_order() -> None:
     body = pack_envelope("demo", "echo", [1, "abc", 3.5], 2, "log-1", 7)
     assert msgpack.unpackb(body) == ["demo", "echo", [1, "abc", 3.5], 2, "log-1", 7]
@@ -127,3 +148,26 @@ def test_pack_envelope_needs_a_list_or_tuple_of_packable_params() -> None:
         pack_envelope("t", "m", {"a": 1})
     with pytest.raises(TypeError):
         pack_envelope("t", "m", [object()])
+
+
+# msgpack nests up to 1024 levels: this decodes, and repr() of it exceeds the recursion limit.
+DEEP = b"\x91" * 1000 + b"\xc0"
+
+
+def test_deeply_nested_values_are_refused_in_the_documented_type() -> None:
+    """Regression: the error messages repr()'d the decoded value, and one nested 1000 deep
+    raised RecursionError instead: out of a task worker's loop, or the master's, it was fatal."""
+    brief = r"\[\[\[\[\[\.\.\.\]\]\]\]\]$"
+    with pytest.raises(ProtocolError, match="malformed task envelope: " + brief):
+        unpack_envelope(DEEP)
+    with pytest.raises(ValueError, match=r"pipe message is not \[type, data\]: " + brief):
+        unpack_message(DEEP)
+    error = TaskError.from_wire(msgpack.unpackb(DEEP))
+    assert str(error) == "ProtocolError: malformed error reply: [[[[[...]]]]]"
+
+
+def test_brief_repr_is_bounded_whatever_it_gets() -> None:
+    assert brief_repr(msgpack.unpackb(DEEP)) == "[[[[[...]]]]]"
+    assert len(brief_repr(["x" * 10_000] * 1000)) <= 200
+    assert len(brief_repr({i: b"y" * 500 for i in range(500)}, 50)) <= 50
+    assert brief_repr(["t", "m", [], "1", "", 0]) == "['t', 'm', [], '1', '', 0]"

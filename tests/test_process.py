@@ -326,3 +326,32 @@ def test_async_deliveries_queued_behind_a_full_inbox_all_run(servers: ServerRunn
     assert srv.wait(20) == 0, srv.err
     assert {r["wid"] for r in records if r["event"] == "all_done"} == {0, 1}
     assert {r["by"] for r in records if r["event"] == "sent"} == {"sleeper", "quitter"}
+
+
+def test_stray_task_results_do_not_break_a_process_waiting_for_its_own(servers: ServerRunner) -> None:
+    """Regression: any process can send a "task.result" message; a malformed one made the CO
+    deliver_by_process waiting in a user process raise TypeError, KeyError or ValueError."""
+    srv = servers.run('''
+        from pyswtask import process
+
+        @process(name="waiter")
+        def waiter(server, proc):
+            try:
+                emit(event="co", result=Task.deliver_by_process("Demo", "sleep", [0.6, "real"],
+                                                                type=Task.TYPE_CO, timeout=5))
+            except Exception as e:
+                emit(event="co", error=f"{type(e).__name__}: {e}")
+            server.shutdown()
+            proc.sleep(60)
+
+        def start(server, wid):
+            def stray():
+                for bad in (5, {"1": 2}, [1], [1, True], "abc", [[1], True, 0], [1, True, "x", 4]):
+                    server.send_message(bad, server.process_ids["waiter"], type="task.result")
+            server.after(200, stray)
+
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    assert srv.by_event("co")[0] == {"event": "co", "result": "real"}

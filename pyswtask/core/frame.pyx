@@ -57,6 +57,20 @@ class ProtocolError(ValueError):
     """A frame or an envelope that does not follow the wire format."""
 
 
+# Untrusted values in error messages: repr() of a value msgpack decoded can recurse as deep as
+# msgpack nests (1024 levels, past Python's recursion limit) and cost as much as its size.
+_brief = reprlib.Repr()
+_brief.maxlevel = 4
+_brief.maxstring = _brief.maxother = 80
+_brief.maxlist = _brief.maxtuple = _brief.maxdict = 8
+
+
+def brief_repr(obj, Py_ssize_t limit=200):
+    """repr(obj) for a message about input from the wire: shortened, never more than limit
+    characters, and never RecursionError however deeply obj nests."""
+    return _brief.repr(obj)[:limit]
+
+
 cdef object _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 cdef object _unpackb = msgpack.unpackb
 
@@ -100,9 +114,13 @@ cdef inline const char *check_header(const char *p, size_t avail, FrameHeader *h
     return NULL
 
 
+# The bytes-like arguments below are taken as C-contiguous views ([::1]): the code copies from
+# &view[0] as from a flat buffer, which a strided or reversed memoryview is not (reading through
+# one went past its end). Such a view is refused with BufferError; bytes(view) makes it flat.
+
 def pack_frame(int ftype, int flags, uint64_t task_id, int src_worker, body):
     """One frame as bytes (header + body). The body must fit one record."""
-    cdef const unsigned char[:] view = body
+    cdef const unsigned char[::1] view = body
     cdef Py_ssize_t n = view.shape[0]
     if n > _FRAG_BODY_MAX:
         raise ValueError(f"body of {n} bytes exceeds one record ({_FRAG_BODY_MAX} bytes); "
@@ -135,7 +153,7 @@ def parse_frames(data):
 
     Raises ProtocolError naming the first defect; never reads past the buffer.
     """
-    cdef const unsigned char[:] view = data
+    cdef const unsigned char[::1] view = data
     cdef size_t n = view.shape[0], off = 0
     cdef FrameHeader h
     cdef const char *why
@@ -164,7 +182,7 @@ cdef tuple _check_envelope(obj):
             or type((<list>obj)[1]) is not str or type((<list>obj)[2]) is not list
             or type((<list>obj)[3]) is not int or type((<list>obj)[4]) is not str
             or type((<list>obj)[5]) is not int):
-        raise ProtocolError(f"malformed task envelope: {obj!r:.200}")
+        raise ProtocolError(f"malformed task envelope: {brief_repr(obj)}")
     return tuple(<list>obj)
 
 
@@ -178,7 +196,7 @@ cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
 
 def unpack_envelope(body):
     """(name, method, params, type, logid, spanid) from an envelope; ProtocolError if malformed."""
-    cdef const unsigned char[:] view = body
+    cdef const unsigned char[::1] view = body
     if view.shape[0] == 0:
         raise ProtocolError("empty task envelope")
     return unpack_envelope_c(<const char *>&view[0], view.shape[0])

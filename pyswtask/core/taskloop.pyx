@@ -221,7 +221,8 @@ cdef class TaskLoop(RecordReader):
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
-            self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} refused: {exc}")
+            self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} on channel "
+                                   f"{ch.peer} refused: {exc}")
             ok, value = False, ["ProtocolError", str(exc), ""]
         else:
             key = (envelope[0], envelope[1])
