@@ -56,8 +56,9 @@ DESCRIPTIONS = {
                      "(and, not compared, one reused `msgpack.Packer`).",
     "envelope_unpack": "Unpacking it: `unpack_envelope` (unpacks and checks the six fields) against "
                        "`msgpack.unpackb`.",
-    "cron_jitter": "20 every-second rules for 30 s; jitter = start of the run - its due second; value: "
-                   "p99 (ms), with p50, max, missed and duplicated runs summed over the rounds. "
+    "cron_jitter": "20 every-second rules for 30 s (10 s with --quick); jitter = start of the run - "
+                   "its due second; value: p99 (ms), with p50, max, missed and duplicated runs "
+                   "summed over the rounds. "
                    "pyswtask: cronExec -> worker -> task worker, idle and under a background task "
                    "load; APScheduler 3 (BackgroundScheduler, CronTrigger(second='*')); a croniter + "
                    "sleep loop.",
