@@ -111,7 +111,7 @@ class _Countdown:
 
 # --- generic drivers; `submit`/`call`/`run_batch` adapt a pool or executor ---
 
-def _async_throughput(submit, n, system, **extra):
+def _async_throughput(submit, n, system, workload="async_throughput", **extra):
     warm = _Countdown(_WARMUP)
     for _ in range(_WARMUP):
         submit(warm)
@@ -125,14 +125,14 @@ def _async_throughput(submit, n, system, **extra):
     # Generous bound so a lost callback fails the run instead of hanging it.
     done.wait(120 + n / 1000)
     elapsed = done.t_end - t0
-    return [_result("async_throughput", system, n / (elapsed / 1e9), "tasks/s", n,
+    return [_result(workload, system, n / (elapsed / 1e9), "tasks/s", n,
                     elapsed_s=round(elapsed / 1e9, 3),
                     submit_s=round((t_submitted - t0) / 1e9, 3), **extra)]
 
 
-def _co_roundtrip(call, n, system, **extra):
+def _co_roundtrip(call, n, system, expect=PAYLOAD, **extra):
     for _ in range(_WARMUP):
-        if call() != PAYLOAD:
+        if call() != expect:
             raise RuntimeError(f"{system}: echo returned a different object")
     samples = [0] * n
     for i in range(n):
@@ -160,46 +160,46 @@ def _batch(run_batch, n_batches, batch, system, **extra):
 
 # --- multiprocessing.Pool ---
 
-def pool_async(n=200_000, procs=2):
+def pool_async(n=200_000, procs=2, payload=PAYLOAD, workload="async_throughput"):
     with multiprocessing.Pool(procs) as pool:
         def submit(cd):
-            pool.apply_async(echo, (PAYLOAD,), callback=cd.hit, error_callback=cd.fail)
-        return _async_throughput(submit, n, POOL, procs=procs)
+            pool.apply_async(echo, (payload,), callback=cd.hit, error_callback=cd.fail)
+        return _async_throughput(submit, n, POOL, workload, procs=procs)
 
 
-def pool_co(n=20_000, procs=2):
+def pool_co(n=20_000, procs=2, payload=PAYLOAD):
     with multiprocessing.Pool(procs) as pool:
-        return _co_roundtrip(lambda: pool.apply(echo, (PAYLOAD,)), n, POOL, procs=procs)
+        return _co_roundtrip(lambda: pool.apply(echo, (payload,)), n, POOL, payload, procs=procs)
 
 
-def pool_batch(n_batches=1_000, batch=100, procs=2):
+def pool_batch(n_batches=1_000, batch=100, procs=2, payload=PAYLOAD):
     with multiprocessing.Pool(procs) as pool:
         def run_batch(k):
-            for r in [pool.apply_async(echo, (PAYLOAD,)) for _ in range(k)]:
+            for r in [pool.apply_async(echo, (payload,)) for _ in range(k)]:
                 r.get()
         return _batch(run_batch, n_batches, batch, POOL, procs=procs)
 
 
 # --- concurrent.futures.ProcessPoolExecutor ---
 
-def executor_async(n=50_000, procs=2):
+def executor_async(n=50_000, procs=2, payload=PAYLOAD, workload="async_throughput"):
     # Smaller default than the Pool: the executor manages ~11k tasks/s here.
     with concurrent.futures.ProcessPoolExecutor(max_workers=procs) as ex:
         def submit(cd):
-            ex.submit(echo, PAYLOAD).add_done_callback(cd.on_future)
-        return _async_throughput(submit, n, EXECUTOR, procs=procs)
+            ex.submit(echo, payload).add_done_callback(cd.on_future)
+        return _async_throughput(submit, n, EXECUTOR, workload, procs=procs)
 
 
-def executor_co(n=20_000, procs=2):
+def executor_co(n=20_000, procs=2, payload=PAYLOAD):
     with concurrent.futures.ProcessPoolExecutor(max_workers=procs) as ex:
-        return _co_roundtrip(lambda: ex.submit(echo, PAYLOAD).result(), n, EXECUTOR,
+        return _co_roundtrip(lambda: ex.submit(echo, payload).result(), n, EXECUTOR, payload,
                              procs=procs)
 
 
-def executor_batch(n_batches=200, batch=100, procs=2):
+def executor_batch(n_batches=200, batch=100, procs=2, payload=PAYLOAD):
     with concurrent.futures.ProcessPoolExecutor(max_workers=procs) as ex:
         def run_batch(k):
-            futs = [ex.submit(echo, PAYLOAD) for _ in range(k)]
+            futs = [ex.submit(echo, payload) for _ in range(k)]
             _, pending = concurrent.futures.wait(futs)
             if pending:
                 raise RuntimeError("concurrent.futures.wait returned with pending futures")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -41,18 +42,38 @@ def _probe() -> str | None:
 
 
 def run(script: str, *args: str, timeout: float = 300.0) -> list[dict[str, Any]]:
-    """The JSON lines a script printed; [] when Swoole is missing or the script failed."""
+    """The JSON lines a script printed; [] when Swoole is missing or the script failed. The
+    script and every process its server forked run in a process group of their own, which is
+    killed when the script has exited or timed out (nothing is left behind)."""
     if version() is None:
         return []
+    proc = subprocess.Popen(["php", os.path.join(HERE, script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out = subprocess.run(["php", os.path.join(HERE, script), *args], capture_output=True,
-                             text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"swoole: {script} {' '.join(args)} timed out", file=sys.stderr)
         return []
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     good = [r for r in rows if r.get("value") is not None]
-    if out.returncode != 0 or len(good) < len(rows) or not rows:
-        print(f"swoole: {script} {' '.join(args)} failed (exit {out.returncode}): "
-              f"{out.stderr.strip()[-300:]}", file=sys.stderr)
+    if proc.returncode != 0 or len(good) < len(rows) or not rows:
+        print(f"swoole: {script} {' '.join(args)} failed (exit {proc.returncode}): "
+              f"{stderr.strip()[-300:]}", file=sys.stderr)
     return good
+
+
+def renamed(rows: list[dict[str, Any]], names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Rows with workload w renamed to names[w] = (workload, system), so that a Swoole result
+    pairs with pyswtask's of the same workload (e.g. co_roundtrip_taskco -> co_roundtrip,
+    "swoole taskCo"). Workloads not named keep theirs."""
+    out = []
+    for r in rows:
+        workload, system = names.get(r["workload"], (r["workload"], r["system"]))
+        out.append(dict(r, workload=workload, system=system, swoole_workload=r["workload"]))
+    return out

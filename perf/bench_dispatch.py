@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -38,6 +39,11 @@ SERVER = textwrap.dedent('''
 
     WORKLOAD, N, PIN = os.environ["BENCH_WORKLOAD"], int(os.environ["BENCH_N"]), os.environ["BENCH_PIN"]
     SPIN = float(os.environ["BENCH_SPIN"])
+    # BENCH_STRLEN: params [1, "x" * STRLEN, 3.5] (sized by the driver to a packed envelope of
+    # the payload's bytes); unset: [1, "abc", 3.5]. BENCH_INFLIGHT: ASYNC tasks in flight per worker.
+    STRLEN = os.environ.get("BENCH_STRLEN")
+    PARAMS = [1, "abc" if STRLEN is None else "x" * int(STRLEN), 3.5]
+    INFLIGHT = int(os.environ.get("BENCH_INFLIGHT", "1000"))
 
     @task("demo")
     class Demo:
@@ -60,13 +66,13 @@ SERVER = textwrap.dedent('''
             state["done"] += 1
             if state["sent"] < per:
                 state["sent"] += 1
-                Task.deliver("demo", "echo", [1, "abc", 3.5], Task.TYPE_ASYNC, callback=on_done)
+                Task.deliver("demo", "echo", PARAMS, Task.TYPE_ASYNC, callback=on_done)
             elif state["done"] == per:
-                report(wid=wid, start=t0, end=time.monotonic(), n=per)
+                report(wid=wid, start=t0, end=time.monotonic(), n=per, ok=result == PARAMS)
 
-        for _ in range(min(1000, per)):
+        for _ in range(min(INFLIGHT, per)):
             state["sent"] += 1
-            Task.deliver("demo", "echo", [1, "abc", 3.5], Task.TYPE_ASYNC, callback=on_done)
+            Task.deliver("demo", "echo", PARAMS, Task.TYPE_ASYNC, callback=on_done)
 
     def run_co(server, wid):
         if wid != 0:
@@ -74,12 +80,12 @@ SERVER = textwrap.dedent('''
         if PIN in ("same", "cross"):
             os.sched_setaffinity(0, {0})
         for _ in range(2000):
-            Task.deliver("demo", "echo", [1, "abc", 3.5], dst_worker_id=0)
+            Task.deliver("demo", "echo", PARAMS, dst_worker_id=0)
         samples = []
         clock = time.perf_counter_ns
         for _ in range(N):
             t = clock()
-            Task.deliver("demo", "echo", [1, "abc", 3.5], dst_worker_id=0)
+            Task.deliver("demo", "echo", PARAMS, dst_worker_id=0)
             samples.append(clock() - t)
         samples.sort()
         report(wid=wid, n=N, p50=samples[N // 2] / 1e3, p99=samples[int(N * 0.99)] / 1e3,
@@ -88,13 +94,13 @@ SERVER = textwrap.dedent('''
     def run_batch(server, wid):
         if wid != 0:
             return
-        calls = [("demo", "echo", [1, "abc", 3.5])] * 100
+        calls = [("demo", "echo", PARAMS)] * 100
         for _ in range(20):
             Task.deliver_batch(calls)
         t0 = time.monotonic()
         for _ in range(N // 100):
             out = Task.deliver_batch(calls)
-        report(wid=wid, n=N, start=t0, end=time.monotonic(), ok=out[0] == [1, "abc", 3.5])
+        report(wid=wid, n=N, start=t0, end=time.monotonic(), ok=out[0] == PARAMS)
 
     server = Server(worker_num=2, task_worker_num=2, task_wait_spin=SPIN)
     server.on("task_worker_start", pin_task_worker)
@@ -106,19 +112,31 @@ SERVER = textwrap.dedent('''
 def run_script(script: str, env: dict[str, str], expected: int, timeout: float = 300.0,
                until: Any = None) -> list[dict[str, Any]]:
     """Runs a server script until it has printed ``expected`` JSON reports (or one for which
-    ``until(report)`` is true), then stops it."""
+    ``until(report)`` is true), then stops it. A server that has not reported within
+    ``timeout`` seconds is an error; either way its whole process group is killed."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(script)
-    proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE,
                             env=dict(os.environ, **env), start_new_session=True)
     reports: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
-        while (until is not None or len(reports) < expected) and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+        fd, buf, eof = proc.stdout.fileno(), b"", False
+        while (until is not None or len(reports) < expected) and not eof:
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise RuntimeError(f"the server gave {len(reports)} of {expected} reports "
+                                       f"in {timeout:.0f} s ({env})")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    eof = True
+                    break
+                buf += chunk
+            if eof:
                 break
+            line, buf = buf.split(b"\n", 1)
             reports.append(json.loads(line))
             if until is not None and until(reports[-1]):
                 break
@@ -132,37 +150,76 @@ def run_script(script: str, env: dict[str, str], expected: int, timeout: float =
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+        proc.stdout.close()
         os.unlink(f.name)
     return reports
 
 
-def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0) -> list[dict[str, Any]]:
-    """Starts a dispatch server that runs one workload and collects its reports."""
+def payload_strlen(size: int, name: str = "demo", method: str = "echo") -> int:
+    """The length k of the string in params [1, "x" * k, 3.5] whose packed task envelope
+    (what crosses the socket after the 20-byte frame header) is ``size`` bytes, or the
+    smallest k above it where msgpack's string header grows past it."""
+    from pyswtask._core import pack_envelope
+
+    k = max(0, size - len(pack_envelope(name, method, [1, "", 3.5])) - 6)
+    while len(pack_envelope(name, method, [1, "x" * k, 3.5])) < size:
+        k += 1
+    return k
+
+
+def payload_params(size: int | None, name: str = "demo", method: str = "echo") -> list[Any]:
+    """params [1, "x" * k, 3.5] sized to a ``size``-byte envelope; None: [1, "abc", 3.5]."""
+    return [1, "abc", 3.5] if size is None else [1, "x" * payload_strlen(size, name, method), 3.5]
+
+
+def payload_label(size: int) -> str:
+    """103 -> "103B", 8192 -> "8KiB", 1048576 -> "1MiB"."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
+
+
+def run_server(workload: str, n: int, pin: str = "", spin: float = 0.0, payload: int | None = None,
+               inflight: int = 1000) -> list[dict[str, Any]]:
+    """Starts a dispatch server that runs one workload and collects its reports. ``payload``:
+    the envelope's size in bytes (None: params [1, "abc", 3.5])."""
     env = {"BENCH_WORKLOAD": workload, "BENCH_N": str(n), "BENCH_PIN": pin,
-           "BENCH_SPIN": str(spin)}
+           "BENCH_SPIN": str(spin), "BENCH_INFLIGHT": str(inflight)}
+    if payload is not None:
+        env["BENCH_STRLEN"] = str(payload_strlen(payload))
     return run_script(SERVER, env, 2 if workload == "async" else 1)
 
 
-def pyswtask_async(n: int) -> dict[str, Any]:
-    reports = run_server("async", n)
+def pyswtask_async(n: int, payload: int | None = None, inflight: int = 1000,
+                   workload: str = "async_throughput") -> dict[str, Any]:
+    reports = run_server("async", n, payload=payload, inflight=inflight)
+    if not all(r["ok"] for r in reports):
+        raise RuntimeError("async results were wrong")
     elapsed = max(r["end"] for r in reports) - min(r["start"] for r in reports)
     total = sum(r["n"] for r in reports)
-    return _peers._result("async_throughput", "pyswtask", total / elapsed, "tasks/s", total,
-                          elapsed_s=round(elapsed, 3))
+    extra = {} if payload is None else {"payload": payload}
+    return _peers._result(workload, "pyswtask", total / elapsed, "tasks/s", total,
+                          elapsed_s=round(elapsed, 3), inflight=inflight, **extra)
 
 
-def pyswtask_co(n: int, pin: str, spin: float) -> dict[str, Any]:
-    r = run_server("co", n, pin=pin, spin=spin)[0]
+def pyswtask_co(n: int, pin: str, spin: float, payload: int | None = None,
+                workload: str | None = None) -> dict[str, Any]:
+    r = run_server("co", n, pin=pin, spin=spin, payload=payload)[0]
     placement = {"same": "same_cpu", "cross": "cross_cpu", "": "unpinned"}[pin]
-    return _peers._result(f"co_roundtrip:{placement}", "pyswtask", r["p50"], "us", n,
-                          p50_us=r["p50"], p99_us=r["p99"], mean_us=r["mean"], spin_s=spin)
+    extra = {} if payload is None else {"payload": payload}
+    return _peers._result(workload or f"co_roundtrip:{placement}", "pyswtask", r["p50"], "us", n,
+                          p50_us=r["p50"], p99_us=r["p99"], mean_us=r["mean"], spin_s=spin,
+                          placement=placement, **extra)
 
 
-def pyswtask_batch(n: int) -> dict[str, Any]:
-    r = run_server("batch", n)[0]
+def pyswtask_batch(n: int, payload: int | None = None) -> dict[str, Any]:
+    r = run_server("batch", n, payload=payload)[0]
     if not r["ok"]:
         raise RuntimeError("batch results were wrong")
-    return _peers._result("batch_co_100", "pyswtask", n / (r["end"] - r["start"]), "tasks/s", n)
+    extra = {} if payload is None else {"payload": payload}
+    return _peers._result("batch_co_100", "pyswtask", n / (r["end"] - r["start"]), "tasks/s", n,
+                          **extra)
 
 
 def one_round(quick: bool, spin: float) -> list[dict[str, Any]]:

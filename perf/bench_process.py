@@ -21,13 +21,15 @@ import textwrap
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dispatch import run_script  # noqa: E402
+from bench_dispatch import payload_strlen, run_script  # noqa: E402
 
 SERVER = textwrap.dedent('''
     import json, os, sys, time
     from pyswtask import Event, Server, Task, listener, process, task
 
     WORKLOAD, N = os.environ["BENCH_WORKLOAD"], int(os.environ["BENCH_N"])
+    STRLEN = os.environ.get("BENCH_STRLEN")   # params sized by the driver; unset: [1, "abc", 3.5]
+    PARAMS = [1, "abc" if STRLEN is None else "x" * int(STRLEN), 3.5]
 
     @task("demo")
     class Demo:
@@ -54,10 +56,10 @@ SERVER = textwrap.dedent('''
         report(start=time.monotonic())
         if WORKLOAD == "process":
             for i in range(N):
-                Task.deliver_by_process("demo", "echo", [1, "abc", 3.5], worker_id=i & 1)
+                Task.deliver_by_process("demo", "echo", PARAMS, worker_id=i & 1)
         else:
             for i in range(N):
-                server.send_message([1, "abc", 3.5], i & 1)
+                server.send_message(PARAMS, i & 1)
         proc.sleep(3600)
 
     def direct(server, wid):
@@ -66,7 +68,7 @@ SERVER = textwrap.dedent('''
         def go():
             report(start=time.monotonic())
             for _ in range(N // 2):
-                Task.deliver("demo", "echo", [1, "abc", 3.5], Task.TYPE_ASYNC)
+                Task.deliver("demo", "echo", PARAMS, Task.TYPE_ASYNC)
         server.after(500, go)
 
     server = Server(worker_num=2, task_worker_num=2)
@@ -78,13 +80,20 @@ SYSTEMS = {"process": "pyswtask deliver_by_process", "worker": "pyswtask Task.de
            "pipe": "pyswtask send_message (pipe only)"}
 
 
-def one(workload: str, n: int) -> dict[str, Any]:
+def one(workload: str, n: int, payload: int | None = None) -> dict[str, Any]:
+    """One server, one measurement. ``payload``: the task envelope's size in bytes (None:
+    params [1, "abc", 3.5])."""
     expected = 3 if workload != "worker" else 4
-    reports = run_script(SERVER, {"BENCH_WORKLOAD": workload, "BENCH_N": str(n)}, expected)
+    env = {"BENCH_WORKLOAD": workload, "BENCH_N": str(n)}
+    if payload is not None:
+        env["BENCH_STRLEN"] = str(payload_strlen(payload))
+    reports = run_script(SERVER, env, expected)
     start = min(r["start"] for r in reports if "start" in r)
     end = max(r["end"] for r in reports if "end" in r)
+    extra = {} if payload is None else {"payload": payload}
     return {"workload": "process_to_task" if workload != "pipe" else "process_pipe_message",
-            "system": SYSTEMS[workload], "value": n / (end - start), "unit": "tasks/s", "n": n}
+            "system": SYSTEMS[workload], "value": n / (end - start), "unit": "tasks/s", "n": n,
+            **extra}
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _swoole  # noqa: E402
+from bench_dispatch import payload_strlen  # noqa: E402
 
 SERVER = textwrap.dedent('''
     import os, sys
@@ -65,14 +66,16 @@ COMMAND = textwrap.dedent('''
 
     KEY, COUNT_KEY = int(os.environ["BENCH_KEY"]), int(os.environ["BENCH_COUNT_KEY"])
     N, N_CO = int(os.environ["BENCH_N"]), int(os.environ["BENCH_N_CO"])
+    STRLEN = os.environ.get("BENCH_STRLEN")   # params sized by the driver; unset: [1, "abc", 3.5]
+    PARAMS = [1, "abc" if STRLEN is None else "x" * int(STRLEN), 3.5]
     counts = memoryview(sysv_ipc.SharedMemory(COUNT_KEY)).cast("q")
     Task.configure(message_queue_key=KEY)
     for _ in range(1000):
-        Task.deliver("bench", "echo", [1, "abc", 3.5])
+        Task.deliver("bench", "echo", PARAMS)
     before = counts[0] + counts[1]
     t0 = time.perf_counter()
     for _ in range(N):
-        Task.deliver("bench", "hit", [1, "abc", 3.5], Task.TYPE_ASYNC)
+        Task.deliver("bench", "hit", PARAMS, Task.TYPE_ASYNC)
     Task.flush(30)
     sent = time.perf_counter()
     deadline = time.monotonic() + 60
@@ -86,7 +89,7 @@ COMMAND = textwrap.dedent('''
     samples = []
     for _ in range(N_CO):
         t = clock()
-        Task.deliver("bench", "echo", [1, "abc", 3.5])
+        Task.deliver("bench", "echo", PARAMS)
         samples.append(clock() - t)
     samples.sort()
     print(json.dumps({"kind": "reply", "n": N_CO, "p50": samples[N_CO // 2] / 1e3,
@@ -101,8 +104,9 @@ def _result(workload: str, system: str, value: float, unit: str, n: int,
             "n": n, **extra}
 
 
-def pyswtask_queue(n: int, n_co: int, mode: int) -> list[dict[str, Any]]:
-    """One server and one separate command process; both results."""
+def pyswtask_queue(n: int, n_co: int, mode: int, payload: int | None = None) -> list[dict[str, Any]]:
+    """One server and one separate command process; both results. ``payload``: the task
+    envelope's size in bytes (None: params [1, "abc", 3.5])."""
     import sysv_ipc
 
     from pyswtask.msgqueue import read_info
@@ -112,6 +116,9 @@ def pyswtask_queue(n: int, n_co: int, mode: int) -> list[dict[str, Any]]:
     memoryview(count).cast("q")[:2] = memoryview(bytes(16)).cast("q")
     env = dict(os.environ, BENCH_KEY=str(key), BENCH_MODE=str(mode), BENCH_COUNT_KEY=str(count.key),
                BENCH_N=str(n), BENCH_N_CO=str(n_co))
+    if payload is not None:
+        env["BENCH_STRLEN"] = str(payload_strlen(payload, "bench", "echo"))
+    extra = {} if payload is None else {"payload": payload}
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in (("server.py", SERVER), ("command.py", COMMAND)):
             with open(os.path.join(tmp, name), "w") as f:
@@ -147,15 +154,15 @@ def pyswtask_queue(n: int, n_co: int, mode: int) -> list[dict[str, Any]]:
     return [
         _result("queue_oneway", "pyswtask", n / one["elapsed_s"], "tasks/s", n,
                 elapsed_s=round(one["elapsed_s"], 3), send_s=round(one["send_s"], 3),
-                task_ipc_mode=mode),
+                task_ipc_mode=mode, **extra),
         _result("queue_reply", "pyswtask", reply["p50"], "us", n_co,
                 p50_us=round(reply["p50"], 3), p99_us=round(reply["p99"], 3),
-                mean_us=round(reply["mean"], 3), task_ipc_mode=mode),
+                mean_us=round(reply["mean"], 3), task_ipc_mode=mode, **extra),
     ]
 
 
-def swoole_queue(n: int, n_co: int) -> list[dict[str, Any]]:
-    rows = _swoole.run("queue.php", "--n", str(n), "--reply-n", str(n_co),
+def swoole_queue(n: int, n_co: int, payload: int = 103) -> list[dict[str, Any]]:
+    rows = _swoole.run("queue.php", "--n", str(n), "--reply-n", str(n_co), "--payload", str(payload),
                        "--key", str(0x7C000000 + (os.getpid() & 0xFFFF) * 4))
     for r in rows:
         if r["unit"] == "us":

@@ -177,6 +177,33 @@ def test_large_payloads_cross_in_fragments(servers: ServerRunner) -> None:
     assert srv.by_event("empty")[0]["result"] == "b''"
 
 
+def test_an_async_flood_of_large_tasks_does_not_deadlock(servers: ServerRunner) -> None:
+    # 400 ASYNC tasks of 64 KiB, and their results as large, in flight at once: far above the
+    # 4 MiB high-water mark on both sides. The task worker stops reading tasks while its results
+    # back up; the worker must go on reading results while it waits for room to send.
+    srv = servers.run('''
+        blob = b"x" * 65536
+
+        def start(server, wid):
+            state = {"done": 0, "same": True}
+
+            def on_done(task_id, result):
+                state["done"] += 1
+                state["same"] = state["same"] and result == blob
+                if state["done"] == 400:
+                    emit(event="flood", done=state["done"], same=state["same"])
+                    server.shutdown()
+
+            for _ in range(400):
+                Task.deliver("Demo", "echo", [blob], Task.TYPE_ASYNC, callback=on_done)
+
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''', timeout=60)
+    assert srv.by_event("flood") == [{"event": "flood", "done": 400, "same": True}]
+
+
 def test_dispatch_prefers_an_idle_task_worker_and_honours_dst(servers: ServerRunner) -> None:
     srv = servers.run('''
         def start(server, wid):

@@ -9,6 +9,13 @@ cdef enum:
     # Records read from one channel per turn, so that one busy peer cannot starve the others.
     _READ_BUDGET = 64
 
+# The high-water mark a worker's channels register their interest with: never reached, so a
+# worker always reads results. Reading them sends nothing back, while a task worker whose
+# results back up stops reading tasks (TaskLoop): a worker that also stopped reading while its
+# tasks back up would deadlock with it (a flood of large ASYNC tasks did). The worker's own
+# backpressure on sending is _flush_channel's, at self.high_water.
+cdef size_t _READ_ALWAYS = <size_t>-1
+
 
 cdef class _TimeoutMarker:
     def __repr__(self):
@@ -110,7 +117,7 @@ cdef class Dispatcher(RecordReader):
         self.channels = []
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
-            ch.update_interest(self.epfd, self.high_water)
+            ch.update_interest(self.epfd, _READ_ALWAYS)
             self.channels.append(ch)
         self.outs = self.channels if outs is None else list(outs)
         self.nout = len(self.outs)
@@ -316,7 +323,7 @@ cdef class Dispatcher(RecordReader):
 
     cdef int _flush_channel(self, Channel ch) except -1:
         ch.flush()
-        ch.update_interest(self.epfd, self.high_water)
+        ch.update_interest(self.epfd, _READ_ALWAYS)
         if ch.queued() >= self.high_water:
             # Backpressure: the task worker is not keeping up. Wait for room, reading results
             # meanwhile (a task worker blocked on sending us results would otherwise never read).
@@ -421,7 +428,7 @@ cdef class Dispatcher(RecordReader):
             ch = <Channel>self.channels[evs[i].data.u32]
             if evs[i].events & EPOLLOUT:
                 ch.flush()
-                ch.update_interest(self.epfd, self.high_water)
+                ch.update_interest(self.epfd, _READ_ALWAYS)
             if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
                 self._read(ch)
         return n
