@@ -227,18 +227,22 @@ def test_the_environment_names_the_queue(servers: ServerRunner) -> None:
     stop(srv)
 
 
+# Up to 64 MiB (less the envelope, under the default package_max_length).
+QUEUE_SIZES = (0, 8000, 8192, 100_000, 3_000_000, (64 << 20) - 64)
+
+
 def test_payloads_beyond_one_message_travel_in_parts(servers: ServerRunner) -> None:
     key = new_key()
     srv = start_server(servers, key, 3)
     out = command('''
-        for size in (0, 8000, 8192, 100_000, 3_000_000):
+        for size in SIZES:
             value = os.urandom(size)
-            back = Task.deliver("Demo", "echo", [value], timeout=20)
+            back = Task.deliver("Demo", "echo", [value], timeout=60)
             emit(size=size, same=back == value)
         for i in range(20):
             Task.deliver("Note", "big", [i, "p" * 50_000], Task.TYPE_ASYNC)
-    ''', key, timeout=60)
-    assert out == [{"size": s, "same": True} for s in (0, 8000, 8192, 100_000, 3_000_000)]
+    '''.replace("SIZES", repr(QUEUE_SIZES)), key, timeout=120)
+    assert out == [{"size": s, "same": True} for s in QUEUE_SIZES]
     stop(srv)
     assert sorted(r["i"] for r in srv.by_event("big") if r["size"] == 50_000) == list(range(20))
 
