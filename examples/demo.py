@@ -1,6 +1,7 @@
 """The demo server: workers deliver CO, ASYNC and batch tasks, a user process delivers through a
 worker and sends a pipe message, and the crontab fires a job every two seconds. It prints what
-happens and stops the server after a few seconds (or on Ctrl-C).
+happens and stops the server after a few seconds (or on Ctrl-C). With PYSWTASK_DEMO_QUEUE_KEY
+set, separate programs can deliver through the server's message queue as well.
 
 Run it with ``scripts/demo`` (or ``pyswtask run examples.demo:server`` in a set-up venv).
 """
@@ -41,7 +42,9 @@ class Mailer:
 
     def send(self, to: str, subject: str) -> str:
         time.sleep(0.05)  # pretend to talk to an SMTP server
-        return f"sent {subject!r} to {to} from task worker pid {os.getpid()}"
+        done = f"sent {subject!r} to {to} from task worker pid {os.getpid()}"
+        say("task worker", done)
+        return done
 
     def fail(self) -> None:
         raise RuntimeError("the SMTP server said no")
@@ -121,6 +124,8 @@ async def square(worker_id: int) -> None:
     say(f"worker {worker_id}", f"await Task.co math.slow_square -> {value}")
 
 
-server = Server(worker_num=2, task_worker_num=2, cron=True)
+# scripts/demo sets a queue key, so that a separate program can deliver too (pyswtask deliver).
+server = Server(worker_num=2, task_worker_num=2, cron=True,
+                message_queue_key=os.environ.get("PYSWTASK_DEMO_QUEUE_KEY"))
 server.on("worker_start", on_worker_start)
 server.on("shutdown", lambda srv: say("master", "all processes stopped"))
