@@ -68,6 +68,7 @@ cdef class Dispatcher(RecordReader):
     cdef uint32_t counter
     cdef readonly uint64_t delivered
     cdef public Py_ssize_t max_pending  # task_queue_size: more deliveries wait for results
+    cdef bint in_wait_callbacks     # finish callbacks running from _wait_for_room
     cdef uint16_t worker_id
     cdef dict pending
     cdef list deferred
@@ -266,14 +267,21 @@ cdef class Dispatcher(RecordReader):
 
     cdef int _wait_for_room(self) except -1:
         """Backpressure: task_queue_size tasks are waiting for results. Send what is queued and
-        read results until some room is free, so that a burst cannot grow this process without
-        bound (finish callbacks run later, from the loop)."""
+        read results until some room is free, then run the finish callbacks of what came, so
+        that a burst delivered in one loop turn holds at most task_queue_size tasks and results
+        (a callback that delivers and waits again leaves its results to the loop)."""
         cdef Py_ssize_t room = self.max_pending - (self.max_pending >> 4)
         self.flush()
         while len(self.pending) >= room:
             self._poll(100)
             if self.via_queue:
                 self.flush()
+        if self.deferred and not self.in_wait_callbacks:
+            self.in_wait_callbacks = True
+            try:
+                self.run_deferred()
+            finally:
+                self.in_wait_callbacks = False
         if self.deferred and self.schedule is not None and not self.deferred_scheduled:
             self.deferred_scheduled = True
             self.schedule(self.run_deferred)
@@ -451,9 +459,12 @@ cdef class Dispatcher(RecordReader):
         return self._on_result(h.task_id, h.type, body, n)
 
     cdef int _on_lost(self, Channel ch, const char *p, size_t n) except -1:
-        """A task worker died (the master tells us on its end of the channel): the task it was
-        running, and any it had run without its result reaching us, fail with TaskWorkerLost;
-        those it had read but not started go to its successor (same channel) again."""
+        """A task worker died (the master tells us on its end of the channel): the last task it
+        started, and any it had run without its result reaching us, fail with TaskWorkerLost;
+        those it had read but not started go to its successor (same channel) again.
+
+        running: the last task of ours it started (0: its last start was another worker's, so
+        every record it read from us was run whole); read_upto: the last task of ours it read."""
         cdef uint64_t running, read_upto, done_upto, task_id
         cdef _Pending entry
         cdef Channel out
@@ -481,7 +492,7 @@ cdef class Dispatcher(RecordReader):
                 again.append(task_id)
         for task_id in lost:
             entry = <_Pending>self.pending.pop(task_id)
-            what = "while running this task" if task_id == running else (
+            what = "while running this task or sending its result" if task_id == running else (
                 "after running this task; its result was lost")
             self._complete(task_id, entry, self.make_error(
                 ["TaskWorkerLost", f"{reason} {what}", ""]), True)

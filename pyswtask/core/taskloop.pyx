@@ -33,7 +33,7 @@ cdef class TaskLoop(RecordReader):
     cdef Channel qchan              # stands for the queue: where its fragments are reassembled
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
-    cdef uint64_t[:] state          # shared: [running task id, its worker, last id read per
+    cdef uint64_t[:] state          # shared: [last task started, its worker, last id read per
     cdef bint has_state             #   worker]; read by the master if this process dies
     cdef Py_ssize_t state_base
     cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
@@ -235,8 +235,6 @@ cdef class TaskLoop(RecordReader):
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started
-            if self.has_state:
-                self.state[self.state_base] = 0
             if expected is None:
                 if len(self.durations) >= _DURATIONS_MAX:
                     self.durations.clear()
