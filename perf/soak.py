@@ -526,6 +526,12 @@ def main() -> int:
         if left:
             failures.append(f"processes of the session outlived the master: {left}")
         window = (int(t_ready) + 3, min(int(t_term) - 2, int(t_stop) + 5))
+    except BaseException:
+        # Interrupted or failed: the accounting segment goes too (the servers stop below).
+        mem.release()
+        shm.detach()
+        shm.remove()
+        raise
     finally:
         for p in (command, server):
             if p is None:
