@@ -71,25 +71,41 @@ SAMPLE_EVERY = 10.0
 # Outcomes written by the senders
 DELIVERED, OK, LOST, TIMEOUT, ERROR, NOT_SENT, WRONG = 1, 2, 3, 4, 5, 6, 7
 
-SERVER = textwrap.dedent('''
+# What both scripts share: the layout in shared memory and the seq counters of the sources.
+SHARED = textwrap.dedent('''
     import json, os, sys, time
     import sysv_ipc
-    from pyswtask import (Event, Server, Task, TaskError, TaskTimeout, TaskWorkerLost, listener,
-                          scheduled, task)
-    from pyswtask.cron import CRON_TASK, due_second
 
     L = json.loads(os.environ["SOAK_LAYOUT"])
     SHM = sysv_ipc.SharedMemory(L["shm_key"])
     MEM = memoryview(SHM)
     CTL = MEM[:L["ctl_bytes"]].cast("q")
-    DELAY = MEM[L["delay_off"]:L["delay_off"] + L["delay_bytes"]].cast("i")
     OUT = MEM[L["out_off"]:L["out_off"] + L["slots"]]
+    BASE, CAP = L["base"], L["cap"]
+
+    def next_seq(src):
+        """The next seq of src, or None once stopped or at capacity."""
+        seq = CTL[1 + src]
+        if CTL[0] or seq >= CAP[src]:
+            return None
+        CTL[1 + src] = seq + 1
+        OUT[BASE[src] + seq] = 1
+        return seq
+
+''')
+
+SERVER = SHARED + textwrap.dedent('''
+    from pyswtask import (Event, Server, Task, TaskError, TaskTimeout, TaskWorkerLost, listener,
+                          scheduled, task)
+    from pyswtask.cron import CRON_TASK, due_second
+
+    DELAY = MEM[L["delay_off"]:L["delay_off"] + L["delay_bytes"]].cast("i")
     COUNTS = MEM[L["counts_off"]:L["counts_off"] + L["n_tw"] * L["slots"]]
     STARTED = MEM[L["started_off"]:L["started_off"] + L["n_tw"] * L["slots"]]
     CRON = L["n_cron"] * L["nsec"]
     CRON_COUNTS = MEM[L["cron_counts_off"]:L["cron_counts_off"] + L["n_tw"] * CRON]
     CRON_STARTED = MEM[L["cron_started_off"]:L["cron_started_off"] + L["n_tw"] * CRON]
-    BASE, CAP, S, NSEC, BASE_SEC = L["base"], L["cap"], L["slots"], L["nsec"], L["base_sec"]
+    S, NSEC, BASE_SEC = L["slots"], L["nsec"], L["base_sec"]
     WORK = L["work"]
     state = {"tw": 0, "server": None}
 
@@ -125,15 +141,6 @@ SERVER = textwrap.dedent('''
             k = sec - BASE_SEC
             if spec.task == "soakcron" and 0 <= k < NSEC:
                 CRON_STARTED[state["tw"] * CRON + int(spec.method[4:]) * NSEC + k] += 1
-
-    def next_seq(src):
-        """The next seq of src, or None once stopped or at capacity."""
-        seq = CTL[1 + src]
-        if CTL[0] or seq >= CAP[src]:
-            return None
-        CTL[1 + src] = seq + 1
-        OUT[BASE[src] + seq] = 1
-        return seq
 
     def outcome(src, seq, result):
         if isinstance(result, TaskWorkerLost):
@@ -201,26 +208,9 @@ SERVER = textwrap.dedent('''
     sys.exit(server.start())
 ''')
 
-COMMAND = textwrap.dedent('''
-    import json, os, sys, time
-    import sysv_ipc
+COMMAND = SHARED + textwrap.dedent('''
     from pyswtask import QueueFull, Task, TaskTimeout, TaskWorkerLost
-
-    L = json.loads(os.environ["SOAK_LAYOUT"])
-    SHM = sysv_ipc.SharedMemory(L["shm_key"])
-    MEM = memoryview(SHM)
-    CTL = MEM[:L["ctl_bytes"]].cast("q")
-    OUT = MEM[L["out_off"]:L["out_off"] + L["slots"]]
-    BASE, CAP = L["base"], L["cap"]
     co, asy = 6, 7
-
-    def next_seq(src):
-        seq = CTL[1 + src]
-        if CTL[0] or seq >= CAP[src]:
-            return None
-        CTL[1 + src] = seq + 1
-        OUT[BASE[src] + seq] = 1
-        return seq
 
     Task.configure(message_queue_key=L["queue_key"])
     n = 0

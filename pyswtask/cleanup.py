@@ -27,16 +27,6 @@ def _table(path: str) -> list[list[str]]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep() -> int:
     """Removes what dead servers of this user left in pyswtask's default key ranges; returns
     how many objects went."""
@@ -50,7 +40,7 @@ def sweep() -> int:
                                                int(fields[6]), int(fields[7]))
         except (IndexError, ValueError):
             continue
-        if owner != uid or nattch or _alive(cpid):
+        if owner != uid or nattch or msgqueue.pid_alive(cpid):
             continue
         if cron_lo <= key < cron_hi:
             what = "crontab table"
