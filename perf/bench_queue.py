@@ -109,7 +109,7 @@ def pyswtask_queue(n: int, n_co: int, mode: int, payload: int | None = None) -> 
     envelope's size in bytes (None: params [1, "abc", 3.5])."""
     import sysv_ipc
 
-    from pyswtask.msgqueue import read_info
+    from pyswtask.transport.msgqueue import read_info
 
     key = 0x7B000000 + (os.getpid() & 0xFFFF) * 4
     count = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, mode=0o600, size=16)

@@ -426,7 +426,7 @@ def main() -> int:
 
     import sysv_ipc
 
-    from pyswtask.msgqueue import read_info
+    from pyswtask.transport.msgqueue import read_info
 
     tag = (os.getpid() & 0x3FFF) * 4
     queue_key, cron_key = 0x7D100000 + tag, 0x7D200000 + tag

@@ -38,8 +38,9 @@ from .errors import (
     UnknownTask,
 )
 from .events import Event, EventObject, events, listener
-from .process import Process, process
+from .process import process
 from .registry import task
+from .roles import Process
 from .server import Server
 
 __all__ = [

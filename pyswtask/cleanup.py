@@ -14,7 +14,8 @@ import os
 
 import sysv_ipc  # type: ignore[import-not-found]
 
-from . import cron, msgqueue
+from . import cron
+from .transport import msgqueue
 
 log = logging.getLogger("pyswtask.master")
 

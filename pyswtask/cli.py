@@ -85,7 +85,7 @@ def cron_command(args: argparse.Namespace) -> int:
 
 
 def _key(value: str) -> int:
-    from .msgqueue import parse_key
+    from .transport.msgqueue import parse_key
     try:
         return parse_key(value, "--key")
     except ValueError as exc:
@@ -120,7 +120,7 @@ def deliver_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def queue_command(args: argparse.Namespace) -> int:
-    from . import msgqueue
+    from .transport import msgqueue
 
     stat = msgqueue.queue_stat(args.key)
     if stat is None:

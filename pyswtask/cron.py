@@ -32,13 +32,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sysv_ipc  # type: ignore[import-not-found]
 from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
-from . import context, registry
+from . import registry, roles
 from ._core import OriginTable, RunStatus, RunTable, TableFull
-from .pipe import deliver_many_by_process
 from .process import ProcessSpec
 
 if TYPE_CHECKING:
-    from .process import Process
+    from .roles import Process
     from .server import Server
 
 __all__ = ["scheduled", "CronRuleError", "normalize_rule", "next_times", "Crontab"]
@@ -284,12 +283,12 @@ class Crontab:
             self.tables()[0].finish(job, sec, RunStatus.FAILED, 0.0)
 
     def _wake_exec(self) -> None:
-        ctx = context.current
-        if ctx.role == context.PROCESS and ctx.server is not None:
-            exec_id = ctx.server.process_id(EXEC_PROCESS)
+        server = roles.current().server
+        if server is not None:
+            exec_id = server.process_id(EXEC_PROCESS)
             if exec_id is not None:
                 try:
-                    ctx.server.send_message(None, exec_id, type="cron.rows", timeout=0.5)
+                    server.send_message(None, exec_id, type="cron.rows", timeout=0.5)
                 except Exception as exc:  # the exec process wakes every 0.5 s anyway
                     log.debug("crontab: could not wake the exec process: %s", exc)
 
@@ -327,8 +326,8 @@ class Crontab:
         if not going:
             return
         try:
-            deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
-                                     for row, job, sec in going])
+            roles.current().deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
+                                                     for row, job, sec in going])
         except Exception as exc:
             for row, job, sec in going:
                 log.error("crontab: run of %s.%s due at %d not delivered: %s",
@@ -392,7 +391,7 @@ class CronRunner:
     and writes its outcome into both tables."""
 
     def run(self, row: int, job: int, sec: int) -> Any:
-        server = context.current.server
+        server = roles.current().server
         crontab = getattr(server, "crontab", None)
         if crontab is None:
             raise RuntimeError("the crontab is not on in this server (Server(cron=True))")

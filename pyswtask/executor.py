@@ -8,22 +8,19 @@ caller's TaskError; the task worker goes on serving.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import traceback
 from typing import Any
 
 from . import registry
+from .envelope import trace_ids
 from .events import Event, EventManager
 
 log = logging.getLogger("pyswtask.task")
 
 _TASK_EVENTS = (Event.BEFORE_TASK, Event.AFTER_TASK, Event.RESOURCE_RELEASE)
 
-trace_ids: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar(
-    "pyswtask_trace_ids", default=("", 0))
-"""(logid, spanid) of the current request or task; carried in every envelope."""
 
 
 class TaskExecutor:

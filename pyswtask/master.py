@@ -8,8 +8,6 @@ events and never does work inside a handler.
 from __future__ import annotations
 
 import collections
-import ctypes
-import gc
 import logging
 import os
 import select
@@ -18,25 +16,23 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import cleanup, context, control
+from . import cleanup, roles
 from ._core import Mailbox
-from .context import EXIT_BOOT_ERROR
 from .cron import Crontab
-from .ipc import ServerIpc
-from .msgqueue import ServerQueue
-from .process import run_user_process
-from .taskworker import run_task_worker
+from .roles import EXIT_BOOT_ERROR, ChildRole, TaskWorker, UserProcess, Worker
 from .titles import set_title
-from .worker import run_worker
+from .transport import control
+from .transport.ipc import ServerIpc
+from .transport.msgqueue import ServerQueue
 
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("pyswtask.master")
 
-WORKER = context.WORKER
-TASK_WORKER = context.TASK_WORKER
-PROCESS = context.PROCESS
+WORKER = Worker.kind
+TASK_WORKER = TaskWorker.kind
+PROCESS = UserProcess.kind
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
             signal.SIGUSR2)
@@ -45,11 +41,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signa
 class Child:
     """One supervised slot: the process in it changes on respawn, the slot does not."""
 
-    __slots__ = ("kind", "worker_id", "index", "name", "pid", "started", "failures",
+    __slots__ = ("role", "kind", "worker_id", "index", "name", "pid", "started", "failures",
                  "respawn_at")
 
-    def __init__(self, kind: str, worker_id: int, index: int, name: str = "") -> None:
-        self.kind = kind
+    def __init__(self, role: type[ChildRole], worker_id: int, index: int, name: str = "") -> None:
+        self.role = role            # chosen once: what every process in this slot becomes
+        self.kind = role.kind
         self.worker_id = worker_id
         self.index = index          # index among its kind
         self.name = name
@@ -67,8 +64,8 @@ class Master:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.settings = server.settings
-        self.children = [Child(WORKER, i, i) for i in range(server.worker_num)]
-        self.children += [Child(TASK_WORKER, server.worker_num + i, i)
+        self.children = [Child(Worker, i, i) for i in range(server.worker_num)]
+        self.children += [Child(TaskWorker, server.worker_num + i, i)
                           for i in range(server.task_worker_num)]
         first = server.worker_num + server.task_worker_num
         self.processes = server.user_processes()
@@ -76,7 +73,7 @@ class Master:
         if server.settings["cron"]:
             self.crontab = Crontab(server)
             self.processes += self.crontab.processes()
-        self.children += [Child(PROCESS, first + i, i, spec.name)
+        self.children += [Child(UserProcess, first + i, i, spec.name)
                           for i, spec in enumerate(self.processes)]
         self.by_pid: dict[int, Child] = {}
         self.signals: collections.deque[int] = collections.deque(maxlen=32)
@@ -102,8 +99,7 @@ class Master:
         set_title("master")
         old_handlers = self._install_signals()
         server.master_pid = os.getpid()
-        context.current.enter(context.MASTER, -1, server)
-        context.current.mailbox = self.inbox
+        roles.enter(roles.MasterRole(server, self.inbox))
         pid_file = self.settings["pid_file"]
         try:
             _check_pid_file(pid_file)
@@ -151,7 +147,7 @@ class Master:
                 except FileNotFoundError:
                     pass
             server.master_pid = None
-            context.current.__init__()  # type: ignore[misc]
+            roles.leave()
         log.info("master %d stopped", os.getpid())
         return self.exit_code
 
@@ -189,7 +185,8 @@ class Master:
                 pass
 
     def _handle_control(self) -> None:
-        """Control messages from the children: for now, starting a boot=False process."""
+        """Control messages from the children: requests to start a boot=False process, and
+        the ready notices of respawned children that a reload waits for."""
         names, ready = control.read_control(self.inbox)
         self.ready_pids.update(ready)
         for name in names:
@@ -245,32 +242,25 @@ class Master:
             os._exit(code)
 
     def _child_main(self, child: Child) -> int:
-        # Back to default signal handling before anything else; the terminal's Ctrl-C reaches
-        # every process of the group, and only the master decides the stopping order.
+        # Leave the master's state behind before anything else: default signal handling (the
+        # terminal's Ctrl-C reaches every process of the group, and only the master decides the
+        # stopping order), none of its wake-up pipe, only this child's ends of the IPC.
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # A master that is killed outright cannot stop its children: have the kernel send them
-        # SIGTERM then, so they stop as they would on a normal stop instead of living on.
-        _terminate_with_parent()
-        if os.getppid() != self.server.master_pid:
-            return 0  # the master died before the line above took effect
         assert self.wakeup is not None
         for fd in self.wakeup:
             os.close(fd)
         assert self.ipc is not None
         ipc = self.ipc.for_child(child.kind, child.worker_id, child.index)
-        set_title(f"process {child.name}" if child.kind == PROCESS
-                  else f"{child.kind} {child.worker_id}")
-        # Everything inherited from the master lives as long as the child: keep the collector
-        # from walking it again and again on the per-task path.
-        gc.freeze()
-        if child.kind == WORKER:
-            return run_worker(self.server, child.worker_id, ipc)
-        if child.kind == TASK_WORKER:
-            return run_task_worker(self.server, child.worker_id, child.index, ipc)
-        return run_user_process(self.server, self.processes[child.index], child.worker_id, ipc)
+        role: ChildRole
+        if child.role is UserProcess:
+            role = UserProcess(self.server, child.worker_id, child.index, ipc,
+                               self.processes[child.index])
+        else:
+            role = child.role(self.server, child.worker_id, child.index, ipc)
+        return role.init_process()
 
     def _reap(self) -> None:
         while True:
@@ -390,12 +380,3 @@ def _check_pid_file(path: str | None) -> None:
     if pid != os.getpid() and title.startswith(b"pyswtask: master"):
         raise RuntimeError(f"a server is already running with pid file {path} (master pid {pid})")
     log.info("pid file %s names pid %d, which is not a running master: replacing it", path, pid)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _terminate_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())

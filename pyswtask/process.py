@@ -1,35 +1,16 @@
-"""User processes (Swoole's Process, Swoft's @Process): long-running helpers the server starts,
-respawns when they die (with a back-off when they die at once) and stops.
+"""Declaring user processes (Swoole's Process, Swoft's @Process): long-running helpers the
+server starts, respawns when they die (with a back-off when they die at once) and stops.
 
-A process is a function ``fn(server, process)`` or a class with ``run(self, server, process)``
-(made in the child). An ``async def`` one runs on an event loop of its own, where pipe messages
-fire ``Event.PIPE_MESSAGE`` as they arrive; a plain one reads them when it calls
-``process.read_messages()`` or ``process.sleep()``. When the function returns, the process
-exits and is respawned, as in Swoole.
+This module holds the declarations only (``@process``, ``ProcessSpec``); what a user process
+does once forked is its role's (``pyswtask.roles.userprocess``), and the handle its function
+gets is ``pyswtask.Process``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import logging
-import os
-import signal
-import time
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from . import context
-from ._core import Mailbox
-from .events import Event, events
-from .pipe import ProcessDelivery, dispatch_messages, send_message
-
-if TYPE_CHECKING:
-    from .ipc import ChildIpc
-    from .server import Server
-
-__all__ = ["process", "Process", "ProcessSpec"]
-
-log = logging.getLogger("pyswtask.process")
+__all__ = ["process", "ProcessSpec", "declared"]
 
 T = TypeVar("T")
 
@@ -78,98 +59,3 @@ def process(name: str | None = None, *, boot: bool = True) -> Callable[[T], T]:
 
 def declared() -> list[ProcessSpec]:
     return list(_declared)
-
-
-class Process:
-    """What a user process's function gets: who it is, and its pipe messages."""
-
-    __slots__ = ("name", "id", "pid", "server", "mailbox", "delivery")
-
-    def __init__(self, name: str, worker_id: int, server: Server, mailbox: Mailbox) -> None:
-        self.name = name
-        self.id = worker_id
-        self.pid = os.getpid()
-        self.server = server
-        self.mailbox = mailbox
-        self.delivery = ProcessDelivery(mailbox)
-
-    def read_messages(self, timeout: float = 0.0) -> int:
-        """Waits up to timeout seconds (None: for ever) for pipe messages, fires
-        PIPE_MESSAGE for each (and runs deliver_by_process callbacks); returns how many."""
-        count = self._drain_backlog()
-        if count:
-            return count
-        if self.mailbox.wait(-1.0 if timeout is None else timeout):
-            count += dispatch_messages(self.mailbox, self.delivery.take_reply)
-        return count
-
-    def sleep(self, seconds: float) -> None:
-        """Sleeps, handling pipe messages as they come."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.read_messages(left)
-
-    def send_message(self, data: Any, dst_worker_id: int, type: str = "message",
-                     timeout: float = 3.0) -> None:
-        """The same as ``server.send_message``."""
-        send_message(data, dst_worker_id, type, timeout)
-
-    def _drain_backlog(self) -> int:
-        backlog, self.delivery.backlog = self.delivery.backlog, []
-        for mtype, data, src in backlog:
-            if not self.delivery.take_reply(mtype, data, src):
-                events.trigger(Event.PIPE_MESSAGE, self.server, mtype, data, src)
-        return len(backlog)
-
-    def __repr__(self) -> str:
-        return f"<Process {self.name!r} id={self.id} pid={self.pid}>"
-
-
-def run_user_process(server: Server, spec: ProcessSpec, worker_id: int, ipc: ChildIpc) -> int:
-    ctx = context.current
-    ctx.enter(context.PROCESS, worker_id, server)
-    try:
-        mailbox = Mailbox(worker_id, ipc.inbox_fd, ipc.out_fds, epoch=os.getpid(),
-                          on_protocol_error=log.error)
-        ctx.mailbox = mailbox
-        ctx.load = ipc.load
-        proc = ctx.process = Process(spec.name, worker_id, server, mailbox)
-        target = spec.callable()
-    except Exception:
-        log.exception("process %s could not start", spec.name)
-        return context.EXIT_BOOT_ERROR
-    events.trigger(Event.PROCESS_START, server, spec.name, worker_id)
-    try:
-        if inspect.iscoroutinefunction(target):
-            _run_async(target, server, proc)
-        else:
-            signal.signal(signal.SIGTERM, _exit_on_term)
-            target(server, proc)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        proc.delivery.flush(server.settings["max_wait_time"])
-        events.trigger(Event.PROCESS_STOP, server, spec.name, worker_id)
-    return 0
-
-
-def _exit_on_term(signum: int, frame: Any) -> None:
-    # Unwinds the process's function (its finally blocks run) and ends the process with 0.
-    raise SystemExit(0)
-
-
-def _run_async(target: Callable[..., Any], server: Server, proc: Process) -> None:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    context.current.loop = loop
-    main = loop.create_task(target(server, proc))
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
-    loop.add_reader(proc.mailbox.fileno(), lambda: dispatch_messages(proc.mailbox,
-                                                                     proc.delivery.take_reply))
-    try:
-        loop.run_until_complete(main)
-    except asyncio.CancelledError:
-        pass
-    finally:
-        loop.close()

@@ -14,10 +14,11 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import context, control, pipe
+from . import roles
 from .cron import zone
-from .msgqueue import IPC_MODES, ServerQueue, parse_key
 from .process import ProcessSpec, declared
+from .transport import control
+from .transport.msgqueue import IPC_MODES, ServerQueue, parse_key
 
 if TYPE_CHECKING:
     from .cron import Crontab
@@ -180,7 +181,10 @@ class Server:
         """Starts a user process declared with ``boot=False`` (Swoft's on-demand processes),
         from any process of the running server; from then on it is supervised like the others.
         Starting one that runs already does nothing."""
-        control.request_start(self, name)
+        role = roles.current()
+        control.request_start(role.send_message,
+                              self.master_id if self.master_pid is not None else None,
+                              self.process_ids, name)
 
     def send_message(self, data: Any, dst_worker_id: int, type: str = "message",
                      timeout: float = 3.0) -> None:
@@ -188,14 +192,14 @@ class Server:
         workers, then user processes), where Event.PIPE_MESSAGE fires with
         ``(type, data, src_id)``. Never blocks a worker's loop; elsewhere blocks until written
         (TimeoutError after ``timeout``)."""
-        pipe.send_message(data, dst_worker_id, type, timeout)
+        roles.current().send_message(data, dst_worker_id, type, timeout)
 
     def _run_hook(self, hook: str, *args: Any) -> None:
         for fn in self._hooks.get(hook, ()):
             try:
                 result = fn(self, *args)
                 if asyncio.iscoroutine(result):
-                    _spawn_coroutine(result)
+                    roles.current().spawn_coroutine(result)
             except Exception:
                 log.exception("%s hook %r failed", hook, fn)
 
@@ -204,7 +208,7 @@ class Server:
     def start(self) -> int:
         """Forks the children and blocks in the master until the server stops (SIGTERM,
         SIGINT or ``shutdown()``); returns the master's exit code (0 on a clean stop)."""
-        if context.current.role is not None:
+        if roles.current().in_server:
             raise RuntimeError("start() was called inside a server process")
         from .master import Master
         return Master(self).run()
@@ -218,7 +222,7 @@ class Server:
     @property
     def worker_id(self) -> int:
         """This process's worker id; -1 in the master or outside the server."""
-        return context.current.worker_id
+        return roles.current().worker_id
 
     # -- timers (worker processes) ----------------------------------------------------------
 
@@ -228,7 +232,7 @@ class Server:
         Due times are kept on a fixed grid from the first one, so the tick does not drift."""
         loop, interval = self._timer_loop("tick", ms)
         timer_id = next(_timer_ids)
-        timers = context.current.timers
+        timers = roles.current().timers
         when = loop.time() + interval
 
         def fire() -> None:
@@ -246,7 +250,7 @@ class Server:
         """Calls ``fn()`` once after ``ms`` milliseconds in this worker; returns the id."""
         loop, interval = self._timer_loop("after", ms)
         timer_id = next(_timer_ids)
-        timers = context.current.timers
+        timers = roles.current().timers
 
         def fire() -> None:
             if timers.pop(timer_id, None) is not None:
@@ -257,7 +261,7 @@ class Server:
 
     def clear_timer(self, timer_id: int) -> bool:
         """Cancels a timer of this worker; returns whether it existed."""
-        handle = context.current.timers.pop(timer_id, None)
+        handle = roles.current().timers.pop(timer_id, None)
         if handle is None:
             return False
         handle.cancel()
@@ -265,33 +269,13 @@ class Server:
 
     @staticmethod
     def _timer_loop(api: str, ms: int) -> tuple[asyncio.AbstractEventLoop, float]:
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
-        loop = context.current.loop
-        if context.current.role != context.WORKER or loop is None:
-            raise RuntimeError(f"{api}() works in worker processes: call it from a "
-                               "worker_start hook or from code running in a worker")
-        return loop, ms / 1000.0
+        return roles.current().timer_loop(api, ms)
 
 
 def _call_timer(fn: Callable[..., Any], *args: Any) -> None:
     try:
         result = fn(*args)
         if asyncio.iscoroutine(result):
-            _spawn_coroutine(result)
+            roles.current().spawn_coroutine(result)
     except Exception:
         log.exception("timer callback %r failed", fn)
-
-
-def _spawn_coroutine(coro: Any) -> None:
-    loop = context.current.loop
-    if loop is None:
-        coro.close()
-        raise RuntimeError("coroutine hooks and timers run in worker processes only")
-    task = loop.create_task(coro)
-    task.add_done_callback(_log_task_failure)
-
-
-def _log_task_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("coroutine %r failed", task.get_coro(), exc_info=task.exception())

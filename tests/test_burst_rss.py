@@ -14,11 +14,11 @@ N = 200_000
 
 def test_a_one_turn_burst_runs_finish_callbacks_as_it_waits(servers: ServerRunner) -> None:
     srv = servers.run(f'''
-        from pyswtask import context
+        from pyswtask import roles
 
         def start(server, wid):
             state = {{"done": 0}}
-            dispatcher = context.current.dispatcher
+            dispatcher = roles.current().dispatcher
 
             def finished(task_id, result):
                 state["done"] += 1

@@ -8,7 +8,8 @@ import time
 
 from _testbase import ServerRunner
 
-from pyswtask import cron, msgqueue
+from pyswtask import cron
+from pyswtask.transport import msgqueue
 
 SERVER = '''
     @task()

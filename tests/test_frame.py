@@ -24,7 +24,7 @@ from pyswtask._core import (
     unpack_envelope,
 )
 from pyswtask.errors import TaskError
-from pyswtask.pipe import unpack_message
+from pyswtask.transport.pipe import unpack_message
 
 
 def test_header_layout_matches_the_documented_diagram() -> None:

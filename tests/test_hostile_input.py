@@ -43,8 +43,9 @@ from pyswtask._core import (
     unpack_envelope,
 )
 from pyswtask.executor import TaskExecutor
-from pyswtask.pipe import ProcessDelivery, pack_message, unpack_message
 from pyswtask.registry import get_spec, registered, resolve
+from pyswtask.transport.pipe import pack_message, unpack_message
+from pyswtask.transport.relay import RelayClient
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOCKETS = settings(max_examples=40, deadline=None,
@@ -442,7 +443,7 @@ def test_a_stray_task_result_does_not_break_a_waiting_delivery(
     process's CO deliver_by_process raise TypeError, KeyError or ValueError."""
     r, w = pair
     inbox = Mailbox(0, r.fileno(), [w.fileno()], epoch=1, on_protocol_error=print)
-    delivery = ProcessDelivery(inbox)
+    delivery = RelayClient(inbox)
     seen: list[Any] = []
     delivery.callbacks[2] = lambda rid, result: seen.append(result)
     inbox.send(0, pack_message("task.result", stray), 1.0)
@@ -523,7 +524,7 @@ def test_the_executor_refuses_hostile_names_and_caches_none() -> None:
 # exactly the descriptors in its dispatcher's epoll set (Linux lists them in /proc fdinfo).
 GARBAGE_SCRIPT = '''
     import msgpack, struct
-    from pyswtask import context
+    from pyswtask import roles
     from pyswtask._core import (pack_frame, pack_envelope, FRAME_TASK, FRAME_RESULT, FRAME_PIPE,
                                 FLAG_FRAG_FIRST, FLAG_FRAG_MORE)
 
@@ -533,7 +534,7 @@ GARBAGE_SCRIPT = '''
         return magic + struct.pack("<BBBBHQI", version, ftype, 0, 0, 0, task_id, body_len)
 
     def channel_fds():
-        with open(f"/proc/self/fdinfo/{context.current.dispatcher.fileno()}") as f:
+        with open(f"/proc/self/fdinfo/{roles.current().dispatcher.fileno()}") as f:
             return [int(line.split()[1]) for line in f if line.startswith("tfd:")]
 
     CHANNEL_GARBAGE = [
@@ -569,7 +570,7 @@ GARBAGE_SCRIPT = '''
         (fd,) = channel_fds()
         for record in CHANNEL_GARBAGE:
             os.write(fd, record)
-        mailbox = context.current.mailbox
+        mailbox = roles.current().mailbox
         for dst in (0, 1, server.master_id):   # this worker, the task worker, the master
             for record in INBOX_GARBAGE:
                 os.write(mailbox.out_fileno(dst), record)

@@ -237,8 +237,8 @@ def test_task_queue_size_bounds_the_tasks_in_flight(servers: ServerRunner) -> No
         server.on("worker_start", go)
 
         def server_dispatcher():
-            from pyswtask import context
-            return context.current.dispatcher
+            from pyswtask import roles
+            return roles.current().dispatcher
         server.start()
     ''', timeout=60)
     done = srv.by_event("done")[0]

@@ -28,3 +28,11 @@ def test_ruff() -> None:
 def test_mypy_strict_on_the_package_and_the_demo() -> None:
     result = run("mypy", "--strict", "pyswtask", "examples/demo.py")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_layers_hold() -> None:
+    """The import-linter contracts of pyproject.toml: no module imports a layer above its own,
+    and the roles stand on their shared base only."""
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -28,7 +28,6 @@ import msgpack
 # harness and its oracle, which rewards inputs that reach new outcomes (a frame accepted, a body
 # reassembled, a task answered).
 with atheris.instrument_imports(include=["pyswtask"]):
-    from pyswtask import pipe
     from pyswtask._core import (
         FRAME_ERROR,
         FRAME_LOST,
@@ -47,6 +46,7 @@ with atheris.instrument_imports(include=["pyswtask"]):
         unpack_envelope,
     )
     from pyswtask.errors import TaskError
+    from pyswtask.transport import pipe
 
 EPOCH = 0x5EED
 FIRST_ID = (EPOCH << 32) | 1   # the id of the one task each Dispatcher has pending

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
-from ._core import (
+from .._core import (
     FLAG_ASYNC,
     FLAG_FRAG_FIRST,
     FLAG_FRAG_LAST,
@@ -32,8 +32,9 @@ from ._core import (
     QueueSender,
     parse_frames,
 )
-from .errors import DeliveryError, QueueFull, ServerNotRunning, TaskError, TaskTimeout
+from ..errors import DeliveryError, QueueFull, ServerNotRunning, TaskError, TaskTimeout
 from .msgqueue import QueueInfo, parse_key, read_info, reply_address
+from .writebehind import WriteBehind
 
 __all__ = ["configure", "client", "QueueClient", "ENV_KEY"]
 
@@ -125,9 +126,13 @@ class QueueClient:
         self.msqid = mq.id
         self.sender = QueueSender(mq.id, info.worker_num + 1, info.task_worker_num, info.msgmax,
                                   info.worker_num, self.pid)
-        self.lock = threading.Lock()
-        self.pending = threading.Event()
-        self.flusher: threading.Thread | None = None
+        # Sends the partial message a burst leaves behind, once deliveries pause: while they
+        # keep coming, full messages go out from deliver itself and the thread stays away
+        # from the lock.
+        self.behind = WriteBehind("pyswtask-queue-flusher", self._flush_behind,
+                                  lambda: time.sleep(0.001), linger=_LINGER,
+                                  activity=lambda: int(self.sender.puts))
+        self.lock = self.behind.lock
         self.reply: socket.socket | None = None
         self.closed = False
         atexit.register(self.close)
@@ -149,8 +154,7 @@ class QueueClient:
                         task_id = self.sender.put(body, dst, FLAG_ASYNC)
                 except QueueGone:
                     raise self._gone() from None
-            if not self.pending.is_set():
-                self._wake_flusher()
+            self._wake_flusher()
             return task_id
         deadline = time.monotonic() + timeout
         sock = self._reply_socket()
@@ -203,35 +207,15 @@ class QueueClient:
 
     def _wake_flusher(self) -> None:
         if self.sender.queued:
-            self.pending.set()
-            if self.flusher is None:
-                self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
-                                                name="pyswtask-queue-flusher")
-                self.flusher.start()
+            self.behind.wake()
 
-    def _flush_loop(self) -> None:
-        # Sends the partial message a burst leaves behind, once deliveries pause: while they
-        # keep coming, full messages go out from deliver itself and this thread stays away
-        # from the lock.
-        seen = -1
-        while not self.closed:
-            self.pending.wait()
-            time.sleep(_LINGER)
-            puts = self.sender.puts
-            if puts != seen:
-                seen = puts
-                continue
-            with self.lock:
-                try:
-                    done = self._flush_once()
-                except ServerNotRunning as exc:
-                    log.error("%s: %d bytes of ASYNC tasks lost", exc, self.sender.queued)
-                    self.sender.discard()
-                    done = True
-                if done:
-                    self.pending.clear()
-                    continue
-            time.sleep(0.001)
+    def _flush_behind(self) -> bool:
+        try:
+            return self._flush_once()
+        except ServerNotRunning as exc:
+            log.error("%s: %d bytes of ASYNC tasks lost", exc, self.sender.queued)
+            self.sender.discard()
+            return True
 
     def flush(self, timeout: float) -> bool:
         """Writes out every ASYNC delivery held back, waiting up to timeout seconds."""
@@ -245,7 +229,7 @@ class QueueClient:
             log.error("message queue 0x%x stayed full: %d bytes of ASYNC tasks not delivered",
                       self.key, self.sender.queued)
         self.closed = True
-        self.pending.set()
+        self.behind.close()
         if self.reply is not None:
             self.reply.close()
             self.reply = None

@@ -28,7 +28,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
-from ._core import (
+from .._core import (
     FLAG_FRAG_FIRST,
     FLAG_FRAG_LAST,
     FLAG_FRAG_MORE,

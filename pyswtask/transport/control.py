@@ -1,45 +1,47 @@
 """Control messages from any process of a server to its master, through the master's inbox.
 
 The master's id (``server.master_id``, after every child's) takes these only; any other message
-sent there is logged and dropped.
+sent there is logged and dropped. Senders pass in their own ``send`` (a role's send_message):
+this module owns the message types and their reading, not how a process writes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
-from . import context, pipe
-from ._core import Mailbox
-from .errors import ServerNotRunning
+from .._core import Mailbox
+from ..errors import ServerNotRunning
+from .pipe import unpack_message
 
-if TYPE_CHECKING:
-    from .server import Server
+__all__ = ["START_PROCESS", "READY", "request_start", "announce_ready", "read_control"]
 
 log = logging.getLogger("pyswtask.master")
 
 START_PROCESS = "pyswtask.start_process"
 READY = "pyswtask.ready"
 
+Send = Callable[[Any, int, str], None]
 
-def request_start(server: Server, name: str) -> None:
+
+def request_start(send: Send, master_id: int | None, process_ids: dict[str, int],
+                  name: str) -> None:
     """Asks the master to start the boot=False user process ``name``."""
-    if server.master_pid is None or server.master_id is None:
+    if master_id is None:
         raise ServerNotRunning("start_process works in the processes of a running server")
-    if name not in server.process_ids:
-        known = ", ".join(sorted(server.process_ids)) or "none"
+    if name not in process_ids:
+        known = ", ".join(sorted(process_ids)) or "none"
         raise ValueError(f"this server has no user process named {name!r} (processes: {known})")
-    assert context.current.mailbox is not None
-    pipe.send_message(name, server.master_id, type=START_PROCESS)
+    send(name, master_id, START_PROCESS)
 
 
-def announce_ready(server: Server, pid: int) -> None:
+def announce_ready(send: Send, master_id: int | None, pid: int) -> None:
     """Tells the master this worker or task worker is serving (its start hooks ran): a reload
     moves on to the next process only then."""
-    if server.master_id is None:
+    if master_id is None:
         return
     try:
-        pipe.send_message(pid, server.master_id, type=READY)
+        send(pid, master_id, READY)
     except Exception as exc:
         log.warning("process %d could not tell the master it is ready: %s", pid, exc)
 
@@ -51,7 +53,7 @@ def read_control(mailbox: Mailbox) -> tuple[list[str], list[int]]:
     ready: list[int] = []
     for src, _msg_id, body in mailbox.receive():
         try:
-            mtype, data = pipe.unpack_message(body)
+            mtype, data = unpack_message(body)
         except ValueError as exc:
             log.error("master: message from process %d dropped: %s", src, exc)
             continue

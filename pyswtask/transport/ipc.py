@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import msgpack  # type: ignore[import-untyped]
 
-from ._core import FRAME_LOST, pack_frame
+from .._core import FRAME_LOST, pack_frame
 
 log = logging.getLogger("pyswtask.master")
 

@@ -1,0 +1,19 @@
+"""The roles a process plays in a server, as objects: ``current()`` is this process's.
+
+- ``base``: ``Role`` and the roles without a loop of tasks (``Outside``, ``MasterRole``), the
+  child start-up every forked role shares (``ChildRole.init_process``);
+- ``worker``: ``Worker``, the asyncio loop that delivers tasks and gets their results;
+- ``taskworker``: ``TaskWorker``, which runs tasks one at a time;
+- ``userprocess``: ``UserProcess``, the user's long-running helpers, and their ``Process`` handle.
+
+Roles sit above the transports and below the master, the Task facade and the server: they may
+use any transport, and none of them imports the master or the server at run time.
+"""
+
+from .base import EXIT_BOOT_ERROR, ChildRole, MasterRole, Outside, Role, current, enter, leave
+from .taskworker import TaskWorker
+from .userprocess import Process, UserProcess
+from .worker import Worker
+
+__all__ = ["EXIT_BOOT_ERROR", "Role", "Outside", "MasterRole", "ChildRole", "Worker", "TaskWorker",
+           "UserProcess", "Process", "current", "enter", "leave"]

@@ -1,0 +1,108 @@
+"""The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously.
+
+It reads tasks from every worker's channel (and from the message queue, on a thread, when the
+server has one), runs each through the executor and writes the result back. It delivers
+nothing itself: waiting on another task from inside a task can deadlock the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from .._core import Dispatcher, Mailbox, QueueReader, TaskLoop
+from ..errors import DeliveryError
+from ..events import Event, events
+from ..executor import TaskExecutor
+from ..transport import control
+from ..transport.msgqueue import ReplySender
+from ..transport.pipe import dispatch_messages
+from .base import ChildRole
+
+__all__ = ["TaskWorker"]
+
+log = logging.getLogger("pyswtask.task_worker")
+
+
+class TaskWorker(ChildRole):
+    kind = "task worker"
+
+    def setup(self, mailbox: Mailbox) -> None:
+        server = self.server
+        # The loop learns of SIGTERM through this pipe; the handler itself does nothing, so a
+        # task in progress is never interrupted and the loop decides when to stop.
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGTERM, _ignore)
+        signal.signal(signal.SIGUSR1, _ignore)
+        signal.set_wakeup_fd(wfd)
+        executor = TaskExecutor(events)
+        self.queue = self._queue_options()
+        self.task_loop = TaskLoop(
+            self.worker_id, self.index, self.ipc.task_fds, self.ipc.busy, rfd,
+            execute=executor.execute, on_signal=_is_stop, on_protocol_error=log.error,
+            inbox_fd=mailbox.fileno(), on_inbox=lambda: dispatch_messages(mailbox, server),
+            state=self.ipc.tw_state, max_tasks=server.settings["task_max_request"], **self.queue)
+
+    def run(self) -> int:
+        server = self.server
+        server._run_hook("task_worker_start", self.worker_id)
+        events.trigger(Event.TASK_WORKER_START, server, self.worker_id)
+        control.announce_ready(self.send_message, server.master_id, os.getpid())
+        self.task_loop.run(server.settings["max_wait_time"])
+        reader = self.queue.get("reader")
+        if reader is not None:
+            if reader.error:
+                log.error("task worker %d: its queue reader stopped: %s", self.worker_id,
+                          os.strerror(reader.error))
+            if reader.lost_parts:
+                log.error("task worker %d: %d task(s) from the queue dropped: the rest of their "
+                          "bodies never came", self.worker_id, reader.lost_parts)
+        server._run_hook("task_worker_stop", self.worker_id)
+        events.trigger(Event.TASK_WORKER_STOP, server, self.worker_id)
+        return 0
+
+    def _queue_options(self) -> dict[str, Any]:
+        """The server's message queue, read by a thread of this task worker (msgrcv cannot be
+        polled); the thread wakes the loop through an eventfd."""
+        queue = self.server.queue
+        if queue is None:
+            return {}
+        index, worker_id = self.index, self.worker_id
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        pid = os.getpid()
+        reader = QueueReader(queue.msqid, queue.reader_type(index), queue.msgmax, wake_fd, pid)
+        threading.Thread(target=reader.run, name="pyswtask-queue", daemon=True).start()
+        replies = ReplySender(queue.msqid, worker_id)
+        max_wait = self.server.settings["max_wait_time"]
+
+        def on_stopping() -> None:
+            if not queue.stop_reader(index, pid, max_wait):
+                log.error("task worker %d could not queue its reader's stop: queue full",
+                          worker_id)
+
+        return {"reader": reader, "queue_fd": wake_fd, "on_reply": replies.send,
+                "on_stopping": on_stopping}
+
+    def task_dispatcher(self, api: str) -> Dispatcher:
+        raise DeliveryError(f"{api} cannot be called from a task worker: task workers run one "
+                            "task at a time, and waiting there on another task can deadlock; "
+                            "return a value, or deliver from the worker that gets the result")
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
+
+
+# What on_signal tells the TaskLoop.
+_GO_ON = 0
+_STOP = 1           # SIGTERM: stop, running what the workers sent first
+_HAND_OVER = 2      # SIGUSR1, a reload: leave the channels, and what waits in them, to a successor
+
+
+def _is_stop(signums: bytes) -> int:
+    if signal.SIGTERM in signums:
+        return _STOP
+    return _HAND_OVER if signal.SIGUSR1 in signums else _GO_ON

@@ -1,0 +1,257 @@
+"""The worker role: an asyncio loop that also drives the dispatcher's epoll descriptor.
+
+The dispatcher's epoll fd is registered as a reader of the asyncio loop, so results of ASYNC
+tasks and of ``await Task.co`` arrive while coroutines run, and a synchronous ``Task.deliver``
+(CO) simply blocks the loop until its result, as Swoole's taskwait blocks its worker. Workers are
+the only processes with channels to the task workers: every delivery, a user process's included
+(the relay), leaves from here. Timers and coroutine hooks run on this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterable, Sequence
+
+from .._core import TIMEOUT, Dispatcher, Mailbox, QueueChannel
+from ..envelope import TYPE_ASYNC, check_timeout, check_type, pack_call, pack_task
+from ..errors import DeliveryError, TaskError, TaskTimeout
+from ..events import Event, events
+from ..transport import control, relay
+from ..transport.pipe import dispatch_messages
+from .base import ChildRole, FinishCallback
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("pyswtask.worker")
+task_log = logging.getLogger("pyswtask.task")
+
+
+class Worker(ChildRole):
+    kind = "worker"
+
+    dispatcher: Dispatcher | None = None
+
+    def setup(self, mailbox: Mailbox) -> None:
+        settings = self.server.settings
+        loop = self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        if self.ipc.task_fds:
+            dispatcher = Dispatcher(
+                self.worker_id, self.ipc.task_fds, self.ipc.busy, on_finish=fire_finish,
+                make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
+                spin=settings["task_wait_spin"], load=self.ipc.load, outs=self._queue_outs(),
+                max_pending=settings["task_queue_size"])
+            dispatcher.set_scheduler(loop.call_soon,
+                                     lambda callback: loop.call_later(0.0005, callback))
+            loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
+            self.dispatcher = dispatcher
+        self.writers: set[int] = set()      # inboxes this worker waits to finish writing to
+        loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox, self.server, self._relay)
+        self.stopping: asyncio.Future[None] = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, _set_once, self.stopping)
+        if settings["max_request"] and self.dispatcher is not None:
+            self._recycle_after(settings["max_request"])
+
+    def run(self) -> int:
+        server, loop = self.server, self.loop
+        assert loop is not None
+        try:
+            server._run_hook("worker_start", self.worker_id)
+            events.trigger(Event.WORKER_START, server, self.worker_id)
+            control.announce_ready(self.send_message, server.master_id, os.getpid())
+            loop.run_until_complete(self.stopping)
+            server._run_hook("worker_stop", self.worker_id)
+            events.trigger(Event.WORKER_STOP, server, self.worker_id)
+            self._finish_in_flight(server.settings["max_wait_time"])
+        finally:
+            for handle in self.timers.values():
+                handle.cancel()
+            self.timers.clear()
+            _cancel_tasks(loop)
+            loop.close()
+        return 0
+
+    def _queue_outs(self) -> list[QueueChannel] | None:
+        """In task_ipc_mode 2, one queue channel per task worker (by message type); in mode 3,
+        one for all (the task workers take turns); in mode 1, none: the unix socket channels."""
+        queue = self.server.queue
+        if queue is None or queue.mode == 1:
+            return None
+        count = self.server.task_worker_num if queue.mode == 2 else 1
+        return [QueueChannel(-1, i, queue.msqid, queue.task_type(i), queue.msgmax)
+                for i in range(count)]
+
+    def _recycle_after(self, limit: int) -> None:
+        """max_request: once this worker delivered limit tasks, it stops as on SIGTERM (its
+        in-flight results still come back) and the master starts a fresh one."""
+        loop, dispatcher = self.loop, self.dispatcher
+        assert loop is not None and dispatcher is not None
+
+        def check() -> None:
+            if dispatcher.delivered >= limit:
+                log.info("worker %d delivered %d tasks (max_request): recycling",
+                         self.worker_id, dispatcher.delivered)
+                _set_once(self.stopping)
+            else:
+                loop.call_later(0.05, check)
+        loop.call_later(0.05, check)
+
+    def _finish_in_flight(self, max_wait: float) -> None:
+        """Lets results of tasks already delivered come back, for at most max_wait seconds."""
+        dispatcher, loop = self.dispatcher, self.loop
+        if dispatcher is None or loop is None:
+            return
+        dispatcher.flush()
+        deadline = time.monotonic() + max_wait
+        while dispatcher.pending_count and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.005))
+        if dispatcher.pending_count:
+            log.warning("worker %d stopped with %d task(s) still without a result",
+                        self.worker_id, dispatcher.pending_count)
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    def task_dispatcher(self, api: str) -> Dispatcher:
+        if self.dispatcher is None:
+            raise DeliveryError(f"{api}: this server has no task workers (task_worker_num=0)")
+        return self.dispatcher
+
+    def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
+                callback: FinishCallback | None, dst_worker_id: int) -> Any:
+        dispatcher = self.task_dispatcher("Task.deliver")
+        body = pack_task(name, method, params, type, self.package_max_length)
+        if type == TYPE_ASYNC:
+            return dispatcher.submit(body, dst_worker_id, callback)
+        check_type(type)
+        result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
+        if result is TIMEOUT:
+            raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+        if isinstance(result, TaskError):
+            raise result
+        return result
+
+    def deliver_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
+                      dst_worker_id: int) -> list[Any]:
+        dispatcher = self.task_dispatcher("Task.deliver_batch")
+        limit = self.package_max_length
+        bodies = [pack_call(call, i, limit) for i, call in enumerate(calls)]
+        results = dispatcher.call_many(bodies, dst_worker_id, check_timeout(timeout))
+        for i, result in enumerate(results):
+            if result is TIMEOUT:
+                results[i] = TaskTimeout(f"batch item {i} gave no result within {timeout} s")
+        return results
+
+    async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
+                 dst_worker_id: int) -> Any:
+        dispatcher = self.task_dispatcher("Task.co")
+        body = pack_task(name, method, params, 1, self.package_max_length)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        task_id = dispatcher.submit_future(body, dst_worker_id, future)
+        expiry = loop.call_later(check_timeout(timeout), _expire, future,
+                                 f"task {name}.{method} gave no result within {timeout} s")
+        try:
+            return await future
+        finally:
+            expiry.cancel()
+            dispatcher.forget(task_id)
+
+    async def co_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
+                       dst_worker_id: int) -> list[Any]:
+        dispatcher = self.task_dispatcher("Task.co_batch")
+        limit = self.package_max_length
+        bodies = [pack_call(call, i, limit) for i, call in enumerate(calls)]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in bodies]
+        ids = [dispatcher.submit_future(body, dst_worker_id, fut)
+               for body, fut in zip(bodies, futures)]
+        if futures:
+            await asyncio.wait(futures, timeout=check_timeout(timeout))
+        outcomes: list[Any] = []
+        for i, (task_id, fut) in enumerate(zip(ids, futures)):
+            if not fut.done():
+                dispatcher.forget(task_id)
+                fut.cancel()
+                outcomes.append(TaskTimeout(f"batch item {i} gave no result within {timeout} s"))
+            elif fut.exception() is not None:
+                outcomes.append(fut.exception())
+            else:
+                outcomes.append(fut.result())
+        return outcomes
+
+    def deliver_by_process(self, name: str, method: str, params: Sequence[Any], timeout: float,
+                           worker_id: int, type: int, callback: FinishCallback | None) -> Any:
+        raise DeliveryError("Task.deliver_by_process is for user processes: in a worker, "
+                            "call Task.deliver")
+
+    def _relay(self, mtype: str, data: Any, src: int) -> bool:
+        """Delivers what a user process sent through this worker; the message still fires
+        PIPE_MESSAGE for the application's listeners afterwards."""
+        if mtype in (relay.PIPE_TASK, relay.PIPE_TASKS):
+            relay.handle_message(mtype, data, src, self._deliver_for, self.send_message)
+        return False
+
+    def _deliver_for(self, name: str, method: str, params: Any,
+                     callback: FinishCallback | None) -> Any:
+        return self.deliver(name, method, params, TYPE_ASYNC, 3.0, callback, -1)
+
+    # -- pipe messages and timers ---------------------------------------------------------------
+
+    def _send(self, mailbox: Mailbox, dst: int, body: bytes, timeout: float) -> None:
+        # Never blocks the loop: what the inbox does not take now is sent as it drains.
+        if not mailbox.send(dst, body, -1.0):
+            self._watch_writable(mailbox, dst)
+
+    def _watch_writable(self, mailbox: Mailbox, dst: int) -> None:
+        loop = self.loop
+        assert loop is not None
+        if dst in self.writers:
+            return
+        self.writers.add(dst)
+        fd = mailbox.out_fileno(dst)
+
+        def writable() -> None:
+            if dst not in mailbox.flush():
+                loop.remove_writer(fd)
+                self.writers.discard(dst)
+
+        loop.add_writer(fd, writable)
+
+    def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
+        if not isinstance(ms, (int, float)) or ms <= 0:
+            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+        assert self.loop is not None
+        return self.loop, ms / 1000.0
+
+
+def fire_finish(task_id: int, result: Any, callback: FinishCallback | None) -> None:
+    """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""
+    if events.has_listeners(Event.FINISH_TASK):
+        events.trigger(Event.FINISH_TASK, None, task_id, result)
+    if callback is not None:
+        try:
+            callback(task_id, result)
+        except Exception:
+            task_log.exception("finish callback %r of task %d failed", callback, task_id)
+
+
+def _expire(future: asyncio.Future[Any], message: str) -> None:
+    if not future.done():
+        future.set_exception(TaskTimeout(message))
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

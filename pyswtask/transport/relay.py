@@ -1,0 +1,240 @@
+"""The relay: tasks a user process delivers through a worker (Swoft's deliverByProcess).
+
+A user process has no channel to the task workers. It sends a pipe message of type ``"task"``
+(``[request id, name, method, params, wants reply]``) or ``"tasks"`` (many fire-and-forget
+calls, the crontab's) to a worker; the worker delivers each call ASYNC on the process's behalf
+and, when asked, sends the outcome back as a ``"task.result"`` message
+(``[request id, ok, value or [type, message, traceback]]``).
+
+Both ends live here: ``RelayClient`` in the user process, ``handle_message`` in the worker.
+This module knows pipe messages and the envelope checks; it does not know roles: the worker
+passes in how it delivers and how it sends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+from .._core import Mailbox, brief_repr
+from ..envelope import TYPE_ASYNC, TYPE_CO, check_length, check_type, params_error
+from ..errors import TaskError, TaskTimeout
+from .pipe import dispatch_messages, pack_raw
+from .writebehind import WriteBehind
+
+__all__ = ["PIPE_TASK", "PIPE_TASKS", "PIPE_TASK_RESULT", "RelayClient", "handle_message"]
+
+log = logging.getLogger("pyswtask.pipe")
+
+PIPE_TASK = "task"
+PIPE_TASKS = "tasks"        # many fire-and-forget tasks in one message (the crontab's)
+PIPE_TASK_RESULT = "task.result"
+
+Callback = Callable[[int, Any], Any]
+
+
+class RelayClient:
+    """The user-process side: request ids, waiting replies, backlog, and the write-behind of
+    ASYNC deliveries.
+
+    An ASYNC delivery returns once its message is written or queued behind earlier ones: when a
+    worker's inbox is full, later deliveries pile up in this process's queue and leave together,
+    many per record, instead of one syscall and one wake-up each. A helper thread writes the
+    queue as the inbox drains, so nothing waits on this process's next call; a delivery that
+    expects an answer (CO, a callback) and send_message still wait until written, after
+    everything queued before them. At exit the queue is written out (within the timeout).
+    """
+
+    __slots__ = ("mailbox", "worker_num", "load", "limit", "target", "ids", "callbacks",
+                 "backlog", "behind", "_left")
+
+    def __init__(self, mailbox: Mailbox, worker_num: int = 0, load: memoryview | None = None,
+                 limit: int = 0, target: Any = None) -> None:
+        self.mailbox = mailbox
+        self.worker_num = worker_num
+        self.load = load                        # uint32 per worker: its tasks without a result
+        self.limit = limit                      # package_max_length
+        self.target = target                    # the server, for PIPE_MESSAGE
+        self.ids = itertools.count(1)
+        self.callbacks: dict[int, Callback | None] = {}
+        # Messages that arrived while a CO delivery waited; dispatched by the next read.
+        self.backlog: list[tuple[str, Any, int]] = []
+        self._left: list[int] = []
+        self.behind = WriteBehind("pyswtask-flusher", self._flush_some, self._wait_room)
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send(self, dst: int, body: bytes, timeout: float) -> None:
+        """Writes one message, behind whatever ASYNC deliveries are queued, never beside the
+        flusher thread; blocks until written (TimeoutError after timeout)."""
+        with self.behind.lock:
+            self.mailbox.send(dst, body, timeout)
+
+    def _send_behind(self, dst: int, body: bytes) -> None:
+        with self.behind.lock:
+            if self.mailbox.send_behind(dst, body):
+                self.behind.wake()
+
+    def _flush_some(self) -> bool:
+        self._left = self.mailbox.flush()
+        return not self._left
+
+    def _wait_room(self) -> None:
+        self.mailbox.wait_writable(self._left, 0.1)
+
+    def flush(self, timeout: float) -> None:
+        """Writes out whatever is queued, waiting up to timeout seconds."""
+        deadline = time.monotonic() + timeout
+        with self.behind.lock:
+            while (left := self.mailbox.flush()) and time.monotonic() < deadline:
+                self.mailbox.wait_writable(left, min(0.1, deadline - time.monotonic()))
+            if left:
+                log.error("%d inbox(es) still full at exit: queued deliveries lost", len(left))
+
+    def least_loaded(self) -> int:
+        """The worker with the fewest tasks waiting for a result (ties: the lowest id)."""
+        assert self.load is not None
+        loads = self.load[: self.worker_num].tolist()
+        return loads.index(min(loads))
+
+    def deliver(self, name: str, method: str, params: Sequence[Any], timeout: float,
+                worker_id: int, type: int, callback: Callback | None) -> Any:
+        """One call through worker ``worker_id`` (-1: the least loaded): ASYNC returns the
+        request id, CO the result."""
+        if worker_id == -1:
+            worker_id = self.least_loaded()
+        elif not isinstance(worker_id, int) or not 0 <= worker_id < self.worker_num:
+            raise ValueError(f"worker_id {worker_id!r} is out of range: tasks are delivered "
+                             f"through workers 0..{self.worker_num - 1}, or -1 for the least "
+                             "loaded one")
+        check_type(type)
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
+        wants_reply = type == TYPE_CO or callback is not None
+        req_id = next(self.ids)
+        try:
+            body = pack_raw(PIPE_TASK, (req_id, name, method, params, wants_reply))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise params_error(name, method, params, exc) from None
+        check_length(f"params of {name}.{method} pack", len(body), self.limit)
+        if not wants_reply:
+            self._send_behind(worker_id, body)
+            return req_id
+        self.callbacks[req_id] = callback
+        try:
+            self.send(worker_id, body, timeout)
+        except BaseException:
+            self.callbacks.pop(req_id, None)
+            raise
+        if type == TYPE_ASYNC:
+            return req_id
+        return self._wait(req_id, name, method, timeout)
+
+    def _wait(self, req_id: int, name: str, method: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        done: list[Any] = []
+
+        def intercept(mtype: str, data: Any, src: int) -> bool:
+            reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+            if reply is not None and reply[0] == req_id:
+                done.append(reply)
+            else:
+                self.backlog.append((mtype, data, src))
+            return True
+
+        while not done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.callbacks.pop(req_id, None)
+                raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+            if self.mailbox.wait(left):
+                dispatch_messages(self.mailbox, self.target, intercept)
+        self.callbacks.pop(req_id, None)
+        _, ok, value = done[0]
+        if not ok:
+            raise TaskError.from_wire(value)
+        return value
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def take_reply(self, mtype: str, data: Any, src: int) -> bool:
+        """intercept for reads outside a CO wait: replies go to their callbacks."""
+        reply = _task_reply(data) if mtype == PIPE_TASK_RESULT else None
+        if reply is None:
+            return False
+        req_id, ok, value = reply
+        callback = self.callbacks.pop(req_id, None)
+        if callback is not None:
+            result = value if ok else TaskError.from_wire(value)
+            try:
+                callback(req_id, result)
+            except Exception:
+                log.exception("callback of task request %d failed", req_id)
+        return True
+
+
+def _task_reply(data: Any) -> tuple[int, bool, Any] | None:
+    """(request id, ok, value) from the data of a "task.result" message; None when it is not
+    one (any process can send that type: a malformed one must not break a waiting delivery)."""
+    if (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
+            and type(data[1]) is bool):
+        return data[0], data[1], data[2]
+    return None
+
+
+# -- the worker's side ------------------------------------------------------------------------
+
+Deliver = Callable[[str, str, Any, "Callback | None"], Any]
+Send = Callable[[Any, int, str], None]
+
+
+def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send) -> None:
+    """In a worker: delivers the task(s) of a "task" / "tasks" message from process ``src``
+    with ``deliver(name, method, params, callback)`` (ASYNC), and sends outcomes back with
+    ``send(data, dst, type)`` when the process asked for them. Other types are not its."""
+    if mtype == PIPE_TASKS:
+        _deliver_many(data, src, deliver)
+        return
+    if mtype != PIPE_TASK:
+        return
+    try:
+        req_id, name, method, params, reply = data
+    except (TypeError, ValueError):
+        log.error("malformed task message from process %d dropped: %s", src, brief_repr(data))
+        return
+    callback = None
+    if reply:
+        def callback(task_id: int, result: Any) -> None:
+            _reply(send, src, req_id, result)
+    try:
+        deliver(name, method, params, callback)
+    except Exception as exc:
+        log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
+        if reply:
+            _reply(send, src, req_id, TaskError(type(exc).__name__, str(exc)))
+
+
+def _deliver_many(calls: Any, src: int, deliver: Deliver) -> None:
+    if not isinstance(calls, list):
+        log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(calls))
+        return
+    for call in calls:
+        try:
+            name, method, params = call
+            deliver(name, method, params, None)
+        except Exception as exc:
+            log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
+
+
+def _reply(send: Send, dst: int, req_id: int, result: Any) -> None:
+    if isinstance(result, TaskError):
+        payload = [req_id, False, [result.remote_type, result.remote_message,
+                                   result.remote_traceback]]
+    else:
+        payload = [req_id, True, result]
+    try:
+        send(payload, dst, PIPE_TASK_RESULT)
+    except Exception as exc:
+        log.error("result of a task for process %d not sent back: %s", dst, exc)
