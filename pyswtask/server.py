@@ -15,10 +15,11 @@ import signal
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import roles
-from .cron import zone
 from .process import ProcessSpec, declared
+from .settings import DEFAULTS
+from .settings import validate as validate_settings
 from .transport import control
-from .transport.msgqueue import IPC_MODES, ServerQueue, parse_key
+from .transport.msgqueue import ServerQueue
 
 if TYPE_CHECKING:
     from .cron import Crontab
@@ -27,45 +28,8 @@ __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
 log = logging.getLogger("pyswtask.server")
 
-DEFAULT_SETTINGS: dict[str, Any] = {
-    # Seconds a stopping server lets in-flight tasks finish before killing what is left.
-    "max_wait_time": 3.0,
-    # Seconds a CO caller polls for its result before it sleeps: a result that comes within the
-    # spin saves waking a sleeping process (about 8 us of a 23 us round trip across CPUs here).
-    # Adaptive: no spin while round trips average more than twice this. 0 turns it off.
-    "task_wait_spin": 0.00003,
-    # Write the master's pid here while it runs.
-    "pid_file": None,
-    # Longest pause before respawning a child that keeps dying right after it starts.
-    "respawn_backoff_max": 5.0,
-    # The crontab (pyswtask.cron): off unless asked for.
-    "cron": False,
-    # IANA zone the cron rules are read in; None: the machine's local time.
-    "timezone": None,
-    # Rows of the origin table (scheduled methods) and of the run-time table (due runs).
-    "cron_task_capacity": 1024,
-    "cron_run_capacity": 8192,
-    # Seconds a late run may still be delivered; later, it is marked skipped.
-    "cron_grace": 60,
-    # SysV key of the origin table (the run-time table's is one more); None: from the pid.
-    "cron_shm_key": None,
-    # How workers send tasks to task workers, as in Swoole: 1 unix sockets; 2 a SysV message
-    # queue, one message type per task worker; 3 the same queue, any idle task worker taking
-    # the next task. Separate programs deliver through the queue in every mode.
-    "task_ipc_mode": 1,
-    # The queue's SysV key (int, or a string such as "0x70001001"); None: no keyed queue
-    # (modes 2 and 3 then use a private one, which separate programs cannot reach).
-    "message_queue_key": None,
-    # Recycle a task worker after it ran this many tasks (0: never), as Swoole's
-    # task_max_request: it finishes what it took, exits, and a fresh one takes its place.
-    "task_max_request": 0,
-    # Recycle a worker after it delivered this many tasks (0: never), as Swoole's max_request.
-    "max_request": 0,
-    # Tasks a worker may have delivered and not yet got a result for; more wait (backpressure).
-    "task_queue_size": 65536,
-    # Largest task body (packed params) a worker or a separate program may deliver, bytes.
-    "package_max_length": 64 << 20,
-}
+# Under its old name too: code written against earlier releases imports it from here.
+DEFAULT_SETTINGS: dict[str, Any] = DEFAULTS
 
 HOOKS = ("start", "shutdown", "worker_start", "worker_stop", "task_worker_start",
          "task_worker_stop")
@@ -87,19 +51,9 @@ class Server:
                 raise ValueError(f"{label} must be a non-negative int, not {value!r}")
         if worker_num < 1:
             raise ValueError("worker_num must be at least 1: tasks are delivered from workers")
-        unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-        if unknown:
-            raise TypeError(f"unknown server setting(s): {', '.join(unknown)} "
-                            f"(known: {', '.join(sorted(DEFAULT_SETTINGS))})")
         self.worker_num = worker_num
         self.task_worker_num = task_worker_num
-        self.settings: dict[str, Any] = {**DEFAULT_SETTINGS, **settings}
-        for key in ("max_wait_time", "task_wait_spin", "respawn_backoff_max"):
-            value = self.settings[key]
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"setting {key} must be a non-negative number, not {value!r}")
-        self._check_cron_settings()
-        self._check_queue_settings()
+        self.settings: dict[str, Any] = validate_settings(settings)
         self._hooks: dict[str, list[Callable[..., Any]]] = {}
         self._processes: list[ProcessSpec] = []
         self.master_pid: int | None = None
@@ -108,38 +62,6 @@ class Server:
         self.process_ids: dict[str, int] = {}
         self.master_id: int | None = None       # the master's inbox, for control messages
         self.queue: ServerQueue | None = None
-
-    def _check_cron_settings(self) -> None:
-        s = self.settings
-        if not isinstance(s["cron"], bool):
-            raise ValueError(f"setting cron must be True or False, not {s['cron']!r}")
-        zone(s["timezone"])
-        for key in ("cron_task_capacity", "cron_run_capacity"):
-            if not isinstance(s[key], int) or isinstance(s[key], bool) or not 0 < s[key] < 2**31:
-                raise ValueError(f"setting {key} must be a positive int, not {s[key]!r}")
-        if not isinstance(s["cron_grace"], (int, float)) or s["cron_grace"] < 0:
-            raise ValueError(f"setting cron_grace must be a non-negative number of seconds, "
-                             f"not {s['cron_grace']!r}")
-        key = s["cron_shm_key"]
-        if key is not None and (not isinstance(key, int) or not 0 < key < 2**31 - 1):
-            raise ValueError(f"setting cron_shm_key must be a positive int, not {key!r}")
-
-    def _check_queue_settings(self) -> None:
-        s = self.settings
-        if s["task_ipc_mode"] not in IPC_MODES or isinstance(s["task_ipc_mode"], bool):
-            raise ValueError(f"setting task_ipc_mode must be 1 (unix sockets), 2 (message "
-                             f"queue) or 3 (message queue, contention), not "
-                             f"{s['task_ipc_mode']!r}")
-        if s["message_queue_key"] is not None:
-            s["message_queue_key"] = parse_key(s["message_queue_key"], "setting message_queue_key")
-        for key in ("task_max_request", "max_request", "task_queue_size"):
-            if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 0:
-                raise ValueError(f"setting {key} must be a non-negative int, not {s[key]!r}")
-        if s["task_queue_size"] < 1:
-            raise ValueError("setting task_queue_size must be at least 1")
-        limit = s["package_max_length"]
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"setting package_max_length must be a positive int, not {limit!r}")
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""

@@ -1,0 +1,196 @@
+"""Server settings: each one's name, default, check and one-line doc, declared once.
+
+Owns the declarations (``SETTINGS``), the defaults (``DEFAULTS``) and ``validate``, which turns
+the keyword settings given to ``Server`` into the complete, normalized dict that every process
+of the server reads. The README's settings table repeats the names, defaults and docs, and
+tests/test_settings.py keeps it equal to them.
+
+Must not import ``pyswtask.server`` (which imports this), nor, at import time, the modules
+whose helpers the checks call (``cron.zone``, ``transport.msgqueue.parse_key`` / ``IPC_MODES``): they are
+imported inside the check, so that any module may read the declarations without a cycle.
+Must not hold behaviour: what a setting does lives with the code that reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+__all__ = ["Setting", "SETTINGS", "DEFAULTS", "validate"]
+
+# A check gets the setting's name (for its message) and the value given; it returns the value
+# to use, possibly normalized, or raises ValueError naming the setting.
+Check = Callable[[str, Any], Any]
+
+
+def _plain(value: Any) -> str:
+    # Decimal keeps a small float readable in the README (0.00003, not 3e-05).
+    if isinstance(value, float):
+        return format(Decimal(repr(value)), "f")
+    return repr(value)
+
+
+def _mib(value: int) -> str:
+    return f"{value >> 20} MiB" if value and value % (1 << 20) == 0 else repr(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One server setting: ``check`` is None for a setting taken as given."""
+
+    name: str
+    default: Any
+    check: Check | None
+    doc: str
+    show: Callable[[Any], str] = _plain
+
+    def default_text(self) -> str:
+        """The default as the README's settings table shows it."""
+        return self.show(self.default)
+
+
+# -- checks ---------------------------------------------------------------------------------
+# Bools pass the number checks (True is 1), as they always did; the int checks refuse them.
+
+def _non_negative_number(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"setting {name} must be a non-negative number, not {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"setting {name} must be a non-negative number of seconds, not {value!r}")
+    return value
+
+
+def _non_negative_int(name: str, value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"setting {name} must be a non-negative int, not {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"setting {name} must be a positive int, not {value!r}")
+    return value
+
+
+def _capacity(name: str, value: Any) -> Any:
+    # Table rows are counted in 32-bit fields of the shared-memory header.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise ValueError(f"setting {name} must be a positive int, not {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError(f"setting {name} must be True or False, not {value!r}")
+    return value
+
+
+def _timezone(name: str, value: Any) -> Any:
+    from .cron import zone
+
+    # The name is kept, not the zone: every process resolves it again after the fork.
+    zone(value)
+    return value
+
+
+def _shm_key(name: str, value: Any) -> Any:
+    # Below 2**31 - 1: the run-time table takes the next key.
+    if value is not None and (not isinstance(value, int) or not 0 < value < 2**31 - 1):
+        raise ValueError(f"setting {name} must be a positive int, not {value!r}")
+    return value
+
+
+def _ipc_mode(name: str, value: Any) -> Any:
+    from .transport.msgqueue import IPC_MODES
+
+    if value not in IPC_MODES or isinstance(value, bool):
+        raise ValueError(f"setting {name} must be 1 (unix sockets), 2 (message queue) or 3 "
+                         f"(message queue, contention), not {value!r}")
+    return value
+
+
+def _queue_key(name: str, value: Any) -> Any:
+    from .transport.msgqueue import parse_key
+
+    return None if value is None else parse_key(value, f"setting {name}")
+
+
+def _queue_size(name: str, value: Any) -> Any:
+    _non_negative_int(name, value)
+    if value < 1:
+        raise ValueError(f"setting {name} must be at least 1")
+    return value
+
+
+# -- the declarations, in the order they are checked ------------------------------------------
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("max_wait_time", 3.0, _non_negative_number,
+            "seconds in-flight tasks get to finish when the server stops"),
+    # A result that comes within the spin saves waking a sleeping process (about 8 us of a
+    # 23 us round trip across CPUs here).
+    Setting("task_wait_spin", 0.00003, _non_negative_number,
+            "seconds a CO caller polls for its result before sleeping (adaptive: skipped while "
+            "round trips average more than twice this; 0 turns it off)"),
+    # Not checked: opening it at start fails on a path that cannot be written.
+    Setting("pid_file", None, None, "write the master's pid here while it runs"),
+    Setting("respawn_backoff_max", 5.0, _non_negative_number,
+            "longest pause before respawning a child that keeps dying at start"),
+    Setting("cron", False, _bool, "run the crontab (`@scheduled` methods)"),
+    Setting("timezone", None, _timezone,
+            "IANA zone the cron rules are read in; None: the machine's local time"),
+    Setting("cron_task_capacity", 1024, _capacity,
+            "rows of the origin table (scheduled methods); too small fails the start"),
+    Setting("cron_run_capacity", 8192, _capacity,
+            "rows of the run-time table (due runs); when full, runs are logged and counted as "
+            "dropped"),
+    Setting("cron_grace", 60, _seconds, "seconds a late run may still be delivered"),
+    Setting("cron_shm_key", None, _shm_key,
+            "SysV key of the origin table (the run-time table's is one more); None: derived "
+            "from the master's pid"),
+    # As in Swoole; separate programs deliver through the queue in every mode.
+    Setting("task_ipc_mode", 1, _ipc_mode,
+            "workers -> task workers: 1 unix sockets, 2 message queue by type, 3 message queue "
+            "in contention"),
+    # Without a key, modes 2 and 3 use a private queue, which separate programs cannot reach.
+    Setting("message_queue_key", None, _queue_key,
+            "SysV key (int or `\"0x...\"`) of the queue separate programs deliver through; "
+            "None: none (modes 2/3 use a private queue)"),
+    # Swoole's task_max_request: the task worker finishes what it took, exits, and a fresh one
+    # takes its place.
+    Setting("task_max_request", 0, _non_negative_int,
+            "recycle a task worker after this many tasks (0: never)"),
+    Setting("max_request", 0, _non_negative_int,
+            "recycle a worker after it delivered this many tasks (0: never)"),
+    # Backpressure: a worker that waits for room reads results meanwhile.
+    Setting("task_queue_size", 65536, _queue_size,
+            "tasks a worker may have waiting for results before delivery waits"),
+    Setting("package_max_length", 64 << 20, _positive_int,
+            "largest packed params a worker or a separate program may deliver (`ValueError` "
+            "naming the setting above it)", show=_mib),
+)
+
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+
+def validate(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete settings: the defaults, overridden by ``settings``, each checked and
+    normalized (e.g. a ``message_queue_key`` given as "0x70001001" becomes an int).
+
+    Raises TypeError naming any unknown setting, else ValueError naming the first bad one.
+    """
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown server setting(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(DEFAULTS))})")
+    out = {**DEFAULTS, **settings}
+    for setting in SETTINGS:
+        if setting.check is not None:
+            out[setting.name] = setting.check(setting.name, out[setting.name])
+    return out
