@@ -1,3 +1,5 @@
+"""``python -m pyswtask``: the ``pyswtask`` command (``cli``); nothing else lives here."""
+
 import sys
 
 from .cli import main

@@ -1,5 +1,8 @@
 """The ``pyswtask`` command: run a server, deliver a task to one, inspect its crontab and its
-message queue."""
+message queue.
+
+It parses arguments and prints; what it runs or reads belongs to the server, the cron package
+and the transports, which it only calls. Nothing imports this module but ``__main__``."""
 
 from __future__ import annotations
 

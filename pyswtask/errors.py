@@ -1,4 +1,8 @@
-"""The exceptions pyswtask raises to its users."""
+"""The exceptions pyswtask raises to its users.
+
+Every layer may raise these, so this module must import nothing of the package but the core's
+own ``ProtocolError``; it maps an error body from the wire back to the right class
+(``TaskError.from_wire``) and holds no other behaviour."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Listeners are functions ``fn(event)`` or classes with ``handle(self, event)`` (instantiated once
 at registration). They run in priority order (higher first), then in registration order. An
-exception in one listener is logged and the others still run.
+exception in one listener is logged and the others still run. The bus knows no roles and no
+transports: processes trigger their own events, and nothing crosses between processes here.
 
 Where each built-in event fires:
 

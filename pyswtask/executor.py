@@ -2,7 +2,8 @@
 
 Around each task: BEFORE_TASK, then the method, then AFTER_TASK and RESOURCE_RELEASE (also when
 it raised). An exception is logged with its type, message, file and line, and becomes the
-caller's TaskError; the task worker goes on serving.
+caller's TaskError; the task worker goes on serving. It runs a task and nothing more: reading
+it off a channel and writing its result back are the task worker's loop's (the core's).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Signal handlers only queue the signal; the loop below dispatches it (gunicorn's arbiter). The
 wake-up comes through ``signal.set_wakeup_fd``, so the master sleeps in one ``select`` between
 events and never does work inside a handler.
+
+The master owns the slots (``Child``): which role each runs, when it is respawned or reloaded,
+and the pre-fork resources it hands down (IPC, the message queue, the crontab's tables). What a
+child does once forked is its role's (``pyswtask.roles``): the master never runs a child's code.
 """
 
 from __future__ import annotations

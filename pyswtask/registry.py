@@ -2,7 +2,8 @@
 
 Only names registered here can be run, and only a task class's public methods (no leading
 underscore) defined by the class or its bases below ``object``: a task name or method that
-arrives over the wire never reaches ``getattr`` on anything else.
+arrives over the wire never reaches ``getattr`` on anything else. It must import nothing above
+the errors: every process reads it, the master included, before any role exists.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 ``Server(...)`` only records the configuration; ``start()`` hands it to the master, which forks
 the workers and task workers and blocks until the server stops. The same object is inherited by
 every child, where ``tick``/``after``/``clear_timer`` and ``shutdown`` act on that process.
+
+It is a facade: it validates (``settings``) and delegates to the current process's role or to
+the master; it holds no per-process state and no transport of its own.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Process titles, so that ps and top show each process's role (``pyswtask: worker 0``).
 
 setproctitle rewrites the argv area that ps reads; prctl(PR_SET_NAME) would only change the
-15-character command name, which ``ps aux`` does not show.
+15-character command name, which ``ps aux`` does not show. It knows nothing of roles: each
+role passes its own title.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ def runs_of(srv: object, job: str) -> list[dict[str, object]]:
     return [r for r in srv.by_event("ran") if r["job"] == job]  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_every_second_every_other_second_and_the_startup_minute(servers: ServerRunner) -> None:
     now = datetime.now()
     # A rule for one second of this very minute, 3 s from now (if the minute has room).
@@ -77,6 +78,7 @@ def test_every_second_every_other_second_and_the_startup_minute(servers: ServerR
     assert not {key, key + 1} & ipc_keys(), "the crontab's shared memory outlived the server"
 
 
+@pytest.mark.slow
 def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> None:
     srv = servers.start(CRON_PRELUDE + '''
         @task()
@@ -107,6 +109,7 @@ def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> N
         (stopped_at, runs_of(srv, "every"), srv.err)
 
 
+@pytest.mark.slow
 def test_outcomes_overlap_and_the_tables(servers: ServerRunner, tmp_path: object) -> None:
     srv = servers.start(CRON_PRELUDE + '''
         @task("cronjobs")
@@ -224,6 +227,7 @@ def test_cron_cli_next_and_errors() -> None:
     assert gone.returncode == 2 and "no crontab tables at SysV keys 0x7ffffff0" in gone.stderr
 
 
+@pytest.mark.slow
 def test_a_five_field_rule_runs_at_second_zero(servers: ServerRunner) -> None:
     # Waits for the next whole minute: up to a minute, the one slow test of the suite.
     srv = servers.run(CRON_PRELUDE + '''

@@ -231,6 +231,7 @@ def test_the_environment_names_the_queue(servers: ServerRunner) -> None:
 QUEUE_SIZES = (0, 8000, 8192, 100_000, 3_000_000, (64 << 20) - 64)
 
 
+@pytest.mark.slow
 def test_payloads_beyond_one_message_travel_in_parts(servers: ServerRunner) -> None:
     key = new_key()
     srv = start_server(servers, key, 3)
@@ -268,6 +269,7 @@ def test_a_payload_above_package_max_length_is_refused_by_name(servers: ServerRu
 FULL = SERVER.replace("task_worker_num=2", "task_worker_num=1")
 
 
+@pytest.mark.slow
 def test_a_full_queue_raises_queue_full_after_the_timeout_and_loses_nothing(
         servers: ServerRunner) -> None:
     key = new_key()

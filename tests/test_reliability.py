@@ -249,6 +249,7 @@ def test_task_queue_size_bounds_the_tasks_in_flight(servers: ServerRunner) -> No
 SIZES = [0, 1, 65_515, 65_516, 1 << 20, (64 << 20) - 64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["co", "async", "pipe"])
 def test_payloads_up_to_64_mib_in_every_path(servers: ServerRunner, path: str) -> None:
     srv = servers.run('''

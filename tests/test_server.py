@@ -220,6 +220,7 @@ def test_cli_version_and_run(servers: ServerRunner) -> None:
     assert bad.returncode != 0 and "has no attribute 'nothing'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_children_stop_when_the_master_is_killed_outright(servers: ServerRunner) -> None:
     srv = servers.start('''
         from pyswtask import process

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOAK = ROOT / "perf" / "soak.py"
 
 # The suite also runs from an installed wheel, outside the tree: no perf/ there.
-pytestmark = pytest.mark.skipif(not SOAK.is_file(), reason="no perf/soak.py next to the tests")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not SOAK.is_file(), reason="no perf/soak.py next to the tests")]
 
 SOCKET_SOURCES = {"worker0.co", "worker0.async", "worker1.co", "worker1.async", "process.co",
                   "process.async"}

@@ -2,7 +2,8 @@
 
 It reads tasks from every worker's channel (and from the message queue, on a thread, when the
 server has one), runs each through the executor and writes the result back. It delivers
-nothing itself: waiting on another task from inside a task can deadlock the pool.
+nothing itself: waiting on another task from inside a task can deadlock the pool. The loop is
+the core's; this role only sets it up (signals, queue reader thread, executor) and reports.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A process is a function ``fn(server, process)`` or a class with ``run(self, serv
 (made in the child). An ``async def`` one runs on an event loop of its own, where pipe messages
 fire ``Event.PIPE_MESSAGE`` as they arrive; a plain one reads them when it calls
 ``process.read_messages()`` or ``process.sleep()``. When the function returns, the process
-exits and is respawned, as in Swoole. It delivers tasks through a worker (the relay).
+exits and is respawned, as in Swoole. It delivers tasks through a worker (the relay), never to
+a task worker directly: it has no task channel.
 """
 
 from __future__ import annotations

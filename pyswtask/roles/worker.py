@@ -4,7 +4,8 @@ The dispatcher's epoll fd is registered as a reader of the asyncio loop, so resu
 tasks and of ``await Task.co`` arrive while coroutines run, and a synchronous ``Task.deliver``
 (CO) simply blocks the loop until its result, as Swoole's taskwait blocks its worker. Workers are
 the only processes with channels to the task workers: every delivery, a user process's included
-(the relay), leaves from here. Timers and coroutine hooks run on this loop.
+(the relay), leaves from here. Timers and coroutine hooks run on this loop. It drives the
+core's ``Dispatcher`` and must not build or parse frames itself.
 """
 
 from __future__ import annotations
