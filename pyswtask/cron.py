@@ -37,8 +37,7 @@ from ._core import OriginTable, RunStatus, RunTable, TableFull
 from .process import ProcessSpec
 
 if TYPE_CHECKING:
-    from .roles import Process
-    from .server import Server
+    from .roles import Process, ServerHandle
 
 __all__ = ["scheduled", "CronRuleError", "normalize_rule", "next_times", "Crontab"]
 
@@ -177,7 +176,7 @@ def minute_start(ts: float) -> int:
 class Crontab:
     """The master's handle: jobs, the two tables in SysV shared memory, the two processes."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ServerHandle) -> None:
         settings = server.settings
         self.server = server
         self.tz = zone(settings["timezone"])
@@ -231,7 +230,7 @@ class Crontab:
 
     # -- cronTimer ------------------------------------------------------------------------------
 
-    def _timer_main(self, server: Server, proc: Process) -> None:
+    def _timer_main(self, server: ServerHandle, proc: Process) -> None:
         now = time.time()
         # A fresh server starts with what is still to come this minute. A respawned timer (the
         # table has rows) also writes the seconds it missed, within the grace period: they are
@@ -299,7 +298,7 @@ class Crontab:
 
     # -- cronExec -------------------------------------------------------------------------------
 
-    def _exec_main(self, server: Server, proc: Process) -> None:
+    def _exec_main(self, server: ServerHandle, proc: Process) -> None:
         origin, runs = self.tables()
         while True:
             now = time.time()

@@ -18,19 +18,16 @@ import select
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import cleanup, roles
 from ._core import Mailbox
 from .cron import Crontab
-from .roles import EXIT_BOOT_ERROR, ChildRole, TaskWorker, UserProcess, Worker
+from .roles import EXIT_BOOT_ERROR, ChildRole, ServerHandle, TaskWorker, UserProcess, Worker
 from .titles import set_title
 from .transport import control
 from .transport.ipc import ServerIpc
 from .transport.msgqueue import ServerQueue
-
-if TYPE_CHECKING:
-    from .server import Server
 
 log = logging.getLogger("pyswtask.master")
 
@@ -65,7 +62,7 @@ class Child:
 
 
 class Master:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ServerHandle) -> None:
         self.server = server
         self.settings = server.settings
         self.children = [Child(Worker, i, i) for i in range(server.worker_num)]

@@ -10,10 +10,20 @@ Roles sit above the transports and below the master, the Task facade and the ser
 use any transport, and none of them imports the master or the server at run time.
 """
 
-from .base import EXIT_BOOT_ERROR, ChildRole, MasterRole, Outside, Role, current, enter, leave
+from .base import (
+    EXIT_BOOT_ERROR,
+    ChildRole,
+    MasterRole,
+    Outside,
+    Role,
+    ServerHandle,
+    current,
+    enter,
+    leave,
+)
 from .taskworker import TaskWorker
 from .userprocess import Process, UserProcess
 from .worker import Worker
 
 __all__ = ["EXIT_BOOT_ERROR", "Role", "Outside", "MasterRole", "ChildRole", "Worker", "TaskWorker",
-           "UserProcess", "Process", "current", "enter", "leave"]
+           "UserProcess", "Process", "ServerHandle", "current", "enter", "leave"]

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from .._core import Dispatcher, Mailbox
 from ..envelope import check_timeout, check_type, pack_task
@@ -29,11 +29,12 @@ from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..process import ProcessSpec
     from ..transport.ipc import ChildIpc
+    from ..transport.msgqueue import ServerQueue
 
-__all__ = ["Role", "Outside", "MasterRole", "ChildRole", "current", "enter", "leave",
-           "EXIT_BOOT_ERROR"]
+__all__ = ["Role", "Outside", "MasterRole", "ChildRole", "ServerHandle", "current", "enter",
+           "leave", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("pyswtask.master")
 
@@ -44,6 +45,35 @@ EXIT_BOOT_ERROR = 3
 FinishCallback = Callable[[int, Any], Any]
 
 
+class ServerHandle(Protocol):
+    """What the roles, the master and the crontab ask of the server object: the part of
+    ``pyswtask.Server`` below which they sit. Declared here, so that they depend on this
+    question and not on the module above them; ``Server`` is the one implementation."""
+
+    settings: dict[str, Any]
+    worker_num: int
+    task_worker_num: int
+    master_pid: int | None
+    master_id: int | None           # the master's inbox, for control messages
+    process_ids: dict[str, int]
+    queue: ServerQueue | None
+    crontab: Any
+
+    @property
+    def worker_id(self) -> int: ...
+    def _run_hook(self, hook: str, *args: Any) -> None: ...
+    def user_processes(self) -> list[ProcessSpec]: ...
+    def uses_queue(self) -> bool: ...
+    def process_id(self, name: str) -> int | None: ...
+    def send_message(self, data: Any, dst_worker_id: int, type: str = "message",
+                     timeout: float = 3.0) -> None: ...
+    def start_process(self, name: str) -> None: ...
+    def shutdown(self) -> None: ...
+    def tick(self, ms: int, fn: Callable[[int], Any]) -> int: ...
+    def after(self, ms: int, fn: Callable[[], Any]) -> int: ...
+    def clear_timer(self, timer_id: int) -> bool: ...
+
+
 class Role:
     """What a process can do in (or outside) a server. The base answers as a process that has
     no way to deliver: each role overrides what it can do."""
@@ -51,7 +81,7 @@ class Role:
     kind = "outside"
     in_server = False
 
-    def __init__(self, server: Server | None = None, worker_id: int = -1) -> None:
+    def __init__(self, server: ServerHandle | None = None, worker_id: int = -1) -> None:
         self.server = server
         self.worker_id = worker_id          # the global id: workers, task workers, processes
         self.package_max_length = int(server.settings["package_max_length"]) if server else 0
@@ -166,7 +196,7 @@ class MasterRole(Role):
     kind = "master"
     in_server = True
 
-    def __init__(self, server: Server, mailbox: Mailbox) -> None:
+    def __init__(self, server: ServerHandle, mailbox: Mailbox) -> None:
         super().__init__(server, -1)
         self.mailbox = mailbox
 
@@ -181,9 +211,9 @@ class ChildRole(Role):
 
     in_server = True
 
-    def __init__(self, server: Server, worker_id: int, index: int, ipc: ChildIpc) -> None:
+    def __init__(self, server: ServerHandle, worker_id: int, index: int, ipc: ChildIpc) -> None:
         super().__init__(server, worker_id)
-        self.server: Server = server
+        self.server: ServerHandle = server
         self.index = index                  # among the processes of its kind
         self.ipc = ipc
         self.load: memoryview = ipc.load    # uint32 per worker: tasks without a result

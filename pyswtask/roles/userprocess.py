@@ -23,10 +23,9 @@ from ..events import Event, events
 from ..process import ProcessSpec
 from ..transport.pipe import dispatch_messages
 from ..transport.relay import PIPE_TASKS, RelayClient
-from .base import ChildRole, FinishCallback
+from .base import ChildRole, FinishCallback, ServerHandle
 
 if TYPE_CHECKING:
-    from ..server import Server
     from ..transport.ipc import ChildIpc
 
 __all__ = ["Process", "UserProcess"]
@@ -39,7 +38,7 @@ class Process:
 
     __slots__ = ("name", "id", "pid", "server", "mailbox", "delivery")
 
-    def __init__(self, name: str, worker_id: int, server: Server, mailbox: Mailbox,
+    def __init__(self, name: str, worker_id: int, server: ServerHandle, mailbox: Mailbox,
                  delivery: RelayClient) -> None:
         self.name = name
         self.id = worker_id
@@ -83,7 +82,7 @@ class Process:
 class UserProcess(ChildRole):
     kind = "process"
 
-    def __init__(self, server: Server, worker_id: int, index: int, ipc: ChildIpc,
+    def __init__(self, server: ServerHandle, worker_id: int, index: int, ipc: ChildIpc,
                  spec: ProcessSpec) -> None:
         super().__init__(server, worker_id, index, ipc)
         self.spec = spec
