@@ -54,10 +54,7 @@ body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, d
 
 cimport cython
 
-import collections
-
 import msgpack
-import numpy
 import reprlib
 
 include "includes/system.pxi"
@@ -65,6 +62,8 @@ include "core/frame.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"
+include "core/state.pyx"
 include "core/taskloop.pyx"
 include "core/mailbox.pyx"
+include "core/reply.pyx"
 include "core/crontable.pyx"

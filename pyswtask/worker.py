@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import context, control
 from ._core import Dispatcher, Mailbox, QueueChannel
 from .delivery import fire_finish
-from .errors import TaskError
+from .errors import TaskError, TaskWorkerLost
 from .events import Event, events
 from .pipe import dispatch_messages
 
@@ -39,7 +39,8 @@ def run_worker(server: Server, worker_id: int, ipc: ChildIpc) -> int:
         if ipc.task_fds:
             dispatcher = Dispatcher(
                 worker_id, ipc.task_fds, ipc.busy, on_finish=fire_finish,
-                make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
+                make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                on_protocol_error=log.error, epoch=os.getpid(),
                 spin=settings["task_wait_spin"], load=ipc.load, outs=_queue_outs(server),
                 max_pending=settings["task_queue_size"])
             dispatcher.set_scheduler(loop.call_soon,

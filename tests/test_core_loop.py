@@ -27,15 +27,15 @@ from pyswtask._core import (
     pack_frame,
     parse_frames,
 )
-from pyswtask.errors import TaskError
+from pyswtask.errors import TaskError, TaskWorkerLost
 
 
 def make_dispatcher(fd: int, **kw: Any) -> tuple[Dispatcher, list[Any], list[str]]:
     finished: list[Any] = []
     errors: list[str] = []
     d = Dispatcher(0, [fd], bytearray(1), on_finish=lambda *a: finished.append(a),
-                   make_error=TaskError.from_wire, on_protocol_error=errors.append,
-                   epoch=77, **kw)
+                   make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                   on_protocol_error=errors.append, epoch=77, **kw)
     return d, finished, errors
 
 
@@ -205,5 +205,5 @@ def test_dispatcher_refuses_bad_destinations(pair: tuple[socket.socket, socket.s
     with pytest.raises(ValueError, match="dst_worker_id 3 is out of range: there are 1 task workers"):
         d.submit(body(1), 3, None)
     with pytest.raises(ValueError, match="at least one task worker channel"):
-        Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print,
+        Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print, make_lost=print,
                    on_protocol_error=print, epoch=1)

@@ -16,7 +16,7 @@ cdef class Channel:
     cdef dict frags             # task id -> bytearray, bodies being reassembled
     cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
     cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
-    cdef readonly uint64_t stray_fragments
+    cdef size_t body_max        # largest body reassembled (0: no limit); see assemble
 
     def __cinit__(self, int fd, int peer, *args):
         self.fd = fd
@@ -83,22 +83,26 @@ cdef class Channel:
             fl = 0
         return 0
 
+    cdef size_t record_size(self) noexcept:
+        """The length of the next record to send: as many whole queued frames as fit one."""
+        cdef FrameHeader h
+        cdef size_t off = self.out.start, total = 0, fsize
+        while off < self.out.end:
+            memcpy(&h, self.out.data + off, _HEADER_SIZE)
+            fsize = _HEADER_SIZE + h.body_len
+            if total and total + fsize > _RECORD_MAX:
+                break
+            total += fsize
+            off += fsize
+        return total
+
     cdef int flush(self) except -1:
         """Sends queued frames, as many whole frames per record as fit, until the queue is empty
         (returns 1) or the socket is full (returns 0; the rest stays queued)."""
-        cdef FrameHeader h
-        cdef size_t off, total, fsize
+        cdef size_t total
         cdef ssize_t r
         while self.out.start < self.out.end:
-            off = self.out.start
-            total = 0
-            while off < self.out.end:
-                memcpy(&h, self.out.data + off, _HEADER_SIZE)
-                fsize = _HEADER_SIZE + h.body_len
-                if total and total + fsize > _RECORD_MAX:
-                    break
-                total += fsize
-                off += fsize
+            total = self.record_size()
             r = send(self.fd, self.out.data + self.out.start, total, MSG_DONTWAIT | MSG_NOSIGNAL)
             if r < 0:
                 if errno == EAGAIN:
@@ -131,7 +135,8 @@ cdef class Channel:
         return 0
 
     cdef object assemble(self, FrameHeader *h, const char *p):
-        """Adds a fragment; returns the whole body once its last fragment came, else None."""
+        """Adds a fragment; returns the whole body once its last fragment came, else None.
+        Raises ProtocolError, dropping the body, when it grows past body_max."""
         cdef object buf
         if h.flags & _FLAG_FRAG_FIRST:
             buf = bytearray(PyBytes_FromStringAndSize(p, h.body_len))
@@ -140,9 +145,12 @@ cdef class Channel:
             buf = self.frags.get(h.task_id)
             if buf is None:
                 # The start was read by a process that has since died: drop the rest.
-                self.stray_fragments += 1
                 return None
             buf += PyBytes_FromStringAndSize(p, h.body_len)
+        if self.body_max and <size_t>len(buf) > self.body_max:
+            del self.frags[h.task_id]
+            raise ProtocolError(f"the body of task {h.task_id} exceeds {self.body_max} bytes: "
+                                "dropped")
         if not h.flags & _FLAG_FRAG_LAST:
             return None
         del self.frags[h.task_id]
@@ -225,15 +233,16 @@ cdef class RecordReader:
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return 0
 
-    cdef int read_record(self, Channel ch, size_t n, uint8_t accepted) except -1:
-        """accepted: the frame type this end takes (RESULT also takes ERROR)."""
+    cdef int read_record(self, Channel ch, const char *record, size_t n,
+                         uint8_t accepted) except -1:
+        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST)."""
         cdef size_t off = 0
         cdef FrameHeader h
         cdef const char *why
         cdef const char *body
         cdef object whole
         while off < n:
-            why = check_header(self.scratch + off, n - off, &h)
+            why = check_header(record + off, n - off, &h)
             if why == NULL and h.type != accepted and not (
                     accepted == _FRAME_RESULT and (h.type == _FRAME_ERROR or
                                                    h.type == _FRAME_LOST)):
@@ -243,7 +252,7 @@ cdef class RecordReader:
                 self.on_protocol_error(f"{self.who}: record on channel {ch.peer} dropped at "
                                        f"offset {off}: {why.decode()}")
                 return 0
-            body = self.scratch + off + _HEADER_SIZE
+            body = record + off + _HEADER_SIZE
             off += _HEADER_SIZE + h.body_len
             if h.flags & _FLAGS_FRAG:
                 whole = ch.assemble(&h, body)

@@ -92,12 +92,9 @@ cdef packed struct RunRow:
 
 LAYOUT_VERSION = _LAYOUT_VERSION
 TABLE_HEADER = _TABLE_HEADER
-RULE_WIDTH = _RULE_W
-NAME_WIDTH = _NAME_W
-MINUTE_WIDTH = _MINUTE_W
 
 # The one definition of each record: field name and numpy type, in struct order. Offsets and
-# the record size come from the C structs above (see _dtype), so the numpy view cannot drift.
+# the record size come from the C structs above (see _RowDtype), so the numpy view cannot drift.
 ORIGIN_FIELDS = (
     ("used", "u1"), ("overlap", "u1"), ("last_status", "u1"), ("reserved", "u1"),
     ("inflight", "<u4"), ("add_time", "<i8"), ("last_due", "<i8"), ("last_duration", "<f8"),
@@ -134,10 +131,23 @@ def _offsets_run():
              <char *>&r.task[0] - b, <char *>&r.method[0] - b], sizeof(RunRow))
 
 
-cdef object _dtype(fields, layout):
-    offsets, itemsize = layout
-    return numpy.dtype({"names": [f[0] for f in fields], "formats": [f[1] for f in fields],
-                        "offsets": offsets, "itemsize": itemsize})
+class _RowDtype:
+    """A table class's ``dtype``: the numpy structured dtype of its rows, made on first use, so
+    that numpy is imported only by a process that asks for a numpy view."""
+
+    def __init__(self, fields, layout):
+        self.fields = fields
+        self.layout = layout
+        self.dtype = None
+
+    def __get__(self, obj, objtype=None):
+        if self.dtype is None:
+            import numpy
+            offsets, itemsize = self.layout()
+            self.dtype = numpy.dtype({"names": [f[0] for f in self.fields],
+                                      "formats": [f[1] for f in self.fields],
+                                      "offsets": offsets, "itemsize": itemsize})
+        return self.dtype
 
 
 cdef int _put_str(char *dst, size_t width, str value, str field) except -1:
@@ -224,11 +234,6 @@ cdef class CronTable:
         """Inserts refused because the table was full."""
         return self.hdr.dropped
 
-    @property
-    def recovered(self):
-        """Times the lock was taken over from a process that died holding it."""
-        return self.hdr.recovered
-
     cdef inline char *row(self, uint32_t i) noexcept nogil:
         return self.base + _TABLE_HEADER + <size_t>i * self.row_size
 
@@ -253,6 +258,7 @@ cdef class CronTable:
 
     def to_numpy(self):
         """A live numpy view of every row (free rows have used == 0); no copy, no lock."""
+        import numpy
         return numpy.frombuffer(self.buf, dtype=self.dtype, count=self.hdr.capacity,
                                 offset=_TABLE_HEADER)
 
@@ -260,7 +266,7 @@ cdef class CronTable:
 cdef class OriginTable(CronTable):
     """One row per scheduled method: its rule, task, method and run statistics."""
 
-    dtype = _dtype(ORIGIN_FIELDS, _offsets_origin())
+    dtype = _RowDtype(ORIGIN_FIELDS, _offsets_origin)
 
     def __cinit__(self, *args, **kwargs):
         self.kind_expected = _KIND_ORIGIN
@@ -346,7 +352,7 @@ cdef class OriginTable(CronTable):
 cdef class RunTable(CronTable):
     """One row per due execution of a job in the coming minute(s)."""
 
-    dtype = _dtype(RUN_FIELDS, _offsets_run())
+    dtype = _RowDtype(RUN_FIELDS, _offsets_run)
 
     def __cinit__(self, *args, **kwargs):
         self.kind_expected = _KIND_RUN

@@ -74,6 +74,7 @@ cdef class Dispatcher(RecordReader):
     cdef list deferred
     cdef object on_finish           # on_finish(task_id, result, callback): user code
     cdef object make_error          # make_error(unpacked error body) -> exception instance
+    cdef object make_lost           # make_lost(message) -> exception of a task lost with its worker
     cdef object schedule            # loop.call_soon, or None outside an event loop
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
@@ -86,8 +87,8 @@ cdef class Dispatcher(RecordReader):
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
 
-    def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
-                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None,
+    def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, make_lost,
+                 on_protocol_error, uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None,
                  outs=None, Py_ssize_t max_pending=65536):
         cdef Channel ch
         self.worker_id = worker_id
@@ -106,6 +107,7 @@ cdef class Dispatcher(RecordReader):
             raise ValueError("busy flags are fewer than the channels")
         self.on_finish = on_finish
         self.make_error = make_error
+        self.make_lost = make_lost
         self.on_protocol_error = on_protocol_error
         self.spin = spin
         self.high_water = high_water
@@ -362,7 +364,7 @@ cdef class Dispatcher(RecordReader):
             else:
                 r = recv_record_blocking(ch, self.scratch, deadline - now)
             if r > 0:
-                self.read_record(ch, <size_t>r, _FRAME_RESULT)
+                self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
         if self.deferred and self.schedule is not None and not self.deferred_scheduled:
             self.deferred_scheduled = True
             self.schedule(self.run_deferred)
@@ -450,7 +452,7 @@ cdef class Dispatcher(RecordReader):
                 # -1: nothing waiting. 0: an empty record; a closed peer cannot happen while the
                 # master holds both ends.
                 return 0
-            self.read_record(ch, <size_t>r, _FRAME_RESULT)
+            self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
@@ -494,8 +496,7 @@ cdef class Dispatcher(RecordReader):
             entry = <_Pending>self.pending.pop(task_id)
             what = "while running this task or sending its result" if task_id == running else (
                 "after running this task; its result was lost")
-            self._complete(task_id, entry, self.make_error(
-                ["TaskWorkerLost", f"{reason} {what}", ""]), True)
+            self._complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
         for task_id in sorted(again):
             entry = <_Pending>self.pending[task_id]
             out = <Channel>self.outs[entry.tw]

@@ -155,6 +155,6 @@ cdef class Mailbox(RecordReader):
             r = recv_record(self.inbox.fd, self.scratch)
             if r <= 0:
                 break
-            self.read_record(self.inbox, <size_t>r, _FRAME_PIPE)
+            self.read_record(self.inbox, self.scratch, <size_t>r, _FRAME_PIPE)
         out, self.received = self.received, None
         return out

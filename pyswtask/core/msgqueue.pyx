@@ -144,9 +144,27 @@ cdef class QueueChannel(Channel):
         return 0
 
 
+# The stop sentinel: a message of 8 bytes, 4 zero bytes then the pid (u32, little-endian) of the
+# process whose reader must stop. A record starts with the frame magic, so it is never one.
+
+cdef inline bint sentinel_pid(const char *text, size_t n, uint32_t *pid) noexcept nogil:
+    """Whether text is a stop sentinel; if so, stores the pid it names."""
+    if n != _SENTINEL_SIZE or text[0] != 0 or text[1] != 0 or text[2] != 0 or text[3] != 0:
+        return False
+    memcpy(pid, text + 4, 4)
+    return True
+
+
 def sentinel(uint32_t pid):
     """The text of the message that stops the queue reader of the process pid."""
     return b"\0\0\0\0" + pid.to_bytes(4, "little")
+
+
+def is_sentinel(text):
+    """Whether a message's text is a stop sentinel (of any process)."""
+    cdef const unsigned char[::1] view = text
+    cdef uint32_t pid
+    return view.shape[0] == _SENTINEL_SIZE and sentinel_pid(<const char *>&view[0], 8, &pid)
 
 
 cdef class QueueSender:
@@ -170,9 +188,10 @@ cdef class QueueSender:
         self.worker_num = worker_num
         self.epoch = epoch & 0xFFFFFFFF
 
-    def put(self, bytes body, int dst, uint8_t flags, size_t backlog_max=0):
-        """Queues one task frame for task worker dst (-1: the next one); returns its id, or 0
-        without queueing it when backlog_max bytes are already held back for that worker."""
+    def put(self, bytes body, int dst, bint async_=False, size_t backlog_max=0):
+        """Queues one task frame for task worker dst (-1: the next one), ASYNC (no result comes
+        back) or CO; returns its id, or 0 without queueing it when backlog_max bytes are already
+        held back for that worker."""
         cdef QueueChannel ch
         cdef uint64_t task_id
         if dst >= self.nout:
@@ -190,7 +209,7 @@ cdef class QueueSender:
             self.counter = 1
         task_id = (self.epoch << 32) | self.counter
         # As Swoft's QueueTask did: a source worker id drawn from the workers.
-        ch.put(_FRAME_TASK, flags | _FLAG_COMMAND, task_id, <uint16_t>(self.counter % self.worker_num),
+        ch.put(_FRAME_TASK, (_FLAG_ASYNC if async_ else 0) | _FLAG_COMMAND, task_id, <uint16_t>(self.counter % self.worker_num),
                PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
         if ch.queued() >= ch.msgmax:
             # A full message leaves now; the next goes to the next task worker.
@@ -251,7 +270,6 @@ cdef class QueueReader:
     cdef readonly bint finished
     cdef readonly int error         # errno that stopped the thread, or 0
     cdef readonly uint64_t lost_parts
-    cdef readonly uint64_t received
 
     def __cinit__(self, *args, **kwargs):
         self.msg = NULL
@@ -276,11 +294,6 @@ cdef class QueueReader:
         free(self.ring)
         pthread_mutex_destroy(&self.mutex)
 
-    @property
-    def pending(self):
-        """Bytes of messages taken from the queue and not yet popped."""
-        return self.used
-
     def run(self):
         """The thread's body."""
         with nogil:
@@ -304,8 +317,7 @@ cdef class QueueReader:
                 if errno != EIDRM and errno != EINVAL:
                     self.error = errno
                 return
-            if n == _SENTINEL_SIZE and text[0] == 0 and text[1] == 0:
-                memcpy(&target, text + 4, 4)
+            if sentinel_pid(text, <size_t>n, &target):
                 if target == self.pid:
                     return
                 # Another task worker's stop (contention mode): put it back for its owner.
@@ -331,7 +343,6 @@ cdef class QueueReader:
         self._ring_write(<const char *>&len32, 4)
         self._ring_write(text, n)
         self.used += 4 + n
-        self.received += 1
         pthread_mutex_unlock(&self.mutex)
         if was_empty:
             self._wake()

@@ -33,9 +33,7 @@ cdef class TaskLoop(RecordReader):
     cdef Channel qchan              # stands for the queue: where its fragments are reassembled
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
-    cdef uint64_t[:] state          # shared: [last task started, its worker, last id read per
-    cdef bint has_state             #   worker]; read by the master if this process dies
-    cdef Py_ssize_t state_base
+    cdef TaskWorkerStates state     # read by the master if this process dies, or None
     cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
@@ -46,7 +44,7 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 state=None, uint64_t max_tasks=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -79,11 +77,8 @@ cdef class TaskLoop(RecordReader):
                 raise OSError(errno, "epoll_ctl failed on the inbox")
         self.max_tasks = max_tasks
         if state is not None:
-            self.state = state
-            self.has_state = True
-            self.state_base = index * (2 + len(self.channels))
-            if self.state.shape[0] < self.state_base + 2 + len(self.channels):
-                raise ValueError("the task worker state array is too small")
+            state.check(index, len(self.channels))
+        self.state = state
         self.reader = reader
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
@@ -178,9 +173,9 @@ cdef class TaskLoop(RecordReader):
             return 0
         r = recv_record(ch.fd, self.scratch)
         if r > 0:
-            if self.has_state:
-                self.state[self.state_base + 2 + ch.peer] = last_task_id(self.scratch, <size_t>r)
-            self.read_record(ch, <size_t>r, _FRAME_TASK)
+            if self.state is not None:
+                self.state.read_upto(self.index, ch.peer, last_task_id(self.scratch, <size_t>r))
+            self.read_record(ch, self.scratch, <size_t>r, _FRAME_TASK)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
             self.busy[self.index] = 0
@@ -197,7 +192,7 @@ cdef class TaskLoop(RecordReader):
             n = self.reader.pop(self.scratch)
             if n < 0:
                 break
-            self.read_record(self.qchan, <size_t>n, _FRAME_TASK)
+            self.read_record(self.qchan, self.scratch, <size_t>n, _FRAME_TASK)
         else:
             # More is waiting: come back after the channels had their turn.
             write(self.queue_fd, &one, 8)
@@ -229,9 +224,8 @@ cdef class TaskLoop(RecordReader):
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
                 ch.flush()
-            if self.has_state and ch is not self.qchan:
-                self.state[self.state_base + 1] = src
-                self.state[self.state_base] = task_id
+            if self.state is not None and ch is not self.qchan:
+                self.state.started(self.index, task_id, src)
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started

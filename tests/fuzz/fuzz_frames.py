@@ -46,7 +46,7 @@ with atheris.instrument_imports(include=["pyswtask"]):
         parse_frames,
         unpack_envelope,
     )
-    from pyswtask.errors import TaskError
+    from pyswtask.errors import TaskError, TaskWorkerLost
 
 EPOCH = 0x5EED
 FIRST_ID = (EPOCH << 32) | 1   # the id of the one task each Dispatcher has pending
@@ -129,7 +129,8 @@ class Readers:
             finished: list[Any] = []
             d = Dispatcher(0, [self.mine.fileno()], bytearray(1),
                            on_finish=lambda *a: finished.append(a), make_error=TaskError.from_wire,
-                           on_protocol_error=errors.append, epoch=EPOCH)
+                           make_lost=TaskWorkerLost.lost, on_protocol_error=errors.append,
+                           epoch=EPOCH)
             assert d.submit(self.body, 0, None) == FIRST_ID
             drain(self.peer)
             for record in records:
