@@ -54,10 +54,8 @@ body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, d
 
 cimport cython
 
-import msgpack
-import reprlib
-
-include "includes/system.pxi"
+# One extension built from included files (as uvloop's loop.pyx): one .so and no calls across
+# modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"

@@ -1,23 +1,20 @@
 # One end of a worker <-> task worker channel: an outgoing frame queue sent as whole records,
-# and the reassembly of bodies that were too large for one record.
+# and the reassembly of bodies that were too large for one record; and RecordReader, which
+# walks received records for the loops. Declarations in channel.pxd.
 
-cdef struct Buf:
-    char *data
-    size_t start        # first byte not yet sent
-    size_t end          # first free byte
-    size_t cap
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+from .includes.epoll cimport EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl, epoll_event
+from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, send,
+                              setsockopt)
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals)
+from posix.time cimport timeval
 
 
 cdef class Channel:
-    cdef readonly int fd
-    cdef readonly int peer
-    cdef Buf out
-    cdef uint32_t mask          # the epoll events registered now
-    cdef dict frags             # task id -> bytearray, bodies being reassembled
-    cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
-    cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
-    cdef size_t body_max        # largest body reassembled (0: no limit); see assemble
-
     def __cinit__(self, int fd, int peer, *args):
         self.fd = fd
         self.peer = peer
@@ -200,27 +197,11 @@ cdef bint any_queued(list channels):
     return False
 
 
-cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
-    """One record into buf (RECORD_MAX bytes); -1 when none is waiting."""
-    cdef ssize_t r
-    while True:
-        r = recv(fd, buf, _RECORD_MAX, MSG_DONTWAIT)
-        if r >= 0:
-            return r
-        if errno == EAGAIN:
-            return -1
-        if errno != EINTR:
-            raise OSError(errno, "recv from channel failed")
-
-
 cdef class RecordReader:
-    """Walks received records frame by frame for its subclass (Dispatcher, TaskLoop, Mailbox):
+    """Walks received records frame by frame for its subclass (Dispatcher, TaskLoop, Mailbox,
+    ReplyAssembler):
     checks each header, reassembles fragmented bodies, hands whole frames to on_frame, and drops
     the rest of a record at the first bad frame (records are atomic, so no alignment is lost)."""
-    cdef char *scratch              # one record, as received
-    cdef object on_protocol_error   # on_protocol_error(message)
-    cdef str who                    # names this end in those messages
-    cdef readonly uint64_t bad_records
 
     def __cinit__(self, *args, **kwargs):
         self.scratch = <char *>malloc(_RECORD_MAX)

@@ -1,17 +1,16 @@
 # SysV message queues: tasks from separate programs (commands), and from workers when
 # task_ipc_mode is 2 or 3. A message's text is a record: whole frames, as on a channel.
+# Declarations in msgqueue.pxd.
 
-from libc.errno cimport ENOMSG, EIDRM, EINVAL
+from libc.errno cimport EAGAIN, EIDRM, EINTR, EINVAL, ENOMSG, errno
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memmove
+from posix.unistd cimport usleep, write
 
-cdef extern from "<sys/msg.h>" nogil:
-    enum:
-        IPC_NOWAIT
-    int msgsnd(int msqid, const void *msgp, size_t msgsz, int msgflg)
-    ssize_t msgrcv(int msqid, void *msgp, size_t msgsz, long msgtyp, int msgflg)
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t write(int fd, const void *buf, size_t n)
-    int usleep(unsigned int usec)
+from .includes.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                                pthread_mutex_unlock)
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from .includes.sysv cimport IPC_NOWAIT, msgrcv, msgsnd
 
 cdef enum:
     _SENTINEL_SIZE = 8
@@ -54,11 +53,6 @@ cdef class QueueChannel(Channel):
     first part of a fragmented body ends its message; the later parts each go alone, under the
     body's own part type. Sends never block: what the queue does not take stays queued here.
     """
-    cdef int msqid
-    cdef readonly long mtype
-    cdef size_t msgmax
-    cdef size_t retry_at            # after a full queue: queued bytes before send_full retries
-    cdef char *msg                  # mtype, then the text
 
     def __cinit__(self, int fd, int peer, int msqid, long mtype, size_t msgmax):
         if msgmax <= _HEADER_SIZE:
@@ -171,13 +165,6 @@ cdef class QueueSender:
     """A separate program's end of a server's queue: numbers its tasks, coalesces ASYNC frames
     into messages of up to msgmax bytes, and spreads the messages over the task workers' types.
     """
-    cdef list outs
-    cdef int nout
-    cdef int rr
-    cdef uint64_t epoch
-    cdef uint32_t counter
-    cdef int worker_num
-    cdef readonly uint64_t puts     # tasks queued so far: a writer-behind sees if more came
 
     def __init__(self, int msqid, long first_type, int ntypes, size_t msgmax, int worker_num,
                  uint64_t epoch):
@@ -239,15 +226,6 @@ cdef class QueueSender:
         return queued_bytes(self.outs)
 
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-
-
 cdef class QueueReader:
     """A task worker's reader of the queue, run by a thread of its own (msgrcv has no
     descriptor to poll). The thread never takes the GIL on its path: messages go into a ring
@@ -258,18 +236,6 @@ cdef class QueueReader:
     reads every type up to -mtype (mode 3: contention). The thread ends at a sentinel naming
     this process, or when the queue is removed.
     """
-    cdef int msqid
-    cdef int wake_fd
-    cdef readonly long mtype
-    cdef size_t msgmax
-    cdef char *msg
-    cdef char *ring                 # records: u32 length, then the text
-    cdef size_t cap, head, tail, used
-    cdef pthread_mutex_t mutex
-    cdef uint32_t pid
-    cdef readonly bint finished
-    cdef readonly int error         # errno that stopped the thread, or 0
-    cdef readonly uint64_t lost_parts
 
     def __cinit__(self, *args, **kwargs):
         self.msg = NULL

@@ -5,6 +5,10 @@
 # record is one RESULT (or ERROR) frame; a larger one is fragmented exactly as Channel.put does
 # (FRAG_FIRST|FRAG_MORE, FRAG_MORE..., FRAG_LAST), one fragment per datagram. The reader drops a
 # fragment whose start it never saw, and a body that grows past its max_body.
+#
+# Declarations in reply.pxd.
+
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 
 def reply_records(uint64_t task_id, bint ok, int src_worker, bytes body):
@@ -26,9 +30,6 @@ cdef class ReplyAssembler(RecordReader):
     whole result as (task id, ok, value), value being the unpacked body (on an error, the
     ``[exception type, message, traceback text]`` list). A bad record is dropped and reported
     to on_protocol_error; ProtocolError when a body exceeds max_body (0: no limit)."""
-    cdef Channel chan
-    cdef list results
-
     def __init__(self, *, on_protocol_error, size_t max_body=0):
         self.who = "reply socket"
         self.on_protocol_error = on_protocol_error

@@ -11,16 +11,16 @@
 # worker like a result): task id = the running task when it is w's, else the last read one;
 # body = msgpack ``[running, read_upto, reason]``, running being 0 when the task worker's last
 # start was another worker's (so it ran every record it read from w whole).
+#
+# Declarations in state.pxd.
+
+from libc.string cimport memcpy
+
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 
-@cython.final
 cdef class TaskWorkerStates:
     """The state slots of every task worker over buf (nbytes(...) bytes, shared by fork)."""
-    cdef object view
-    cdef uint64_t[::1] slots
-    cdef Py_ssize_t width
-    cdef int worker_num
-    cdef int count
 
     def __init__(self, buf, int worker_num, int task_worker_num):
         if worker_num < 0 or task_worker_num < 0:
@@ -68,6 +68,7 @@ cdef class TaskWorkerStates:
         cdef Py_ssize_t base = <Py_ssize_t>index * self.width
         cdef uint64_t running = self.slots[base], running_src = self.slots[base + 1]
         cdef uint64_t upto, mine
+        cdef int w
         cdef bytes body, frame
         cdef list out = []
         for w in range(self.worker_num):

@@ -1,4 +1,13 @@
 # The task worker's side: read task frames from every worker, run each synchronously, reply.
+# Declarations in taskloop.pxd.
+
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport close, read, write
+
+from .includes.clock cimport monotonic
+from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
+                              epoll_create1, epoll_ctl, epoll_event, epoll_wait)
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
@@ -18,25 +27,6 @@ cdef class TaskLoop(RecordReader):
     result when ok, else [exception type, message, traceback text]. It must not raise.
     While tasks run, this worker's busy flag is 1, so dispatchers prefer an idle task worker.
     """
-    cdef int epfd
-    cdef int stop_fd
-    cdef list channels
-    cdef unsigned char[:] busy
-    cdef int index
-    cdef uint16_t worker_id
-    cdef object execute
-    cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
-    cdef object on_inbox            # on_inbox(): reads this process's pipe messages
-    cdef dict durations             # (name, method) -> moving average of run time, seconds
-    cdef QueueReader reader         # the message queue's reader thread, or None
-    cdef int queue_fd               # its wake descriptor
-    cdef Channel qchan              # stands for the queue: where its fragments are reassembled
-    cdef object on_reply            # on_reply(task_id, ok, body): results for commands
-    cdef object on_stopping         # on_stopping(): tells the reader thread to finish
-    cdef TaskWorkerStates state     # read by the master if this process dies, or None
-    cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
-    cdef readonly uint64_t tasks_done
-    cdef public size_t high_water
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1

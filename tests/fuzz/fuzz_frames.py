@@ -135,7 +135,7 @@ class Readers:
             drain(self.peer)
             for record in records:
                 self.peer.send(record)
-                d.poll(0.0)
+                d.on_readable()
             assert all(f[0] == FIRST_ID for f in finished) and len(finished) <= 1
             bad = d.bad_records
         else:
