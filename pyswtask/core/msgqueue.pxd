@@ -1,7 +1,7 @@
 # Declarations of core/msgqueue.pyx: the SysV message queue's channel, its sender for separate
 # programs, and the task worker's reader thread.
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from .includes.pthread cimport pthread_mutex_t
 

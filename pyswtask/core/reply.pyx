@@ -8,6 +8,8 @@
 #
 # Declarations in reply.pxd.
 
+from libc.stdint cimport uint16_t, uint64_t
+
 from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 

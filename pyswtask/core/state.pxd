@@ -1,7 +1,7 @@
 # Declarations of core/state.pyx: the task workers' shared state slots. The layout is
 # documented there, and nothing outside TaskWorkerStates computes an offset into it.
 
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 
 @cython.final
