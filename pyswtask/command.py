@@ -133,10 +133,10 @@ class QueueClient:
         if type == 2:
             with self.lock:
                 try:
-                    task_id = self.sender.put(body, dst, True, _BACKLOG_MAX)
+                    task_id = self.sender.put(body, dst, async_=True, backlog_max=_BACKLOG_MAX)
                     if not task_id:
                         self._make_room(time.monotonic() + timeout, _BACKLOG_MAX, name, method)
-                        task_id = self.sender.put(body, dst, True)
+                        task_id = self.sender.put(body, dst, async_=True)
                 except QueueGone:
                     raise self._gone() from None
             if not self.pending.is_set():
@@ -147,7 +147,7 @@ class QueueClient:
         with self.lock:
             # Everything delivered before this goes first, then this task alone.
             self._make_room(deadline, 1, name, method)
-            task_id = self.sender.put(body, dst, False)
+            task_id = self.sender.put(body, dst)
             before = self.sender.queued
             self._make_room(deadline, 1, name, method, taking_back=before)
         return self._wait_reply(sock, task_id, name, method, deadline, timeout)
