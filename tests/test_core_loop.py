@@ -6,10 +6,12 @@ writing raw records, which is how malformed input is injected.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 import time
 from typing import Any, Iterator
 
@@ -17,6 +19,7 @@ import msgpack
 import pytest
 
 from pyswtask._core import (
+    FLAG_ASYNC,
     FLAG_FRAG_MORE,
     FRAME_ERROR,
     FRAME_RESULT,
@@ -24,6 +27,7 @@ from pyswtask._core import (
     TIMEOUT,
     Dispatcher,
     TaskLoop,
+    TaskWorkerStates,
     pack_envelope,
     pack_frame,
     parse_frames,
@@ -215,3 +219,38 @@ def test_dispatcher_refuses_bad_destinations(pair: tuple[socket.socket, socket.s
     with pytest.raises(ValueError, match="at least one task worker channel"):
         Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print, make_lost=print,
                    on_protocol_error=print, epoch=1)
+
+
+def test_a_lost_report_fails_what_went_down_and_sends_the_unstarted_again(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """The master's LOST frame, made from the dead task worker's state slots, as the
+    dispatcher reads it: tasks run or running fail with TaskWorkerLost, tasks read but not
+    started go to the successor on the same channel."""
+    mine, peer = pair
+    scheduled: list[Any] = []
+    d, finished, errors = make_dispatcher(mine.fileno())
+    d.set_scheduler(scheduled.append)
+    ids = [d.submit(body(i), -1, None) for i in range(4)]
+    for fn in scheduled:
+        fn()
+    scheduled.clear()
+    assert [f[2] for f in parse_frames(peer.recv(65536))] == ids
+    # It read all four, ran ids[0] (its result never left) and died running ids[1].
+    buf = mmap.mmap(-1, TaskWorkerStates.nbytes(1, 1))
+    states = TaskWorkerStates(buf, 1, 1)
+    struct.pack_into("<3Q", buf, 0, ids[1], 0, ids[3])
+    ((w, frame),) = states.lost_reports(0, 1, "task worker 1 (pid 5) was killed")
+    assert w == 0
+    peer.send(frame)
+    pump(d, 0.5)
+    assert [f[0] for f in finished] == ids[:2]
+    assert all(isinstance(f[1], TaskWorkerLost) for f in finished)
+    assert str(finished[0][1]).endswith("was killed after running this task; its result was lost")
+    assert str(finished[1][1]).endswith("was killed while running this task or sending its result")
+    for fn in scheduled:
+        fn()
+    assert [f[:3] for f in parse_frames(peer.recv(65536))] == [
+        (FRAME_TASK, FLAG_ASYNC, ids[2]), (FRAME_TASK, FLAG_ASYNC, ids[3])]
+    assert d.pending_count == 2 and not errors
+    states.release()
+    buf.close()
