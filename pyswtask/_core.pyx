@@ -50,21 +50,32 @@ Frame (little-endian, 20-byte header + body)
 Bodies are msgpack. A TASK body is the envelope ``[name, method, params, type, logid, spanid]``
 (Swoft's TaskHelper::pack fields, in that order); a RESULT body is the return value; an ERROR
 body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, data]``.
+
+Other formats built on frames
+-----------------------------
+Each is defined, with its layout, in the file that alone builds and reads it:
+
+- SysV queue messages (core/msgqueue.pyx): a message's text is a record; the later fragments
+  of a body travel under a type of their own (PART_TYPE_BASE and up). The stop sentinel is
+  8 bytes, four zero bytes then the pid (u32) of the process whose reader must stop
+  (``sentinel``, ``is_sentinel``); a record never starts with zero bytes.
+- Reply datagrams (core/reply.pyx): a command's CO results on its reply socket, one record per
+  datagram (``reply_records``, ``ReplyAssembler``).
+- Task-worker state (core/state.pyx): per task worker, uint64 slots [running task, its worker,
+  last task id read from each worker] in shared memory, and the LOST frames the master makes
+  from them (``TaskWorkerStates``).
 """
 
 cimport cython
 
-import collections
-
-import msgpack
-import numpy
-import reprlib
-
-include "includes/system.pxi"
+# One extension built from included files (as uvloop's loop.pyx): one .so and no calls across
+# modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"
+include "core/state.pyx"
 include "core/taskloop.pyx"
 include "core/mailbox.pyx"
+include "core/reply.pyx"
 include "core/crontable.pyx"

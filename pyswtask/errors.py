@@ -60,6 +60,11 @@ class TaskWorkerLost(TaskError):
     or whole, and is not run again (at most once). Tasks it had not started are run by the
     task worker that replaces it."""
 
+    @classmethod
+    def lost(cls, message: str) -> TaskWorkerLost:
+        """The error of a task that went down with its task worker (message says how)."""
+        return cls("TaskWorkerLost", message, "")
+
 
 class TaskTimeout(PyswtaskError, TimeoutError):
     """No result came within the timeout; a result that comes later is discarded."""

@@ -6,9 +6,12 @@ writing raw records, which is how malformed input is injected.
 
 from __future__ import annotations
 
+import mmap
 import os
+import select
 import signal
 import socket
+import struct
 import time
 from typing import Any, Iterator
 
@@ -16,6 +19,7 @@ import msgpack
 import pytest
 
 from pyswtask._core import (
+    FLAG_ASYNC,
     FLAG_FRAG_MORE,
     FRAME_ERROR,
     FRAME_RESULT,
@@ -23,19 +27,20 @@ from pyswtask._core import (
     TIMEOUT,
     Dispatcher,
     TaskLoop,
+    TaskWorkerStates,
     pack_envelope,
     pack_frame,
     parse_frames,
 )
-from pyswtask.errors import TaskError
+from pyswtask.errors import TaskError, TaskWorkerLost
 
 
 def make_dispatcher(fd: int, **kw: Any) -> tuple[Dispatcher, list[Any], list[str]]:
     finished: list[Any] = []
     errors: list[str] = []
     d = Dispatcher(0, [fd], bytearray(1), on_finish=lambda *a: finished.append(a),
-                   make_error=TaskError.from_wire, on_protocol_error=errors.append,
-                   epoch=77, **kw)
+                   make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                   on_protocol_error=errors.append, epoch=77, **kw)
     return d, finished, errors
 
 
@@ -90,6 +95,13 @@ def task_loop(pair: tuple[socket.socket, socket.socket], tmp_path: Any) -> Itera
             time.sleep(0.01)
         os.close(rfd)
         os.close(wfd)
+
+
+def pump(d: Dispatcher, timeout: float) -> None:
+    """What the event loop does for a dispatcher: wait until its descriptor is readable (at
+    most timeout seconds), then call its reader callback."""
+    select.select([d.fileno()], [], [], timeout)
+    d.on_readable()
 
 
 def body(*params: Any, method: str = "echo") -> bytes:
@@ -152,7 +164,7 @@ def test_results_are_matched_by_id_late_and_foreign_ones_dropped(
     peer.send(b"SW\x09" + b"\x00" * 40)
     peer.send(pack_frame(FRAME_ERROR, 0, ids[0], 1, msgpack.packb(["KeyError", "k", ""])))
     time.sleep(0.05)
-    d.poll(0.5)
+    pump(d, 0.5)
     assert [(f[0], f[1]) for f in finished] == [(ids[1], "one"), (ids[0], finished[1][1])]
     assert isinstance(finished[1][1], TaskError) and finished[1][1].remote_type == "KeyError"
     assert d.late_results == 1 and d.bad_records == 1 and d.pending_count == 1
@@ -179,7 +191,7 @@ def test_a_burst_is_coalesced_and_survives_a_full_socket(
         try:
             data = peer.recv(65536)
         except BlockingIOError:
-            d.poll(0.01)  # EPOLLOUT: the rest of the queue goes out as room appears
+            pump(d, 0.01)  # EPOLLOUT: the rest of the queue goes out as room appears
             continue
         records += 1
         got.extend(f[2] for f in parse_frames(data))
@@ -205,5 +217,40 @@ def test_dispatcher_refuses_bad_destinations(pair: tuple[socket.socket, socket.s
     with pytest.raises(ValueError, match="dst_worker_id 3 is out of range: there are 1 task workers"):
         d.submit(body(1), 3, None)
     with pytest.raises(ValueError, match="at least one task worker channel"):
-        Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print,
+        Dispatcher(0, [], bytearray(1), on_finish=print, make_error=print, make_lost=print,
                    on_protocol_error=print, epoch=1)
+
+
+def test_a_lost_report_fails_what_went_down_and_sends_the_unstarted_again(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """The master's LOST frame, made from the dead task worker's state slots, as the
+    dispatcher reads it: tasks run or running fail with TaskWorkerLost, tasks read but not
+    started go to the successor on the same channel."""
+    mine, peer = pair
+    scheduled: list[Any] = []
+    d, finished, errors = make_dispatcher(mine.fileno())
+    d.set_scheduler(scheduled.append)
+    ids = [d.submit(body(i), -1, None) for i in range(4)]
+    for fn in scheduled:
+        fn()
+    scheduled.clear()
+    assert [f[2] for f in parse_frames(peer.recv(65536))] == ids
+    # It read all four, ran ids[0] (its result never left) and died running ids[1].
+    buf = mmap.mmap(-1, TaskWorkerStates.nbytes(1, 1))
+    states = TaskWorkerStates(buf, 1, 1)
+    struct.pack_into("<3Q", buf, 0, ids[1], 0, ids[3])
+    ((w, frame),) = states.lost_reports(0, 1, "task worker 1 (pid 5) was killed")
+    assert w == 0
+    peer.send(frame)
+    pump(d, 0.5)
+    assert [f[0] for f in finished] == ids[:2]
+    assert all(isinstance(f[1], TaskWorkerLost) for f in finished)
+    assert str(finished[0][1]).endswith("was killed after running this task; its result was lost")
+    assert str(finished[1][1]).endswith("was killed while running this task or sending its result")
+    for fn in scheduled:
+        fn()
+    assert [f[:3] for f in parse_frames(peer.recv(65536))] == [
+        (FRAME_TASK, FLAG_ASYNC, ids[2]), (FRAME_TASK, FLAG_ASYNC, ids[3])]
+    assert d.pending_count == 2 and not errors
+    states.release()
+    buf.close()

@@ -21,7 +21,7 @@ from _testbase import ServerRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyswtask import TaskError, UnknownMethod, UnknownTask, task
+from pyswtask import TaskError, TaskWorkerLost, UnknownMethod, UnknownTask, task
 from pyswtask._core import (
     FLAG_FRAG_FIRST,
     FLAG_FRAG_LAST,
@@ -358,7 +358,8 @@ def test_a_dispatcher_drops_hostile_records_and_still_gets_its_result(records: l
     def run(mine: socket.socket, peer: socket.socket) -> None:
         errors: list[str] = []
         d = Dispatcher(0, [mine.fileno()], bytearray(1), on_finish=print,
-                       make_error=TaskError.from_wire, on_protocol_error=errors.append, epoch=0x5EED)
+                       make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                       on_protocol_error=errors.append, epoch=0x5EED)
         # Nothing reads before the call: send only what the socket buffer takes at once.
         peer.setblocking(False)
         sent = []

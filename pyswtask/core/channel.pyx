@@ -1,23 +1,20 @@
 # One end of a worker <-> task worker channel: an outgoing frame queue sent as whole records,
-# and the reassembly of bodies that were too large for one record.
+# and the reassembly of bodies that were too large for one record; and RecordReader, which
+# walks received records for the loops. Declarations in channel.pxd.
 
-cdef struct Buf:
-    char *data
-    size_t start        # first byte not yet sent
-    size_t end          # first free byte
-    size_t cap
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+from .includes.epoll cimport EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl, epoll_event
+from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, send,
+                              setsockopt)
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals)
+from posix.time cimport timeval
 
 
 cdef class Channel:
-    cdef readonly int fd
-    cdef readonly int peer
-    cdef Buf out
-    cdef uint32_t mask          # the epoll events registered now
-    cdef dict frags             # task id -> bytearray, bodies being reassembled
-    cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
-    cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
-    cdef readonly uint64_t stray_fragments
-
     def __cinit__(self, int fd, int peer, *args):
         self.fd = fd
         self.peer = peer
@@ -83,22 +80,26 @@ cdef class Channel:
             fl = 0
         return 0
 
+    cdef size_t record_size(self) noexcept:
+        """The length of the next record to send: as many whole queued frames as fit one."""
+        cdef FrameHeader h
+        cdef size_t off = self.out.start, total = 0, fsize
+        while off < self.out.end:
+            memcpy(&h, self.out.data + off, _HEADER_SIZE)
+            fsize = _HEADER_SIZE + h.body_len
+            if total and total + fsize > _RECORD_MAX:
+                break
+            total += fsize
+            off += fsize
+        return total
+
     cdef int flush(self) except -1:
         """Sends queued frames, as many whole frames per record as fit, until the queue is empty
         (returns 1) or the socket is full (returns 0; the rest stays queued)."""
-        cdef FrameHeader h
-        cdef size_t off, total, fsize
+        cdef size_t total
         cdef ssize_t r
         while self.out.start < self.out.end:
-            off = self.out.start
-            total = 0
-            while off < self.out.end:
-                memcpy(&h, self.out.data + off, _HEADER_SIZE)
-                fsize = _HEADER_SIZE + h.body_len
-                if total and total + fsize > _RECORD_MAX:
-                    break
-                total += fsize
-                off += fsize
+            total = self.record_size()
             r = send(self.fd, self.out.data + self.out.start, total, MSG_DONTWAIT | MSG_NOSIGNAL)
             if r < 0:
                 if errno == EAGAIN:
@@ -131,7 +132,8 @@ cdef class Channel:
         return 0
 
     cdef object assemble(self, FrameHeader *h, const char *p):
-        """Adds a fragment; returns the whole body once its last fragment came, else None."""
+        """Adds a fragment; returns the whole body once its last fragment came, else None.
+        Raises ProtocolError, dropping the body, when it grows past body_max."""
         cdef object buf
         if h.flags & _FLAG_FRAG_FIRST:
             buf = bytearray(PyBytes_FromStringAndSize(p, h.body_len))
@@ -140,9 +142,12 @@ cdef class Channel:
             buf = self.frags.get(h.task_id)
             if buf is None:
                 # The start was read by a process that has since died: drop the rest.
-                self.stray_fragments += 1
                 return None
             buf += PyBytes_FromStringAndSize(p, h.body_len)
+        if self.body_max and <size_t>len(buf) > self.body_max:
+            del self.frags[h.task_id]
+            raise ProtocolError(f"the body of task {h.task_id} exceeds {self.body_max} bytes: "
+                                "dropped")
         if not h.flags & _FLAG_FRAG_LAST:
             return None
         del self.frags[h.task_id]
@@ -192,27 +197,11 @@ cdef bint any_queued(list channels):
     return False
 
 
-cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
-    """One record into buf (RECORD_MAX bytes); -1 when none is waiting."""
-    cdef ssize_t r
-    while True:
-        r = recv(fd, buf, _RECORD_MAX, MSG_DONTWAIT)
-        if r >= 0:
-            return r
-        if errno == EAGAIN:
-            return -1
-        if errno != EINTR:
-            raise OSError(errno, "recv from channel failed")
-
-
 cdef class RecordReader:
-    """Walks received records frame by frame for its subclass (Dispatcher, TaskLoop, Mailbox):
+    """Walks received records frame by frame for its subclass (Dispatcher, TaskLoop, Mailbox,
+    ReplyAssembler):
     checks each header, reassembles fragmented bodies, hands whole frames to on_frame, and drops
     the rest of a record at the first bad frame (records are atomic, so no alignment is lost)."""
-    cdef char *scratch              # one record, as received
-    cdef object on_protocol_error   # on_protocol_error(message)
-    cdef str who                    # names this end in those messages
-    cdef readonly uint64_t bad_records
 
     def __cinit__(self, *args, **kwargs):
         self.scratch = <char *>malloc(_RECORD_MAX)
@@ -225,15 +214,16 @@ cdef class RecordReader:
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return 0
 
-    cdef int read_record(self, Channel ch, size_t n, uint8_t accepted) except -1:
-        """accepted: the frame type this end takes (RESULT also takes ERROR)."""
+    cdef int read_record(self, Channel ch, const char *record, size_t n,
+                         uint8_t accepted) except -1:
+        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST)."""
         cdef size_t off = 0
         cdef FrameHeader h
         cdef const char *why
         cdef const char *body
         cdef object whole
         while off < n:
-            why = check_header(self.scratch + off, n - off, &h)
+            why = check_header(record + off, n - off, &h)
             if why == NULL and h.type != accepted and not (
                     accepted == _FRAME_RESULT and (h.type == _FRAME_ERROR or
                                                    h.type == _FRAME_LOST)):
@@ -243,7 +233,7 @@ cdef class RecordReader:
                 self.on_protocol_error(f"{self.who}: record on channel {ch.peer} dropped at "
                                        f"offset {off}: {why.decode()}")
                 return 0
-            body = self.scratch + off + _HEADER_SIZE
+            body = record + off + _HEADER_SIZE
             off += _HEADER_SIZE + h.body_len
             if h.flags & _FLAGS_FRAG:
                 whole = ch.assemble(&h, body)

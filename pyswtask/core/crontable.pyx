@@ -1,103 +1,23 @@
 # The crontab's two shared-memory tables: fixed-width records behind a small header that holds
-# a process-shared, robust mutex. Layout diagram and locking: the docstring of CronTable.
+# a process-shared, robust mutex. Layout diagram and locking: the docstring of CronTable; the
+# record structs and the table's fields: crontable.pxd.
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_mutexattr_t:
-        pass
-    enum:
-        PTHREAD_PROCESS_SHARED
-        PTHREAD_MUTEX_ROBUST
-    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
-    int pthread_mutexattr_setpshared(pthread_mutexattr_t *attr, int pshared)
-    int pthread_mutexattr_setrobust(pthread_mutexattr_t *attr, int robust)
-    int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *attr)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-    int pthread_mutex_consistent(pthread_mutex_t *m)
+from libc.string cimport memcpy, memset
 
-cdef extern from "<errno.h>":
-    enum:
-        EOWNERDEAD
-
-cdef extern from "<string.h>" nogil:
-    size_t strnlen(const char *s, size_t maxlen)
-    void *memset(void *s, int c, size_t n)
-
-
-cdef enum:
-    _TABLE_MAGIC = 0x42544353        # b"SCTB"
-    _LAYOUT_VERSION = 1
-    _TABLE_HEADER = 128              # the mutex sits at offset 64, up to 64 bytes
-    _KIND_ORIGIN = 1
-    _KIND_RUN = 2
-
-    _RULE_W = 100
-    _NAME_W = 255
-    _MINUTE_W = 12
-
-# Run-time row status: 0..2 as in Swoft's crontab, then what it lacked.
-cpdef enum RunStatus:
-    PENDING = 0
-    DELIVERED = 1
-    DELIVERING = 2
-    RUNNING = 3
-    DONE = 4
-    FAILED = 5
-    SKIPPED = 6
-
-
-cdef packed struct TableHeader:
-    uint32_t magic
-    uint32_t layout_version
-    uint32_t kind
-    uint32_t capacity
-    uint32_t row_size
-    uint32_t used
-    uint64_t dropped            # inserts refused because the table was full
-    uint64_t recovered          # times the lock was taken over from a dead holder
-    uint32_t top                # rows at and above this index are all free: scans stop here
-
-
-cdef packed struct OriginRow:
-    uint8_t used
-    uint8_t overlap
-    uint8_t last_status
-    uint8_t reserved
-    uint32_t inflight           # delivered and not finished
-    int64_t add_time
-    int64_t last_due
-    double last_duration
-    uint64_t run_count
-    uint64_t fail_count
-    char rule[_RULE_W]
-    char task[_NAME_W]
-    char method[_NAME_W]
-
-
-cdef packed struct RunRow:
-    uint8_t used
-    uint8_t status
-    uint16_t reserved
-    uint32_t job                # the origin row it came from
-    int64_t sec                 # the unix second it is due
-    double delivered_at
-    double started_at
-    double duration
-    char minute[_MINUTE_W]      # YmdHi, as Swoft keyed it
-    char task[_NAME_W]
-    char method[_NAME_W]
-
+from .includes.posix cimport strnlen
+from .includes.pthread cimport (EOWNERDEAD, PTHREAD_MUTEX_ROBUST, PTHREAD_PROCESS_SHARED,
+                                pthread_mutex_consistent, pthread_mutex_init, pthread_mutex_lock,
+                                pthread_mutex_unlock, pthread_mutexattr_init,
+                                pthread_mutexattr_setpshared, pthread_mutexattr_setrobust,
+                                pthread_mutexattr_t)
+from .includes.python cimport PyBytes_AS_STRING
 
 LAYOUT_VERSION = _LAYOUT_VERSION
 TABLE_HEADER = _TABLE_HEADER
-RULE_WIDTH = _RULE_W
-NAME_WIDTH = _NAME_W
-MINUTE_WIDTH = _MINUTE_W
 
 # The one definition of each record: field name and numpy type, in struct order. Offsets and
-# the record size come from the C structs above (see _dtype), so the numpy view cannot drift.
+# the record size come from the C structs in crontable.pxd (see _RowDtype), so the numpy view
+# cannot drift.
 ORIGIN_FIELDS = (
     ("used", "u1"), ("overlap", "u1"), ("last_status", "u1"), ("reserved", "u1"),
     ("inflight", "<u4"), ("add_time", "<i8"), ("last_due", "<i8"), ("last_duration", "<f8"),
@@ -134,10 +54,23 @@ def _offsets_run():
              <char *>&r.task[0] - b, <char *>&r.method[0] - b], sizeof(RunRow))
 
 
-cdef object _dtype(fields, layout):
-    offsets, itemsize = layout
-    return numpy.dtype({"names": [f[0] for f in fields], "formats": [f[1] for f in fields],
-                        "offsets": offsets, "itemsize": itemsize})
+class _RowDtype:
+    """A table class's ``dtype``: the numpy structured dtype of its rows, made on first use, so
+    that numpy is imported only by a process that asks for a numpy view."""
+
+    def __init__(self, fields, layout):
+        self.fields = fields
+        self.layout = layout
+        self.dtype = None
+
+    def __get__(self, obj, objtype=None):
+        if self.dtype is None:
+            import numpy
+            offsets, itemsize = self.layout()
+            self.dtype = numpy.dtype({"names": [f[0] for f in self.fields],
+                                      "formats": [f[1] for f in self.fields],
+                                      "offsets": offsets, "itemsize": itemsize})
+        return self.dtype
 
 
 cdef int _put_str(char *dst, size_t width, str value, str field) except -1:
@@ -170,12 +103,6 @@ cdef class CronTable:
     short loops over C structs, never Python callbacks, so a process that is killed inside one
     costs at most that one write. Readers that only inspect (to_numpy) take no lock.
     """
-    cdef object buf
-    cdef char *base
-    cdef TableHeader *hdr
-    cdef pthread_mutex_t *mutex
-    cdef uint32_t kind_expected
-    cdef size_t row_size
 
     def __init__(self, buf, bint create=False, uint32_t capacity=0):
         cdef unsigned char[:] view = buf
@@ -224,11 +151,6 @@ cdef class CronTable:
         """Inserts refused because the table was full."""
         return self.hdr.dropped
 
-    @property
-    def recovered(self):
-        """Times the lock was taken over from a process that died holding it."""
-        return self.hdr.recovered
-
     cdef inline char *row(self, uint32_t i) noexcept nogil:
         return self.base + _TABLE_HEADER + <size_t>i * self.row_size
 
@@ -253,6 +175,7 @@ cdef class CronTable:
 
     def to_numpy(self):
         """A live numpy view of every row (free rows have used == 0); no copy, no lock."""
+        import numpy
         return numpy.frombuffer(self.buf, dtype=self.dtype, count=self.hdr.capacity,
                                 offset=_TABLE_HEADER)
 
@@ -260,7 +183,7 @@ cdef class CronTable:
 cdef class OriginTable(CronTable):
     """One row per scheduled method: its rule, task, method and run statistics."""
 
-    dtype = _dtype(ORIGIN_FIELDS, _offsets_origin())
+    dtype = _RowDtype(ORIGIN_FIELDS, _offsets_origin)
 
     def __cinit__(self, *args, **kwargs):
         self.kind_expected = _KIND_ORIGIN
@@ -346,7 +269,7 @@ cdef class OriginTable(CronTable):
 cdef class RunTable(CronTable):
     """One row per due execution of a job in the coming minute(s)."""
 
-    dtype = _dtype(RUN_FIELDS, _offsets_run())
+    dtype = _RowDtype(RUN_FIELDS, _offsets_run)
 
     def __cinit__(self, *args, **kwargs):
         self.kind_expected = _KIND_RUN

@@ -1,13 +1,15 @@
 # The worker's side: pick a task worker, queue task frames, match results to their callers.
+# PendingTable holds the tasks waiting for a result and completes them; Dispatcher is the I/O
+# loop around it (epoll over the channels, choosing a task worker, sending, waiting, scheduling
+# on the event loop). Declarations in dispatcher.pxd.
 
-cdef enum:
-    _P_ASYNC = 0
-    _P_SYNC = 1
-    _P_FUTURE = 2
-    _P_BATCH = 3
-    _EVENTS_MAX = 32
-    # Records read from one channel per turn, so that one busy peer cannot starve the others.
-    _READ_BUDGET = 64
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport close
+
+from .includes.clock cimport monotonic
+from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1,
+                              epoll_event, epoll_wait)
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
 
 # The high-water mark a worker's channels register their interest with: never reached, so a
 # worker always reads results. Reading them sends nothing back, while a task worker whose
@@ -28,90 +30,175 @@ cdef class _TimeoutMarker:
 TIMEOUT = _TimeoutMarker()
 
 
-@cython.final
 @cython.freelist(64)
 cdef class _Pending:
-    cdef int kind
-    cdef bint done
-    cdef object obj             # ASYNC: callback or None; FUTURE: future; BATCH: _Batch
-    cdef object value
-    cdef Py_ssize_t index
-    cdef int tw                 # the out channel it went to
-    cdef bytes body             # kept to send again if a dead task worker never started it
+    pass
 
 
-@cython.final
 cdef class _Batch:
-    cdef list results
-    cdef Py_ssize_t remaining
+    pass
+
+
+cdef class PendingTable:
+    """The tasks of one worker that wait for a result, by task id, and their completion: a CO
+    call's value, a batch's slot, a future, or an ASYNC finish callback deferred to the loop.
+
+    A task id carries the worker process's epoch (its pid) in the high 32 bits, so a result
+    meant for an earlier process with the same worker id is never taken for one of ours, and
+    ids are never reused, so a late result never reaches a later call. The number of entries is
+    what back-pressure (max_pending) and the shared load slot count.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.entries = {}
+        self.deferred = []
+
+    def __init__(self, *, on_finish, make_error, make_lost, uint64_t epoch, load=None,
+                 int slot=0, Py_ssize_t max_pending=65536):
+        self.epoch = epoch & 0xFFFFFFFF
+        self.on_finish = on_finish
+        self.make_error = make_error
+        self.make_lost = make_lost
+        self.max_pending = max_pending
+        self.slot = slot
+        if load is not None:
+            self.load = load
+            self.has_load = True
+            if self.load.shape[0] <= slot:
+                raise ValueError("the load array has no slot for this worker")
+
+    def __len__(self):
+        return len(self.entries)
+
+    cdef uint64_t new_id(self) noexcept:
+        self.counter += 1
+        if self.counter == 0:
+            self.counter = 1
+        return (self.epoch << 32) | self.counter
+
+    cdef int add(self, uint64_t task_id, _Pending entry) except -1:
+        self.entries[task_id] = entry
+        self.update_load()
+        return 0
+
+    cdef bint drop(self, uint64_t task_id) except -1:
+        """Forgets a task (its caller gave up); a result that comes later is discarded."""
+        cdef bint found = self.entries.pop(task_id, None) is not None
+        self.update_load()
+        return found
+
+    cdef inline void update_load(self) noexcept:
+        # What deliver_by_process(worker_id=-1) compares: this worker's tasks without a result.
+        if self.has_load:
+            self.load[self.slot] = <unsigned int>len(self.entries)
+
+    cdef int on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1:
+        cdef _Pending entry
+        cdef object value
+        cdef object found = self.entries.pop(task_id, None)
+        if found is None:
+            self.late_results += 1
+            return 0
+        self.update_load()
+        entry = <_Pending>found
+        try:
+            value = unpackb(p, n)
+        except Exception as exc:
+            ftype = _FRAME_ERROR
+            value = ["ProtocolError", f"task result is not valid msgpack: {exc}", ""]
+        if ftype == _FRAME_ERROR:
+            value = self.make_error(value)
+        return self.complete(task_id, entry, value, ftype == _FRAME_ERROR)
+
+    cdef list take_lost(self, int tw, uint64_t running, uint64_t read_upto, object reason):
+        """Task worker tw died: the last task of ours it started, and any it had run without
+        its result reaching us, fail with make_lost's error; returns (task id, entry) of those
+        it had read but not started, in order, to be sent to its successor again.
+
+        running: the last task of ours it started (0: its last start was another worker's, so
+        every record it read from us was run whole); read_upto: the last task of ours it read."""
+        cdef uint64_t done_upto, task_id
+        cdef _Pending entry
+        # Ids of an earlier process of this worker say nothing about ours.
+        if running >> 32 != self.epoch:
+            running = 0
+        if read_upto >> 32 != self.epoch:
+            read_upto = 0
+        done_upto = running if running else read_upto
+        lost = []
+        again = []
+        for key, value in self.entries.items():
+            task_id = key
+            entry = <_Pending>value
+            if entry.tw != tw or task_id >> 32 != self.epoch:
+                continue
+            if task_id <= done_upto:
+                lost.append(task_id)
+            elif running and task_id <= read_upto:
+                again.append(task_id)
+        for task_id in lost:
+            entry = <_Pending>self.entries.pop(task_id)
+            what = "while running this task or sending its result" if task_id == running else (
+                "after running this task; its result was lost")
+            self.complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
+        self.update_load()
+        return [(task_id, self.entries[task_id]) for task_id in sorted(again)]
+
+    cdef int complete(self, uint64_t task_id, _Pending entry, object value,
+                      bint failed) except -1:
+        entry.body = None
+        if entry.kind == _P_SYNC:
+            entry.done = True
+            entry.value = value
+        elif entry.kind == _P_BATCH:
+            (<_Batch>entry.obj).results[entry.index] = value
+            (<_Batch>entry.obj).remaining -= 1
+        elif entry.kind == _P_FUTURE:
+            if not entry.obj.done():
+                if failed:
+                    entry.obj.set_exception(value)
+                else:
+                    entry.obj.set_result(value)
+        else:
+            # Never run user code here: it may deliver again and reuse the scratch buffer.
+            self.deferred.append((task_id, value, entry.obj))
+        return 0
+
+    cdef int run_deferred(self) except -1:
+        cdef list items
+        cdef tuple item
+        while self.deferred:
+            items = self.deferred
+            self.deferred = []
+            for item in items:
+                self.on_finish(item[0], item[1], item[2])
+        return 0
 
 
 cdef class Dispatcher(RecordReader):
-    """Delivers task frames from one worker to the task workers and routes results back.
-
-    Results are matched by task id. A task id carries this process's epoch (its pid) in the high
-    32 bits, so a result meant for an earlier process with the same worker id is never taken
-    for one of ours, and ids are never reused, so a late result never reaches a later call.
-    """
-    cdef int epfd
-    cdef list channels              # results come in here, one channel per task worker
-    cdef int nchan
-    cdef list outs                  # tasks go out here: the channels, or queue channels
-    cdef int nout
-    cdef bint via_queue             # task_ipc_mode 2/3: outs are QueueChannels
-    cdef object schedule_later      # loop.call_later-like: retries sends the queue refused
-    cdef unsigned char[:] busy
-    cdef unsigned int[:] load       # tasks without a result, per worker (shared memory)
-    cdef bint has_load
-    cdef int rr
-    cdef uint64_t epoch
-    cdef uint32_t counter
-    cdef readonly uint64_t delivered
-    cdef public Py_ssize_t max_pending  # task_queue_size: more deliveries wait for results
-    cdef bint in_wait_callbacks     # finish callbacks running from _wait_for_room
-    cdef uint16_t worker_id
-    cdef dict pending
-    cdef list deferred
-    cdef object on_finish           # on_finish(task_id, result, callback): user code
-    cdef object make_error          # make_error(unpacked error body) -> exception instance
-    cdef object schedule            # loop.call_soon, or None outside an event loop
-    cdef bint flush_scheduled
-    cdef bint deferred_scheduled
-    cdef Channel last               # where the last task's result comes back (None: any)
-    cdef readonly uint64_t late_results
-    cdef public double spin
-    cdef readonly double rtt        # moving average of CO round trips, seconds
-    cdef public size_t high_water
+    """Delivers task frames from one worker to the task workers and routes results back to
+    the callers waiting in its PendingTable."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
 
-    def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, on_protocol_error,
-                 uint64_t epoch, double spin=0.0, size_t high_water=4 << 20, load=None,
-                 outs=None, Py_ssize_t max_pending=65536):
+    def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, make_lost,
+                 on_protocol_error, uint64_t epoch, double spin=0.0, size_t high_water=4 << 20,
+                 load=None, outs=None, Py_ssize_t max_pending=65536):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"worker {worker_id}"
-        self.epoch = epoch & 0xFFFFFFFF
+        self.table = PendingTable(on_finish=on_finish, make_error=make_error, make_lost=make_lost,
+                                  epoch=epoch, load=load, slot=worker_id, max_pending=max_pending)
         self.busy = busy
-        if load is not None:
-            self.load = load
-            self.has_load = True
-            if self.load.shape[0] <= worker_id:
-                raise ValueError("the load array has no slot for this worker")
         self.nchan = len(fds)
         if self.nchan == 0:
             raise ValueError("a dispatcher needs at least one task worker channel")
         if self.busy.shape[0] < self.nchan:
             raise ValueError("busy flags are fewer than the channels")
-        self.on_finish = on_finish
-        self.make_error = make_error
         self.on_protocol_error = on_protocol_error
         self.spin = spin
         self.high_water = high_water
-        self.max_pending = max_pending
-        self.pending = {}
-        self.deferred = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -144,7 +231,21 @@ cdef class Dispatcher(RecordReader):
 
     @property
     def pending_count(self):
-        return len(self.pending)
+        return len(self.table.entries)
+
+    @property
+    def late_results(self):
+        """Results that matched no waiting task (it timed out, or was an earlier process's)."""
+        return self.table.late_results
+
+    @property
+    def max_pending(self):
+        """task_queue_size: deliveries beyond this many tasks without a result wait."""
+        return self.table.max_pending
+
+    @max_pending.setter
+    def max_pending(self, Py_ssize_t value):
+        self.table.max_pending = value
 
     # -- choosing a task worker ---------------------------------------------------------------
 
@@ -179,7 +280,8 @@ cdef class Dispatcher(RecordReader):
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
         cdef int j
         cdef Channel ch
-        if len(self.pending) >= self.max_pending:
+        cdef uint64_t task_id
+        if len(self.table.entries) >= self.table.max_pending:
             self._wait_for_room()
         j = self._pick(dst)
         ch = <Channel>self.outs[j]
@@ -187,16 +289,11 @@ cdef class Dispatcher(RecordReader):
         entry.body = body
         # The channel the result will come back on, when known (not in contention mode).
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
-        cdef uint64_t task_id
-        self.counter += 1
-        if self.counter == 0:
-            self.counter = 1
-        task_id = (self.epoch << 32) | self.counter
+        task_id = self.table.new_id()
         self.delivered += 1
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
-        self.pending[task_id] = entry
-        self._update_load()
+        self.table.add(task_id, entry)
         if ch.queued() >= _RECORD_MAX:
             self._flush_channel(ch)
         return task_id
@@ -238,8 +335,7 @@ cdef class Dispatcher(RecordReader):
         if entry.done:
             self.rtt = self.rtt * 0.9 + (monotonic() - started) * 0.1
             return entry.value
-        self.pending.pop(task_id, None)
-        self._update_load()
+        self.table.drop(task_id)
         return TIMEOUT
 
     def call_many(self, list bodies, int dst, double timeout):
@@ -261,8 +357,7 @@ cdef class Dispatcher(RecordReader):
         self._wait(None, batch, monotonic() + timeout)
         if batch.remaining:
             for task_id in ids:
-                self.pending.pop(task_id, None)
-            self._update_load()
+                self.table.drop(task_id)
         return batch.results
 
     cdef int _wait_for_room(self) except -1:
@@ -270,33 +365,23 @@ cdef class Dispatcher(RecordReader):
         read results until some room is free, then run the finish callbacks of what came, so
         that a burst delivered in one loop turn holds at most task_queue_size tasks and results
         (a callback that delivers and waits again leaves its results to the loop)."""
-        cdef Py_ssize_t room = self.max_pending - (self.max_pending >> 4)
+        cdef Py_ssize_t room = self.table.max_pending - (self.table.max_pending >> 4)
         self.flush()
-        while len(self.pending) >= room:
+        while len(self.table.entries) >= room:
             self._poll(100)
             if self.via_queue:
                 self.flush()
-        if self.deferred and not self.in_wait_callbacks:
+        if self.table.deferred and not self.in_wait_callbacks:
             self.in_wait_callbacks = True
             try:
                 self.run_deferred()
             finally:
                 self.in_wait_callbacks = False
-        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
-            self.deferred_scheduled = True
-            self.schedule(self.run_deferred)
-        return 0
+        return self._schedule_deferred()
 
     def forget(self, uint64_t task_id):
         """Drops a pending task (its caller gave up); a result that comes later is discarded."""
-        cdef bint found = self.pending.pop(task_id, None) is not None
-        self._update_load()
-        return found
-
-    cdef inline void _update_load(self) noexcept:
-        # What deliver_by_process(worker_id=-1) compares: this worker's tasks without a result.
-        if self.has_load:
-            self.load[self.worker_id] = <unsigned int>len(self.pending)
+        return self.table.drop(task_id)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -308,6 +393,13 @@ cdef class Dispatcher(RecordReader):
         else:
             self.flush_scheduled = True
             self.schedule(self._scheduled_flush)
+        return 0
+
+    cdef int _schedule_deferred(self) except -1:
+        # Finish callbacks of results read while waiting run from the loop, not from the wait.
+        if self.table.deferred and self.schedule is not None and not self.deferred_scheduled:
+            self.deferred_scheduled = True
+            self.schedule(self.run_deferred)
         return 0
 
     def _scheduled_flush(self):
@@ -362,11 +454,8 @@ cdef class Dispatcher(RecordReader):
             else:
                 r = recv_record_blocking(ch, self.scratch, deadline - now)
             if r > 0:
-                self.read_record(ch, <size_t>r, _FRAME_RESULT)
-        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
-            self.deferred_scheduled = True
-            self.schedule(self.run_deferred)
-        return 0
+                self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
+        return self._schedule_deferred()
 
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1:
         cdef double now, spin_until = 0.0
@@ -390,33 +479,18 @@ cdef class Dispatcher(RecordReader):
                 if any_queued(self.outs):
                     timeout_ms = 1
             self._poll(timeout_ms)
-        if self.deferred and self.schedule is not None and not self.deferred_scheduled:
-            self.deferred_scheduled = True
-            self.schedule(self.run_deferred)
-        return 0
-
-    def poll(self, double timeout=0.0):
-        """Handles whatever is ready, waiting up to timeout seconds for something, then runs
-        the finish callbacks due. Returns the number of ready descriptors."""
-        cdef int n = self._poll(<int>(timeout * 1000.0) if timeout > 0 else 0)
-        self.run_deferred()
-        return n
+        return self._schedule_deferred()
 
     def on_readable(self):
-        """The event loop's reader callback for fileno()."""
+        """The event loop's reader callback for fileno(): handles whatever is ready, then runs
+        the finish callbacks due."""
         self._poll(0)
         self.run_deferred()
 
     def run_deferred(self):
         """Runs the finish callbacks of ASYNC tasks whose results have come."""
-        cdef list items
-        cdef tuple item
         self.deferred_scheduled = False
-        while self.deferred:
-            items = self.deferred
-            self.deferred = []
-            for item in items:
-                self.on_finish(item[0], item[1], item[2])
+        self.table.run_deferred()
 
     cdef int _poll(self, int timeout_ms) except -1:
         cdef epoll_event evs[_EVENTS_MAX]
@@ -450,22 +524,19 @@ cdef class Dispatcher(RecordReader):
                 # -1: nothing waiting. 0: an empty record; a closed peer cannot happen while the
                 # master holds both ends.
                 return 0
-            self.read_record(ch, <size_t>r, _FRAME_RESULT)
+            self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         if h.type == _FRAME_LOST:
             return self._on_lost(ch, body, n)
-        return self._on_result(h.task_id, h.type, body, n)
+        return self.table.on_result(h.task_id, h.type, body, n)
 
     cdef int _on_lost(self, Channel ch, const char *p, size_t n) except -1:
-        """A task worker died (the master tells us on its end of the channel): the last task it
-        started, and any it had run without its result reaching us, fail with TaskWorkerLost;
-        those it had read but not started go to its successor (same channel) again.
-
-        running: the last task of ours it started (0: its last start was another worker's, so
-        every record it read from us was run whole); read_upto: the last task of ours it read."""
-        cdef uint64_t running, read_upto, done_upto, task_id
+        """A task worker died (the master tells us on its end of the channel, body
+        [running, read_upto, reason]): the table fails what went down with it, and what it had
+        read but not started goes to its successor (same channel) again."""
+        cdef uint64_t running, read_upto
         cdef _Pending entry
         cdef Channel out
         try:
@@ -473,73 +544,12 @@ cdef class Dispatcher(RecordReader):
         except Exception as exc:
             self.on_protocol_error(f"{self.who}: malformed lost-task notice dropped: {exc}")
             return 0
-        # Ids of an earlier process of this worker say nothing about ours.
-        if running >> 32 != self.epoch:
-            running = 0
-        if read_upto >> 32 != self.epoch:
-            read_upto = 0
-        done_upto = running if running else read_upto
-        lost = []
-        again = []
-        for key, value in self.pending.items():
-            task_id = key
+        again = self.table.take_lost(ch.peer, running, read_upto, reason)
+        for task_id, value in again:
             entry = <_Pending>value
-            if entry.tw != ch.peer or task_id >> 32 != self.epoch:
-                continue
-            if task_id <= done_upto:
-                lost.append(task_id)
-            elif running and task_id <= read_upto:
-                again.append(task_id)
-        for task_id in lost:
-            entry = <_Pending>self.pending.pop(task_id)
-            what = "while running this task or sending its result" if task_id == running else (
-                "after running this task; its result was lost")
-            self._complete(task_id, entry, self.make_error(
-                ["TaskWorkerLost", f"{reason} {what}", ""]), True)
-        for task_id in sorted(again):
-            entry = <_Pending>self.pending[task_id]
             out = <Channel>self.outs[entry.tw]
             out.put(_FRAME_TASK, _FLAG_ASYNC if entry.kind == _P_ASYNC else 0, task_id,
                     self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body))
         if again:
             self._schedule_flush()
-        self._update_load()
-        return 0
-
-    cdef int _on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1:
-        cdef _Pending entry
-        cdef object value
-        cdef object found = self.pending.pop(task_id, None)
-        if found is None:
-            self.late_results += 1
-            return 0
-        self._update_load()
-        entry = <_Pending>found
-        try:
-            value = unpackb(p, n)
-        except Exception as exc:
-            ftype = _FRAME_ERROR
-            value = ["ProtocolError", f"task result is not valid msgpack: {exc}", ""]
-        if ftype == _FRAME_ERROR:
-            value = self.make_error(value)
-        return self._complete(task_id, entry, value, ftype == _FRAME_ERROR)
-
-    cdef int _complete(self, uint64_t task_id, _Pending entry, object value,
-                       bint failed) except -1:
-        entry.body = None
-        if entry.kind == _P_SYNC:
-            entry.done = True
-            entry.value = value
-        elif entry.kind == _P_BATCH:
-            (<_Batch>entry.obj).results[entry.index] = value
-            (<_Batch>entry.obj).remaining -= 1
-        elif entry.kind == _P_FUTURE:
-            if not entry.obj.done():
-                if failed:
-                    entry.obj.set_exception(value)
-                else:
-                    entry.obj.set_result(value)
-        else:
-            # Never run user code here: it may deliver again and reuse the scratch buffer.
-            self.deferred.append((task_id, value, entry.obj))
         return 0

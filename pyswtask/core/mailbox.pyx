@@ -1,5 +1,13 @@
 # Pipe messages between any two processes of a server: an inbox per process, a queue per
 # destination. Message bodies are opaque here; the facade packs [type, data] into them.
+# Declarations in mailbox.pxd.
+
+from libc.errno cimport EINTR, errno
+
+from .includes.clock cimport monotonic
+from .includes.posix cimport POLLIN, POLLOUT, poll, pollfd
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals)
 
 cdef class Mailbox(RecordReader):
     """This process's inbox and its send queues to every inbox of the server.
@@ -8,12 +16,6 @@ cdef class Mailbox(RecordReader):
     fragments of a large message are reassembled per message even when several processes write
     to the same inbox at once.
     """
-    cdef Channel inbox
-    cdef list outs
-    cdef uint16_t self_id
-    cdef uint64_t epoch
-    cdef uint32_t counter
-    cdef list received              # filled by on_frame during receive()
 
     def __init__(self, int self_id, int inbox_fd, out_fds, *, uint64_t epoch, on_protocol_error):
         self.self_id = self_id
@@ -155,6 +157,6 @@ cdef class Mailbox(RecordReader):
             r = recv_record(self.inbox.fd, self.scratch)
             if r <= 0:
                 break
-            self.read_record(self.inbox, <size_t>r, _FRAME_PIPE)
+            self.read_record(self.inbox, self.scratch, <size_t>r, _FRAME_PIPE)
         out, self.received = self.received, None
         return out

@@ -1,17 +1,16 @@
 # SysV message queues: tasks from separate programs (commands), and from workers when
 # task_ipc_mode is 2 or 3. A message's text is a record: whole frames, as on a channel.
+# Declarations in msgqueue.pxd.
 
-from libc.errno cimport ENOMSG, EIDRM, EINVAL
+from libc.errno cimport EAGAIN, EIDRM, EINTR, EINVAL, ENOMSG, errno
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memmove
+from posix.unistd cimport usleep, write
 
-cdef extern from "<sys/msg.h>" nogil:
-    enum:
-        IPC_NOWAIT
-    int msgsnd(int msqid, const void *msgp, size_t msgsz, int msgflg)
-    ssize_t msgrcv(int msqid, void *msgp, size_t msgsz, long msgtyp, int msgflg)
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t write(int fd, const void *buf, size_t n)
-    int usleep(unsigned int usec)
+from .includes.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                                pthread_mutex_unlock)
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from .includes.sysv cimport IPC_NOWAIT, msgrcv, msgsnd
 
 cdef enum:
     _SENTINEL_SIZE = 8
@@ -54,11 +53,6 @@ cdef class QueueChannel(Channel):
     first part of a fragmented body ends its message; the later parts each go alone, under the
     body's own part type. Sends never block: what the queue does not take stays queued here.
     """
-    cdef int msqid
-    cdef readonly long mtype
-    cdef size_t msgmax
-    cdef size_t retry_at            # after a full queue: queued bytes before send_full retries
-    cdef char *msg                  # mtype, then the text
 
     def __cinit__(self, int fd, int peer, int msqid, long mtype, size_t msgmax):
         if msgmax <= _HEADER_SIZE:
@@ -144,22 +138,33 @@ cdef class QueueChannel(Channel):
         return 0
 
 
+# The stop sentinel: a message of 8 bytes, 4 zero bytes then the pid (u32, little-endian) of the
+# process whose reader must stop. A record starts with the frame magic, so it is never one.
+
+cdef inline bint sentinel_pid(const char *text, size_t n, uint32_t *pid) noexcept nogil:
+    """Whether text is a stop sentinel; if so, stores the pid it names."""
+    if n != _SENTINEL_SIZE or text[0] != 0 or text[1] != 0 or text[2] != 0 or text[3] != 0:
+        return False
+    memcpy(pid, text + 4, 4)
+    return True
+
+
 def sentinel(uint32_t pid):
     """The text of the message that stops the queue reader of the process pid."""
     return b"\0\0\0\0" + pid.to_bytes(4, "little")
+
+
+def is_sentinel(text):
+    """Whether a message's text is a stop sentinel (of any process)."""
+    cdef const unsigned char[::1] view = text
+    cdef uint32_t pid
+    return view.shape[0] == _SENTINEL_SIZE and sentinel_pid(<const char *>&view[0], 8, &pid)
 
 
 cdef class QueueSender:
     """A separate program's end of a server's queue: numbers its tasks, coalesces ASYNC frames
     into messages of up to msgmax bytes, and spreads the messages over the task workers' types.
     """
-    cdef list outs
-    cdef int nout
-    cdef int rr
-    cdef uint64_t epoch
-    cdef uint32_t counter
-    cdef int worker_num
-    cdef readonly uint64_t puts     # tasks queued so far: a writer-behind sees if more came
 
     def __init__(self, int msqid, long first_type, int ntypes, size_t msgmax, int worker_num,
                  uint64_t epoch):
@@ -170,9 +175,10 @@ cdef class QueueSender:
         self.worker_num = worker_num
         self.epoch = epoch & 0xFFFFFFFF
 
-    def put(self, bytes body, int dst, uint8_t flags, size_t backlog_max=0):
-        """Queues one task frame for task worker dst (-1: the next one); returns its id, or 0
-        without queueing it when backlog_max bytes are already held back for that worker."""
+    def put(self, bytes body, int dst, bint async_=False, size_t backlog_max=0):
+        """Queues one task frame for task worker dst (-1: the next one), ASYNC (no result comes
+        back) or CO; returns its id, or 0 without queueing it when backlog_max bytes are already
+        held back for that worker."""
         cdef QueueChannel ch
         cdef uint64_t task_id
         if dst >= self.nout:
@@ -190,7 +196,7 @@ cdef class QueueSender:
             self.counter = 1
         task_id = (self.epoch << 32) | self.counter
         # As Swoft's QueueTask did: a source worker id drawn from the workers.
-        ch.put(_FRAME_TASK, flags | _FLAG_COMMAND, task_id, <uint16_t>(self.counter % self.worker_num),
+        ch.put(_FRAME_TASK, (_FLAG_ASYNC if async_ else 0) | _FLAG_COMMAND, task_id, <uint16_t>(self.counter % self.worker_num),
                PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
         if ch.queued() >= ch.msgmax:
             # A full message leaves now; the next goes to the next task worker.
@@ -220,15 +226,6 @@ cdef class QueueSender:
         return queued_bytes(self.outs)
 
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-
-
 cdef class QueueReader:
     """A task worker's reader of the queue, run by a thread of its own (msgrcv has no
     descriptor to poll). The thread never takes the GIL on its path: messages go into a ring
@@ -239,19 +236,6 @@ cdef class QueueReader:
     reads every type up to -mtype (mode 3: contention). The thread ends at a sentinel naming
     this process, or when the queue is removed.
     """
-    cdef int msqid
-    cdef int wake_fd
-    cdef readonly long mtype
-    cdef size_t msgmax
-    cdef char *msg
-    cdef char *ring                 # records: u32 length, then the text
-    cdef size_t cap, head, tail, used
-    cdef pthread_mutex_t mutex
-    cdef uint32_t pid
-    cdef readonly bint finished
-    cdef readonly int error         # errno that stopped the thread, or 0
-    cdef readonly uint64_t lost_parts
-    cdef readonly uint64_t received
 
     def __cinit__(self, *args, **kwargs):
         self.msg = NULL
@@ -276,11 +260,6 @@ cdef class QueueReader:
         free(self.ring)
         pthread_mutex_destroy(&self.mutex)
 
-    @property
-    def pending(self):
-        """Bytes of messages taken from the queue and not yet popped."""
-        return self.used
-
     def run(self):
         """The thread's body."""
         with nogil:
@@ -304,8 +283,7 @@ cdef class QueueReader:
                 if errno != EIDRM and errno != EINVAL:
                     self.error = errno
                 return
-            if n == _SENTINEL_SIZE and text[0] == 0 and text[1] == 0:
-                memcpy(&target, text + 4, 4)
+            if sentinel_pid(text, <size_t>n, &target):
                 if target == self.pid:
                     return
                 # Another task worker's stop (contention mode): put it back for its owner.
@@ -331,7 +309,6 @@ cdef class QueueReader:
         self._ring_write(<const char *>&len32, 4)
         self._ring_write(text, n)
         self.used += 4 + n
-        self.received += 1
         pthread_mutex_unlock(&self.mutex)
         if was_empty:
             self._wake()

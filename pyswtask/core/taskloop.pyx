@@ -1,4 +1,13 @@
 # The task worker's side: read task frames from every worker, run each synchronously, reply.
+# Declarations in taskloop.pxd.
+
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport close, read, write
+
+from .includes.clock cimport monotonic
+from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
+                              epoll_create1, epoll_ctl, epoll_event, epoll_wait)
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
@@ -18,27 +27,6 @@ cdef class TaskLoop(RecordReader):
     result when ok, else [exception type, message, traceback text]. It must not raise.
     While tasks run, this worker's busy flag is 1, so dispatchers prefer an idle task worker.
     """
-    cdef int epfd
-    cdef int stop_fd
-    cdef list channels
-    cdef unsigned char[:] busy
-    cdef int index
-    cdef uint16_t worker_id
-    cdef object execute
-    cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
-    cdef object on_inbox            # on_inbox(): reads this process's pipe messages
-    cdef dict durations             # (name, method) -> moving average of run time, seconds
-    cdef QueueReader reader         # the message queue's reader thread, or None
-    cdef int queue_fd               # its wake descriptor
-    cdef Channel qchan              # stands for the queue: where its fragments are reassembled
-    cdef object on_reply            # on_reply(task_id, ok, body): results for commands
-    cdef object on_stopping         # on_stopping(): tells the reader thread to finish
-    cdef uint64_t[:] state          # shared: [last task started, its worker, last id read per
-    cdef bint has_state             #   worker]; read by the master if this process dies
-    cdef Py_ssize_t state_base
-    cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
-    cdef readonly uint64_t tasks_done
-    cdef public size_t high_water
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -46,7 +34,7 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 state=None, uint64_t max_tasks=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -79,11 +67,8 @@ cdef class TaskLoop(RecordReader):
                 raise OSError(errno, "epoll_ctl failed on the inbox")
         self.max_tasks = max_tasks
         if state is not None:
-            self.state = state
-            self.has_state = True
-            self.state_base = index * (2 + len(self.channels))
-            if self.state.shape[0] < self.state_base + 2 + len(self.channels):
-                raise ValueError("the task worker state array is too small")
+            state.check(index, len(self.channels))
+        self.state = state
         self.reader = reader
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
@@ -178,9 +163,9 @@ cdef class TaskLoop(RecordReader):
             return 0
         r = recv_record(ch.fd, self.scratch)
         if r > 0:
-            if self.has_state:
-                self.state[self.state_base + 2 + ch.peer] = last_task_id(self.scratch, <size_t>r)
-            self.read_record(ch, <size_t>r, _FRAME_TASK)
+            if self.state is not None:
+                self.state.read_upto(self.index, ch.peer, last_task_id(self.scratch, <size_t>r))
+            self.read_record(ch, self.scratch, <size_t>r, _FRAME_TASK)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
             self.busy[self.index] = 0
@@ -197,7 +182,7 @@ cdef class TaskLoop(RecordReader):
             n = self.reader.pop(self.scratch)
             if n < 0:
                 break
-            self.read_record(self.qchan, <size_t>n, _FRAME_TASK)
+            self.read_record(self.qchan, self.scratch, <size_t>n, _FRAME_TASK)
         else:
             # More is waiting: come back after the channels had their turn.
             write(self.queue_fd, &one, 8)
@@ -229,9 +214,8 @@ cdef class TaskLoop(RecordReader):
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
                 ch.flush()
-            if self.has_state and ch is not self.qchan:
-                self.state[self.state_base + 1] = src
-                self.state[self.state_base] = task_id
+            if self.state is not None and ch is not self.qchan:
+                self.state.started(self.index, task_id, src)
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started

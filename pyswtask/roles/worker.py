@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from .._core import TIMEOUT, Dispatcher, Mailbox, QueueChannel
 from ..envelope import TYPE_ASYNC, check_timeout, check_type, pack_call, pack_task
-from ..errors import DeliveryError, TaskError, TaskTimeout
+from ..errors import DeliveryError, TaskError, TaskTimeout, TaskWorkerLost
 from ..events import Event, events
 from ..transport import control, relay
 from ..transport.pipe import dispatch_messages
@@ -43,7 +43,8 @@ class Worker(ChildRole):
         if self.ipc.task_fds:
             dispatcher = Dispatcher(
                 self.worker_id, self.ipc.task_fds, self.ipc.busy, on_finish=fire_finish,
-                make_error=TaskError.from_wire, on_protocol_error=log.error, epoch=os.getpid(),
+                make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                on_protocol_error=log.error, epoch=os.getpid(),
                 spin=settings["task_wait_spin"], load=self.ipc.load, outs=self._queue_outs(),
                 max_pending=settings["task_queue_size"])
             dispatcher.set_scheduler(loop.call_soon,

@@ -19,19 +19,9 @@ import threading
 import time
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
-from .._core import (
-    FLAG_ASYNC,
-    FLAG_FRAG_FIRST,
-    FLAG_FRAG_LAST,
-    FRAME_ERROR,
-    FRAME_RESULT,
-    QueueGone,
-    QueueSender,
-    parse_frames,
-)
+from .._core import QueueGone, QueueSender, ReplyAssembler
 from ..errors import DeliveryError, QueueFull, ServerNotRunning, TaskError, TaskTimeout
 from .msgqueue import QueueInfo, parse_key, read_info, reply_address
 from .writebehind import WriteBehind
@@ -148,10 +138,10 @@ class QueueClient:
         if type == 2:
             with self.lock:
                 try:
-                    task_id = self.sender.put(body, dst, FLAG_ASYNC, _BACKLOG_MAX)
+                    task_id = self.sender.put(body, dst, async_=True, backlog_max=_BACKLOG_MAX)
                     if not task_id:
                         self._make_room(time.monotonic() + timeout, _BACKLOG_MAX, name, method)
-                        task_id = self.sender.put(body, dst, FLAG_ASYNC)
+                        task_id = self.sender.put(body, dst, async_=True)
                 except QueueGone:
                     raise self._gone() from None
             self._wake_flusher()
@@ -161,7 +151,7 @@ class QueueClient:
         with self.lock:
             # Everything delivered before this goes first, then this task alone.
             self._make_room(deadline, 1, name, method)
-            task_id = self.sender.put(body, dst, 0)
+            task_id = self.sender.put(body, dst)
             before = self.sender.queued
             self._make_room(deadline, 1, name, method, taking_back=before)
         return self._wait_reply(sock, task_id, name, method, deadline, timeout)
@@ -246,7 +236,7 @@ class QueueClient:
 
     def _wait_reply(self, sock: socket.socket, task_id: int, name: str, method: str,
                     deadline: float, timeout: float) -> Any:
-        parts: list[bytes] = []
+        replies = ReplyAssembler(on_protocol_error=log.error)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -257,23 +247,13 @@ class QueueClient:
             except TimeoutError:
                 continue
             try:
-                frames = parse_frames(record)
+                results = replies.feed(record)
             except ValueError as exc:
                 log.error("malformed reply dropped: %s", exc)
                 continue
-            for ftype, flags, tid, _src, body in frames:
+            for tid, ok, value in results:
                 if tid != task_id:
                     continue        # the reply to an earlier call that timed out
-                if flags & FLAG_FRAG_FIRST:
-                    parts = [body]
-                    continue
-                if parts:
-                    parts.append(body)
-                    if not flags & FLAG_FRAG_LAST:
-                        continue
-                    body = b"".join(parts)
-                value = msgpack.unpackb(body)
-                if ftype == FRAME_ERROR:
+                if not ok:
                     raise TaskError.from_wire(value)
-                if ftype == FRAME_RESULT:
-                    return value
+                return value

@@ -21,9 +21,7 @@ import mmap
 import socket
 from typing import NamedTuple
 
-import msgpack  # type: ignore[import-untyped]
-
-from .._core import FRAME_LOST, pack_frame
+from .._core import TaskWorkerStates
 
 log = logging.getLogger("pyswtask.master")
 
@@ -36,7 +34,7 @@ class ChildIpc(NamedTuple):
     load: memoryview            # uint32 per worker
     inbox_fd: int
     out_fds: list[int]          # the write end of every inbox, by global id
-    tw_state: memoryview        # uint64: per task worker [running, its worker, read upto x N]
+    tw_state: TaskWorkerStates
 
 
 class ServerIpc:
@@ -53,8 +51,8 @@ class ServerIpc:
                         for _ in range(self.master_id + 1)]
         self.busy = mmap.mmap(-1, max(task_worker_num, 1))
         self._load = mmap.mmap(-1, 4 * worker_num)
-        self._tw_state = mmap.mmap(-1, max(8 * task_worker_num * (2 + worker_num), 8))
-        self.tw_state = memoryview(self._tw_state).cast("Q")
+        self._tw_state = mmap.mmap(-1, TaskWorkerStates.nbytes(worker_num, task_worker_num))
+        self.tw_state = TaskWorkerStates(self._tw_state, worker_num, task_worker_num)
 
     def for_child(self, kind: str, global_id: int, index: int) -> ChildIpc:
         """In a freshly forked child: closes what it does not use, returns what it keeps."""
@@ -76,23 +74,12 @@ class ServerIpc:
     def report_lost(self, index: int, reason: str) -> None:
         """After task worker index died: tells each worker, on the dead end of their channel
         (read by the worker like a result), which of its tasks the task worker had taken."""
-        state = self.tw_state
-        base = index * (2 + self.worker_num)
-        running, running_src = state[base], state[base + 1]
-        for w in range(self.worker_num):
-            upto = state[base + 2 + w]
-            mine = running if running_src == w else 0
-            if not (mine or upto):
-                continue
-            frame = pack_frame(FRAME_LOST, 0, mine or upto, self.worker_num + index,
-                               msgpack.packb([mine, upto, reason]))
+        for w, frame in self.tw_state.lost_reports(index, self.worker_num + index, reason):
             try:
                 self.pairs[w][index][1].send(frame, socket.MSG_DONTWAIT)
             except OSError as exc:
                 log.error("worker %d not told of its tasks lost with task worker %d: %s", w,
                           self.worker_num + index, exc)
-            state[base + 2 + w] = 0
-        state[base] = 0
 
     def master_inbox(self) -> tuple[int, list[int]]:
         """The master's inbox read end and every write end."""

@@ -29,17 +29,12 @@ import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
 from .._core import (
-    FLAG_FRAG_FIRST,
-    FLAG_FRAG_LAST,
-    FLAG_FRAG_MORE,
-    FRAME_ERROR,
-    FRAME_RESULT,
-    HEADER_SIZE,
     PART_TYPE_BASE,
     RECORD_MAX,
-    pack_frame,
+    is_sentinel,
     queue_receive,
     queue_send,
+    reply_records,
     sentinel,
 )
 
@@ -239,7 +234,7 @@ class ServerQueue:
         process counts); drops old stop sentinels. Later parts of bodies keep their types."""
         old: list[bytes] = []
         while (text := queue_receive(mq.id, -(PART_TYPE_BASE - 1), self.msgmax)) is not None:
-            if len(text) == 8 and text[:4] == b"\0\0\0\0":
+            if is_sentinel(text):
                 continue
             old.append(text)
         for i, text in enumerate(old):
@@ -307,17 +302,9 @@ class ReplySender:
 
     def send(self, task_id: int, ok: bool, body: bytes) -> None:
         addr = reply_address(self.msqid, task_id >> 32)
-        ftype = FRAME_RESULT if ok else FRAME_ERROR
-        chunk = RECORD_MAX - HEADER_SIZE
         try:
-            if len(body) <= chunk:
-                self.sock.sendto(pack_frame(ftype, 0, task_id, self.worker_id, body), addr)
-                return
-            for off in range(0, len(body), chunk):
-                flags = FLAG_FRAG_FIRST if off == 0 else 0
-                flags |= FLAG_FRAG_LAST if off + chunk >= len(body) else FLAG_FRAG_MORE
-                self.sock.sendto(pack_frame(ftype, flags, task_id, self.worker_id,
-                                            body[off:off + chunk]), addr)
+            for record in reply_records(task_id, ok, self.worker_id, body):
+                self.sock.sendto(record, addr)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("result of task %d dropped: its command (pid %d) is gone", task_id,
                      task_id >> 32)

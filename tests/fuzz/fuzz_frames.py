@@ -45,7 +45,7 @@ with atheris.instrument_imports(include=["pyswtask"]):
         parse_frames,
         unpack_envelope,
     )
-    from pyswtask.errors import TaskError
+    from pyswtask.errors import TaskError, TaskWorkerLost
     from pyswtask.transport import pipe
 
 EPOCH = 0x5EED
@@ -129,12 +129,13 @@ class Readers:
             finished: list[Any] = []
             d = Dispatcher(0, [self.mine.fileno()], bytearray(1),
                            on_finish=lambda *a: finished.append(a), make_error=TaskError.from_wire,
-                           on_protocol_error=errors.append, epoch=EPOCH)
+                           make_lost=TaskWorkerLost.lost, on_protocol_error=errors.append,
+                           epoch=EPOCH)
             assert d.submit(self.body, 0, None) == FIRST_ID
             drain(self.peer)
             for record in records:
                 self.peer.send(record)
-                d.poll(0.0)
+                d.on_readable()
             assert all(f[0] == FIRST_ID for f in finished) and len(finished) <= 1
             bad = d.bad_records
         else:

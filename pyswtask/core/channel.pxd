@@ -1,0 +1,68 @@
+# Declarations of core/channel.pyx: one end of a channel (an outgoing frame queue and the
+# reassembly of fragmented bodies) and the record reader the loops are built on.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport errno, EAGAIN, EINTR
+
+from .includes.posix cimport MSG_DONTWAIT, recv
+
+cdef enum:
+    _EVENTS_MAX = 32
+    # Records read from one channel per turn, so that one busy peer cannot starve the others.
+    _READ_BUDGET = 64
+
+
+cdef struct Buf:
+    char *data
+    size_t start        # first byte not yet sent
+    size_t end          # first free byte
+    size_t cap
+
+
+cdef class Channel:
+    cdef readonly int fd
+    cdef readonly int peer
+    cdef Buf out
+    cdef uint32_t mask          # the epoll events registered now
+    cdef dict frags             # task id -> bytearray, bodies being reassembled
+    cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
+    cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
+    cdef size_t body_max        # largest body reassembled (0: no limit); see assemble
+
+    cdef size_t queued(self) noexcept
+    cdef char *reserve(self, size_t n) except NULL
+    cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                 const char *body, size_t n) except -1
+    cdef size_t record_size(self) noexcept
+    cdef int flush(self) except -1
+    cdef int update_interest(self, int epfd, size_t high_water) except -1
+    cdef object assemble(self, FrameHeader *h, const char *p)
+
+
+cdef class RecordReader:
+    cdef char *scratch              # one record, as received
+    cdef object on_protocol_error   # on_protocol_error(message)
+    cdef str who                    # names this end in those messages
+    cdef readonly uint64_t bad_records
+
+    cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1
+    cdef int read_record(self, Channel ch, const char *record, size_t n,
+                         uint8_t accepted) except -1
+
+
+cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except? -2
+cdef size_t queued_bytes(list channels)
+cdef bint any_queued(list channels)
+
+
+cdef inline ssize_t recv_record(int fd, char *buf) except? -2:
+    # One record into buf (RECORD_MAX bytes); -1 when none is waiting.
+    cdef ssize_t r
+    while True:
+        r = recv(fd, buf, _RECORD_MAX, MSG_DONTWAIT)
+        if r >= 0:
+            return r
+        if errno == EAGAIN:
+            return -1
+        if errno != EINTR:
+            raise OSError(errno, "recv from channel failed")

@@ -1,0 +1,93 @@
+# Declarations of core/dispatcher.pyx: the worker's side of the channels, as two types: the
+# table of tasks waiting for a result, and the I/O loop that sends tasks and reads results.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    _P_ASYNC = 0
+    _P_SYNC = 1
+    _P_FUTURE = 2
+    _P_BATCH = 3
+
+
+cdef class _TimeoutMarker:
+    pass
+
+
+@cython.final
+cdef class _Pending:
+    cdef int kind
+    cdef bint done
+    cdef object obj             # ASYNC: callback or None; FUTURE: future; BATCH: _Batch
+    cdef object value
+    cdef Py_ssize_t index
+    cdef int tw                 # the out channel it went to
+    cdef bytes body             # kept to send again if a dead task worker never started it
+
+
+@cython.final
+cdef class _Batch:
+    cdef list results
+    cdef Py_ssize_t remaining
+
+
+@cython.final
+cdef class PendingTable:
+    cdef dict entries               # task id -> _Pending
+    cdef list deferred              # (task id, value, callback) of ASYNC results, for the loop
+    cdef uint64_t epoch
+    cdef uint32_t counter
+    cdef unsigned int[:] load       # tasks without a result, per worker (shared memory)
+    cdef bint has_load
+    cdef int slot                   # this worker's index in load
+    cdef Py_ssize_t max_pending     # task_queue_size: more deliveries wait for results
+    cdef object on_finish           # on_finish(task_id, result, callback): user code
+    cdef object make_error          # make_error(unpacked error body) -> exception instance
+    cdef object make_lost           # make_lost(message) -> the error of a task lost with its
+                                    #   task worker
+    cdef readonly uint64_t late_results
+
+    cdef uint64_t new_id(self) noexcept
+    cdef int add(self, uint64_t task_id, _Pending entry) except -1
+    cdef bint drop(self, uint64_t task_id) except -1
+    cdef void update_load(self) noexcept
+    cdef int on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1
+    cdef list take_lost(self, int tw, uint64_t running, uint64_t read_upto, object reason)
+    cdef int complete(self, uint64_t task_id, _Pending entry, object value,
+                      bint failed) except -1
+    cdef int run_deferred(self) except -1
+
+
+cdef class Dispatcher(RecordReader):
+    cdef PendingTable table
+    cdef int epfd
+    cdef list channels              # results come in here, one channel per task worker
+    cdef int nchan
+    cdef list outs                  # tasks go out here: the channels, or queue channels
+    cdef int nout
+    cdef bint via_queue             # task_ipc_mode 2/3: outs are QueueChannels
+    cdef unsigned char[:] busy      # per task worker, 1 while it runs tasks (shared memory)
+    cdef int rr
+    cdef uint16_t worker_id
+    cdef Channel last               # where the last task's result comes back (None: any)
+    cdef object schedule            # loop.call_soon, or None outside an event loop
+    cdef object schedule_later      # loop.call_later-like: retries sends the queue refused
+    cdef bint flush_scheduled
+    cdef bint deferred_scheduled
+    cdef bint in_wait_callbacks     # finish callbacks running from _wait_for_room
+    cdef readonly uint64_t delivered
+    cdef public double spin
+    cdef readonly double rtt        # moving average of CO round trips, seconds
+    cdef public size_t high_water
+
+    cdef int _pick(self, int dst) except -1
+    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0
+    cdef int _wait_for_room(self) except -1
+    cdef int _schedule_flush(self) except -1
+    cdef int _schedule_deferred(self) except -1
+    cdef int _flush_channel(self, Channel ch) except -1
+    cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1
+    cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1
+    cdef int _poll(self, int timeout_ms) except -1
+    cdef int _read(self, Channel ch) except -1
+    cdef int _on_lost(self, Channel ch, const char *p, size_t n) except -1

@@ -1,0 +1,50 @@
+# Declarations of core/msgqueue.pyx: the SysV message queue's channel, its sender for separate
+# programs, and the task worker's reader thread.
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from .includes.pthread cimport pthread_mutex_t
+
+
+cdef class QueueChannel(Channel):
+    cdef int msqid
+    cdef readonly long mtype
+    cdef size_t msgmax
+    cdef size_t retry_at            # after a full queue: queued bytes before send_full retries
+    cdef char *msg                  # mtype, then the text
+
+    cdef int send_full(self) except -1
+
+
+cdef class QueueSender:
+    cdef list outs
+    cdef int nout
+    cdef int rr
+    cdef uint64_t epoch
+    cdef uint32_t counter
+    cdef int worker_num
+    cdef readonly uint64_t puts     # tasks queued so far: a writer-behind sees if more came
+
+
+cdef class QueueReader:
+    cdef int msqid
+    cdef int wake_fd
+    cdef readonly long mtype
+    cdef size_t msgmax
+    cdef char *msg
+    cdef char *ring                 # records: u32 length, then the text
+    cdef size_t cap, head, tail, used
+    cdef pthread_mutex_t mutex
+    cdef uint32_t pid
+    cdef readonly bint finished
+    cdef readonly int error         # errno that stopped the thread, or 0
+    cdef readonly uint64_t lost_parts
+
+    cdef void _run(self) noexcept nogil
+    cdef bint _room(self, size_t n) noexcept nogil
+    cdef void _push(self, const char *text, size_t n) noexcept nogil
+    cdef void _ring_write(self, const char *p, size_t n) noexcept nogil
+    cdef void _ring_read(self, char *p, size_t n) noexcept nogil
+    cdef ssize_t pop(self, char *dst) noexcept nogil
+    cdef void _wake(self) noexcept nogil
+    cdef int _read_parts(self, const char *text, size_t n) noexcept nogil

@@ -1,0 +1,29 @@
+# Declarations of core/taskloop.pyx: the task worker's loop.
+
+from libc.stdint cimport uint16_t, uint64_t
+
+
+cdef class TaskLoop(RecordReader):
+    cdef int epfd
+    cdef int stop_fd
+    cdef list channels
+    cdef unsigned char[:] busy
+    cdef int index
+    cdef uint16_t worker_id
+    cdef object execute
+    cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
+    cdef object on_inbox            # on_inbox(): reads this process's pipe messages
+    cdef dict durations             # (name, method) -> moving average of run time, seconds
+    cdef QueueReader reader         # the message queue's reader thread, or None
+    cdef int queue_fd               # its wake descriptor
+    cdef Channel qchan              # stands for the queue: where its fragments are reassembled
+    cdef object on_reply            # on_reply(task_id, ok, body): results for commands
+    cdef object on_stopping         # on_stopping(): tells the reader thread to finish
+    cdef TaskWorkerStates state     # read by the master if this process dies, or None
+    cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
+    cdef readonly uint64_t tasks_done
+    cdef public size_t high_water
+
+    cdef int _read(self, Channel ch) except -1
+    cdef int _read_queue(self) except -1
+    cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1

@@ -1,0 +1,26 @@
+# The POSIX calls the core needs that Cython's own posix/*.pxd do not declare: sockets, poll(2),
+# strnlen. (close, read, write, usleep, clock_gettime and timeval come from posix.unistd and
+# posix.time, cimported where used.) On Linux EWOULDBLOCK is EAGAIN, so only EAGAIN is checked.
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SOL_SOCKET
+        SO_RCVTIMEO
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void *val, unsigned int n)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<string.h>" nogil:
+    size_t strnlen(const char *s, size_t maxlen)

@@ -1,0 +1,178 @@
+"""The core's wire helpers that the Python side calls instead of handling frames itself: reply
+datagrams and their reassembly, the queue's stop sentinel, and the task-worker state layout
+with the LOST reports made from it."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import subprocess
+import sys
+from typing import Any
+
+import msgpack
+import pytest
+
+from pyswtask._core import (
+    FLAG_FRAG_FIRST,
+    FLAG_FRAG_LAST,
+    FLAG_FRAG_MORE,
+    FRAME_ERROR,
+    FRAME_LOST,
+    FRAME_RESULT,
+    FRAME_TASK,
+    HEADER_SIZE,
+    RECORD_MAX,
+    ProtocolError,
+    ReplyAssembler,
+    TaskWorkerStates,
+    is_sentinel,
+    pack_frame,
+    parse_frames,
+    reply_records,
+    sentinel,
+)
+
+CHUNK = RECORD_MAX - HEADER_SIZE
+TID = (4242 << 32) | 7
+
+
+def assembler(**kw: Any) -> tuple[ReplyAssembler, list[str]]:
+    errors: list[str] = []
+    return ReplyAssembler(on_protocol_error=errors.append, **kw), errors
+
+
+def packed_of_size(n: int) -> bytes:
+    """A msgpack body of exactly n bytes: a bin value after its 2, 3 or 5 byte header."""
+    for head in (2, 3, 5):
+        body = msgpack.packb(b"x" * max(n - head, 0))
+        if len(body) == n:
+            return body
+    raise AssertionError(f"no bin value packs to {n} bytes")
+
+
+@pytest.mark.parametrize("size", [1, 5 + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 1,
+                                  3 * CHUNK + 17])
+@pytest.mark.parametrize("ok", [True, False])
+def test_reply_records_round_trip_at_the_fragment_boundaries(size: int, ok: bool) -> None:
+    body = msgpack.packb(None) if size == 1 else packed_of_size(size)
+    assert len(body) == size
+    records = reply_records(TID, ok, 3, body)
+    assert all(len(r) <= RECORD_MAX for r in records)
+    frames = [f for r in records for f in parse_frames(r)]
+    assert len(records) == len(frames) == max(1, -(-size // CHUNK))
+    assert {f[0] for f in frames} == {FRAME_RESULT if ok else FRAME_ERROR}
+    assert {(f[2], f[3]) for f in frames} == {(TID, 3)}
+    assert b"".join(f[4] for f in frames) == body
+    if len(frames) == 1:
+        assert frames[0][1] == 0
+    else:
+        flags = [f[1] for f in frames]
+        assert flags == ([FLAG_FRAG_FIRST | FLAG_FRAG_MORE] + [FLAG_FRAG_MORE] * (len(frames) - 2)
+                         + [FLAG_FRAG_LAST])
+    a, errors = assembler()
+    got = [a.feed(r) for r in records]
+    assert got[:-1] == [[]] * (len(records) - 1)
+    assert got[-1] == [(TID, ok, msgpack.unpackb(body))]
+    assert not errors and a.bad_records == 0
+
+
+def test_replies_of_several_tasks_interleave_and_come_out_whole() -> None:
+    a, _ = assembler()
+    big1, big2 = packed_of_size(CHUNK + 10), packed_of_size(2 * CHUNK + 3)
+    r1, r2 = reply_records(1, True, 0, big1), reply_records(2, False, 0, big2)
+    out = []
+    for rec in [r1[0], r2[0], r2[1], r1[1], r2[2]]:
+        out += a.feed(rec)
+    assert [(t, ok) for t, ok, _ in out] == [(1, True), (2, False)]
+
+
+def test_stray_and_malformed_reply_records_are_dropped() -> None:
+    a, errors = assembler()
+    # A fragment without its start: dropped without a word (its start went to a dead reader).
+    assert a.feed(pack_frame(FRAME_RESULT, FLAG_FRAG_MORE, 1, 0, b"x")) == []
+    assert a.feed(pack_frame(FRAME_RESULT, FLAG_FRAG_LAST, 1, 0, b"x")) == []
+    assert a.bad_records == 0 and errors == []
+    # A bad header drops the record and says why.
+    assert a.feed(b"XX" + pack_frame(FRAME_RESULT, 0, 1, 0, b"\xc0")[2:]) == []
+    assert a.bad_records == 1 and "bad magic" in errors[-1]
+    # A frame type no reply carries is refused like on a worker's channel.
+    assert a.feed(pack_frame(FRAME_TASK, 0, 1, 0, b"\xc0")) == []
+    assert a.bad_records == 2 and "does not take" in errors[-1]
+    # A body that is not msgpack becomes a ProtocolError result, so the caller is answered.
+    ((tid, ok, value),) = a.feed(pack_frame(FRAME_RESULT, 0, 9, 0, b"\xc1"))
+    assert (tid, ok, value[0]) == (9, False, "ProtocolError")
+    # Longer than a record: no sender makes one.
+    assert a.feed(b"\0" * (RECORD_MAX + 1)) == [] and a.bad_records == 3
+    assert a.feed(b"") == []
+
+
+def test_a_reply_body_past_max_body_is_dropped() -> None:
+    a, _ = assembler(max_body=CHUNK + 100)
+    records = reply_records(5, True, 0, packed_of_size(CHUNK + 101))
+    assert a.feed(records[0]) == []
+    with pytest.raises(ProtocolError, match="exceeds"):
+        a.feed(records[1])
+    # Its fragments are gone: a later LAST of the same task completes nothing.
+    assert a.feed(records[1]) == []
+    small, _ = assembler(max_body=4)
+    with pytest.raises(ProtocolError, match="exceeds 4 bytes"):
+        small.feed(pack_frame(FRAME_RESULT, 0, 6, 0, packed_of_size(10)))
+    assert small.feed(pack_frame(FRAME_RESULT, 0, 7, 0, msgpack.packb(12))) == [(7, True, 12)]
+
+
+def test_the_stop_sentinel() -> None:
+    text = sentinel(0x01020304)
+    assert text == b"\0\0\0\0\x04\x03\x02\x01"
+    assert is_sentinel(text) and is_sentinel(bytearray(text)) and is_sentinel(sentinel(0))
+    assert not is_sentinel(text + b"\0") and not is_sentinel(text[:7]) and not is_sentinel(b"")
+    assert not is_sentinel(b"\0\0\0\x01abcd")
+    # A record begins with the frame magic: never a sentinel, whatever its length.
+    assert not is_sentinel(pack_frame(FRAME_TASK, 0, 1, 0, b"")[:8])
+
+
+def states(workers: int = 3, task_workers: int = 2) -> tuple[TaskWorkerStates, mmap.mmap]:
+    buf = mmap.mmap(-1, TaskWorkerStates.nbytes(workers, task_workers))
+    return TaskWorkerStates(buf, workers, task_workers), buf
+
+
+def test_the_state_layout_is_the_documented_one() -> None:
+    st, buf = states()
+    assert TaskWorkerStates.nbytes(3, 2) == 8 * 2 * (2 + 3) and TaskWorkerStates.nbytes(1, 0) == 8
+    # Task worker 1: running task 0x55 of worker 2; it read up to 0x10 / 0 / 0x55 from workers.
+    struct.pack_into("<5Q", buf, 8 * 5, 0x55, 2, 0x10, 0, 0x55)
+    assert st.get(1) == (0x55, 2, [0x10, 0, 0x55])
+    assert st.get(0) == (0, 0, [0, 0, 0])
+    with pytest.raises(ValueError):
+        st.get(2)
+    with pytest.raises(ValueError, match="too small"):
+        TaskWorkerStates(mmap.mmap(-1, 8), 3, 2)
+    st.release()
+    buf.close()   # released: nothing holds the mmap's buffer any more
+
+
+def test_lost_reports_name_each_workers_tasks_and_clear_the_slots() -> None:
+    st, buf = states()
+    struct.pack_into("<5Q", buf, 8 * 5, 0x55, 2, 0x10, 0, 0x50)
+    reports = st.lost_reports(1, 4, "task worker 4 (pid 9) was killed")
+    assert [w for w, _ in reports] == [0, 2]
+    (f0,), (f2,) = parse_frames(reports[0][1]), parse_frames(reports[1][1])
+    # Worker 0: its last read task only, the running one being worker 2's.
+    assert f0[:4] == (FRAME_LOST, 0, 0x10, 4)
+    assert msgpack.unpackb(f0[4]) == [0, 0x10, "task worker 4 (pid 9) was killed"]
+    assert f2[:4] == (FRAME_LOST, 0, 0x55, 4)
+    assert msgpack.unpackb(f2[4]) == [0x55, 0x50, "task worker 4 (pid 9) was killed"]
+    assert st.get(1) == (0, 2, [0, 0, 0])
+    assert st.lost_reports(1, 4, "again") == []
+    st.release()
+    buf.close()
+
+
+def test_the_core_does_not_import_numpy_until_a_numpy_view_is_asked_for() -> None:
+    code = ("import mmap, sys, pyswtask, pyswtask._core as c\n"
+            "assert 'numpy' not in sys.modules, 'imported at load'\n"
+            "t = c.RunTable(mmap.mmap(-1, c.RunTable.nbytes(2)), create=True, capacity=2)\n"
+            "t.insert(0, 'T', 'm', '202601010000', 5)\n"
+            "assert 'numpy' not in sys.modules, 'imported by a table'\n"
+            "assert t.to_numpy()['sec'][0] == 5 and 'numpy' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
