@@ -1,7 +1,10 @@
-"""Turns the JSON lines of perf/run.py into perf/RESULTS.md and perf/results.png.
+"""Turns the JSON lines of perf/run.py into a Markdown report and a chart.
 
-    python perf/report.py [--input perf/results/latest.jsonl] [--md perf/RESULTS.md]
-                          [--png perf/results.png]
+    python perf/report.py [--input perf/results/latest.jsonl] [--md PATH] [--png PATH]
+
+The committed run (perf/results/latest.jsonl, the default input) makes perf/RESULTS.md and
+perf/results.png; any other input makes its report beside itself (perf/results/local/run-X.jsonl:
+run-X.md and run-X.png), so that a local run never replaces the committed report.
 
 RESULTS.md: the machine, the versions and the date of the run, the issue's targets (met or
 not, from the ratios of the same run), then a table per workload. results.png: a bar chart on
@@ -16,6 +19,8 @@ import os
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+COMMITTED = os.path.join(HERE, "results", "latest.jsonl")
 
 DESCRIPTIONS = {
     "async_throughput": "ASYNC deliver -> finish: each of the 2 workers keeps up to 1,000 tasks in "
@@ -117,11 +122,20 @@ def base_workload(w: str) -> str:
     return w.split(":", 1)[0]
 
 
+def default_outputs(source: str) -> tuple[str, str]:
+    """The report and the chart of a run: perf/RESULTS.md and perf/results.png for the
+    committed one, files beside the input for any other."""
+    if os.path.abspath(source) == COMMITTED:
+        return os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "results.png")
+    stem = os.path.splitext(source)[0]
+    return stem + ".md", stem + ".png"
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], ratios: list[dict[str, Any]],
-             png: str | None) -> str:
+             png: str | None, source: str = COMMITTED) -> str:
     m, v = meta.get("machine", {}), meta.get("versions", {})
     out = ["# Benchmark results: pyswtask against Swoole and the Python peers", ""]
-    out.append(f"Made by `python perf/report.py` from `perf/results/latest.jsonl`, which "
+    out.append(f"Made by `python perf/report.py` from `{os.path.relpath(source, ROOT)}`, which "
                f"`{meta.get('command', 'python perf/run.py')}` wrote on {meta.get('date', '?')} "
                f"({meta.get('duration_s', 0) / 60:.0f} min). Every workload ran for pyswtask and each "
                f"peer in the same run, interleaved over {meta.get('runs', '?')} rounds (the order "
@@ -297,16 +311,21 @@ def chart(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", default=os.path.join(HERE, "results", "latest.jsonl"))
-    parser.add_argument("--md", default=os.path.join(HERE, "RESULTS.md"))
-    parser.add_argument("--png", default=os.path.join(HERE, "results.png"))
+    parser.add_argument("--input", default=COMMITTED,
+                        help="a file perf/run.py wrote (default: the committed run, %(default)s)")
+    parser.add_argument("--md", help="the report (default: perf/RESULTS.md for the committed run, "
+                                     "else the input's name with .md)")
+    parser.add_argument("--png", help="the chart (default: perf/results.png for the committed run, "
+                                      "else the input's name with .png)")
     args = parser.parse_args()
+    md, png = default_outputs(args.input)
+    args.md, args.png = args.md or md, args.png or png
     meta, rows, ratios = load(args.input)
     if not rows:
         raise SystemExit(f"{args.input} holds no results")
     chart(rows, args.png, meta)
     with open(args.md, "w") as f:
-        f.write(markdown(meta, rows, ratios, args.png))
+        f.write(markdown(meta, rows, ratios, args.png, args.input))
     print(f"wrote {os.path.relpath(args.md)} and {os.path.relpath(args.png)}")
 
 

@@ -8,8 +8,10 @@ order; and so on (A B A B ..., so that the drift of a shared machine cancels). T
 line per (workload, system) on stdout: the median of the rounds with min, max, runs and unit;
 then one line per pyswtask/peer ratio (the median of the ratios taken within each round; > 1
 favours pyswtask). Everything, with a first line describing the machine and the versions,
-goes to perf/results/latest.jsonl (or --out); ``python perf/report.py`` turns it into
-perf/RESULTS.md and perf/results.png.
+goes to a new file in perf/results/local/, which git ignores (or to --out); ``python
+perf/report.py --input FILE`` turns it into a report. perf/results/latest.jsonl is the committed
+full run, behind perf/RESULTS.md and perf/results.png: only ``--out perf/results/latest.jsonl``
+replaces it.
 
 Workloads (2 workers + 2 task workers on every side, a task that returns its input, params
 [1, "x" * k, 3.5] with the packed task 103 bytes unless the workload names a size):
@@ -61,7 +63,8 @@ import bench_process  # noqa: E402
 import bench_queue  # noqa: E402
 import bench_table  # noqa: E402
 
-DEFAULT_OUT = os.path.join(HERE, "results", "latest.jsonl")
+# Runs go here unless --out names a file: trying the suite must not replace the committed run.
+LOCAL_DIR = os.path.join(HERE, "results", "local")
 TASK_BYTES = 103          # the packed task of every workload that does not name a size
 # (envelope bytes, tasks, in flight per worker) for async_throughput; the peers run fewer.
 PAYLOADS = ((103, 200_000, 1000), (1024, 200_000, 1000), (8192, 40_000, 1000),
@@ -290,6 +293,14 @@ def versions(has_swoole: bool, redis: Any) -> dict[str, Any]:
     return out
 
 
+def output_path(out: str | None) -> str:
+    """--out, or a new file in perf/results/local/ named after the time of the run."""
+    if out:
+        return out
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return os.path.join(LOCAL_DIR, f"run-{stamp}.jsonl")
+
+
 MAIN_PID = os.getpid()
 
 
@@ -312,9 +323,12 @@ def main() -> None:
     parser.add_argument("--brokers", action="store_true",
                         help="also Celery, Dramatiq and Huey on a local Redis (queue workloads)")
     parser.add_argument("--spin", type=float, default=0.00003, help="pyswtask's task_wait_spin for CO")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where the JSON lines go")
+    parser.add_argument("--out", metavar="PATH",
+                        help="where the JSON lines go (default: a new perf/results/local/run-*.jsonl, "
+                             "ignored by git; --out perf/results/latest.jsonl replaces the committed run)")
     args = parser.parse_args()
     runs = args.runs or (2 if args.quick else 3)
+    args.out = output_path(args.out)
 
     signal.signal(signal.SIGTERM, _interrupt)
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
@@ -390,7 +404,8 @@ def main() -> None:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, args.out)
     log(f"wrote {os.path.relpath(args.out)} ({len(rows)} results, {len(ratio_rows)} ratios, "
-        f"{meta['meta']['duration_s']:.0f} s); python perf/report.py makes RESULTS.md and results.png")
+        f"{meta['meta']['duration_s']:.0f} s); python perf/report.py --input {os.path.relpath(args.out)} "
+        "makes its report")
     if errors:
         sys.exit(1)
 

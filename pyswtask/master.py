@@ -205,6 +205,9 @@ class Master:
         while self.signals:
             signum = self.signals.popleft()
             if signum == signal.SIGCHLD:
+                # A child says it is ready before it can exit: read that first, so that its
+                # death is judged knowing whether it served.
+                self._handle_control()
                 self._reap()
             elif signum in (signal.SIGUSR1, signal.SIGUSR2):
                 kind = WORKER if signum == signal.SIGUSR1 else TASK_WORKER
@@ -272,27 +275,36 @@ class Master:
             if pid == 0:
                 return
             child = self.by_pid.pop(pid, None)
+            served = pid in self.ready_pids
             self.ready_pids.discard(pid)
             if child is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
             if not self.stopping:
-                self._handle_death(child, code)
+                self._handle_death(child, code, served)
             child.pid = 0
 
-    def _handle_death(self, child: Child, code: int) -> None:
+    def _handle_death(self, child: Child, code: int, served: bool) -> None:
+        """Schedules the child's successor: at once, unless the slot's processes keep dying
+        within a second of their start; then after a back-off doubling from 0.1 s up to
+        respawn_backoff_max, so that a child that cannot run does not fork in a loop."""
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if code == EXIT_BOOT_ERROR:
             log.error("%s could not start (%s): stopping the server", child, how)
             self.exit_code = EXIT_BOOT_ERROR
             self.stopping = True
             return
+        # A worker or task worker that served and then exited 0 recycled itself (max_request,
+        # task_max_request) or was stopped on purpose: however short its life, that is no
+        # crash, and its channel must not wait out a back-off. A user process whose function
+        # returns at once is not exempt: nothing tells that apart from a process that cannot run.
+        planned = code == 0 and served and child.kind != PROCESS
         lived = time.monotonic() - child.started
-        child.failures = child.failures + 1 if lived < 1.0 else 0
+        child.failures = child.failures + 1 if lived < 1.0 and not planned else 0
         delay = 0.0 if child.failures == 0 else min(
             0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
         child.respawn_at = time.monotonic() + delay
-        if code == 0 and child.kind != PROCESS:
+        if planned:
             log.info("%s recycled itself; respawning", child)
         else:
             log.warning("%s died with %s; respawning in %.1f s", child, how, delay)

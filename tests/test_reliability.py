@@ -293,3 +293,125 @@ def test_payloads_up_to_64_mib_in_every_path(servers: ServerRunner, path: str) -
     assert sorted(r["size"] for r in got) == SIZES
     assert all(r["same"] for r in got)
     assert "above the server's package_max_length (67108864)" in srv.by_event("too_big")[0]["text"]
+
+
+def test_task_workers_recycled_by_task_max_request_are_replaced_at_once(
+        servers: ServerRunner) -> None:
+    # One task a millisecond keeps each channel record to a task or two, so every task worker
+    # recycles after about 20 tasks and some 20 processes take turns. A recycled one that waited
+    # out the crash back-off (up to respawn_backoff_max, 5 s) left its channel unserved: the run
+    # took about a minute, with gaps of seconds.
+    srv = servers.run('''
+        N = 400
+        server = Server(worker_num=1, task_worker_num=2, task_max_request=20)
+
+        @task()
+        class Stamp:
+            def run(self, i):
+                return [i, os.getpid(), time.time()]
+
+        def go(server, wid):
+            got = []
+            started = time.time()
+            def done(tid, result):
+                got.append(result)
+                if len(got) == N:
+                    finish()
+            def finish():
+                ran = [r for r in got if isinstance(r, list)]
+                emit(event="done", elapsed=time.time() - started, values=sorted(r[0] for r in ran),
+                     pids=len({r[1] for r in ran}), times=sorted(r[2] for r in ran),
+                     errors=[repr(r) for r in got if not isinstance(r, list)][:5])
+                server.shutdown()
+            def deliver(i):
+                Task.deliver("Stamp", "run", [i], Task.TYPE_ASYNC, callback=done)
+                if i + 1 < N:
+                    server.after(1, lambda: deliver(i + 1))
+            deliver(0)
+            # Reports what ran by then instead of waiting out the back-offs to the end.
+            server.after(30_000, lambda: len(got) < N and finish())
+        server.on("worker_start", go)
+        server.start()
+    ''', timeout=60)
+    done = srv.by_event("done")[0]
+    assert not done["errors"], done["errors"]
+    assert done["values"] == list(range(400)), \
+        f"a task was lost or run twice ({len(done['values'])} of 400 ran)"
+    assert done["pids"] >= 15, f"only {done['pids']} task worker processes ran the tasks"
+    assert done["elapsed"] < 15.0, f"400 tasks took {done['elapsed']:.1f} s"
+    times = done["times"]
+    gap = max(b - a for a, b in zip(times, times[1:]))
+    assert gap < 2.0, f"no task ran for {gap:.2f} s"
+    assert "recycled itself; respawning" in srv.err
+
+
+def test_a_task_worker_killed_after_a_long_life_is_replaced_at_once(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("task_worker_start", lambda s, w: emit(event="tw_start", pid=os.getpid()))
+
+        def go(server, wid):
+            seen = set()
+            def done(tid, pid):
+                if isinstance(pid, int) and pid not in seen:
+                    seen.add(pid)
+                    emit(event="served", pid=pid, t=time.time())
+            server.tick(20, lambda timer_id: Task.deliver("Demo", "pid", [], Task.TYPE_ASYNC,
+                                                          callback=done))
+        server.on("worker_start", go)
+        server.start()
+    ''')
+    first = read_records(srv, lambda r: any(x["event"] == "served" for x in r))
+    old = next(r["pid"] for r in first if r["event"] == "served")
+    time.sleep(1.5)  # well past the first second, in which a death counts as a crash at start
+    killed_at = time.time()
+    os.kill(old, signal.SIGKILL)
+    recs = read_records(srv, lambda r: any(x["event"] == "served" and x["pid"] != old for x in r))
+    new = next(r for r in recs if r["event"] == "served" and r["pid"] != old)
+    # Swoole replaces it in about 10 ms; a second leaves room for a loaded machine.
+    assert new["t"] - killed_at < 1.0, f"the successor served {new['t'] - killed_at:.2f} s after the kill"
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    assert "died with signal SIGKILL; respawning in 0.0 s" in srv.err
+
+
+def test_workers_recycled_by_max_request_are_replaced_at_once(servers: ServerRunner) -> None:
+    # Each worker delivers its 20 tasks at start and recycles within a fraction of a second;
+    # with the crash back-off the tenth would have started some 20 s after the first.
+    srv = servers.start('''
+        server = Server(worker_num=1, task_worker_num=1, max_request=20)
+
+        def go(server, wid):
+            emit(event="up", pid=os.getpid(), t=time.time())
+            for i in range(20):
+                Task.deliver("Demo", "echo", [i], Task.TYPE_ASYNC)
+        server.on("worker_start", go)
+        server.start()
+    ''')
+    ups = read_records(srv, lambda r: len(r) >= 10, timeout=30)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    assert len({r["pid"] for r in ups}) == len(ups)
+    took = ups[-1]["t"] - ups[0]["t"]
+    assert took < 8.0, f"10 workers took {took:.1f} s to take turns"
+    assert "delivered 20 tasks (max_request): recycling" in srv.err
+    assert "respawning in" not in srv.err, "a recycled worker was respawned as after a crash"
+
+
+def test_a_worker_that_exits_0_before_it_serves_keeps_its_back_off(servers: ServerRunner) -> None:
+    # Exit code 0 alone does not make a recycle: respawning this one at once would fork in a loop.
+    srv = servers.start('''
+        server = Server(worker_num=1, task_worker_num=1)
+
+        def go(server, wid):
+            emit(event="up", pid=os.getpid())
+            sys.exit(0)
+        server.on("worker_start", go)
+        server.start()
+    ''')
+    read_records(srv, lambda r: len(r) >= 4, timeout=20)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    delays = [line.rsplit("respawning in ", 1)[1] for line in srv.err.splitlines()
+              if "worker 0" in line and "died with exit code 0; respawning in" in line]
+    assert delays[:3] == ["0.1 s", "0.2 s", "0.4 s"], delays
