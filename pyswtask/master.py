@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import cleanup, context, control
+from . import context, control, sysv
 from ._core import Mailbox
 from .context import EXIT_BOOT_ERROR
 from .cron import Crontab
@@ -107,7 +107,7 @@ class Master:
         pid_file = self.settings["pid_file"]
         try:
             _check_pid_file(pid_file)
-            cleanup.sweep()
+            sysv.sweep()
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
@@ -377,7 +377,7 @@ class Master:
 
 def _check_pid_file(path: str | None) -> None:
     """Refuses to start over a running master named by the pid file; a stale one is replaced
-    (what its server left in shared memory is swept by cleanup.sweep)."""
+    (what its server left in shared memory is swept by sysv.sweep)."""
     if not path:
         return
     try:

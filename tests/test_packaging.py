@@ -28,7 +28,8 @@ def test_the_sdist_holds_every_file_the_build_needs(tmp_path: Path) -> None:
     (sdist,) = tmp_path.glob("pyswtask-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    needed = (tracked("pyswtask/*.py") | tracked("pyswtask/core/*.pyx")
+    needed = (tracked("pyswtask/*.py") | tracked("pyswtask/cron/*.py")
+              | tracked("pyswtask/core/*.pyx")
               | tracked("pyswtask/includes/*.pxi")
               | {"pyswtask/_core.pyx", "pyswtask/_core.pyi", "pyswtask/py.typed", "setup.py",
                  "pyproject.toml", "README.md", "MANIFEST.in"})
