@@ -5,8 +5,8 @@ origin table, a row per scheduled method; the run-time table, a row per due exec
 user processes that share them without messages:
 
 - ``cronTimer`` (``timer``) writes each minute's due rows one second before the minute starts,
-  aligned to the wall clock (and at start-up, the rest of the current minute), and frees
-  finished rows;
+  aligned to the wall clock (and at start-up, the rest of the current minute from the next
+  whole second), and frees finished rows;
 - ``cronExec`` (``exec``) sleeps until the next due second, claims the due rows and delivers
   them to the task workers. A row whose second passed while it was late is still delivered
   within ``cron_grace`` seconds, else marked skipped and logged; a row is claimed once, so it

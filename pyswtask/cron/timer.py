@@ -1,6 +1,7 @@
 """The ``cronTimer`` user process: writes each minute's due rows into the run-time table one
 second before the minute starts, aligned to the wall clock (and at start-up, the rest of the
-current minute), frees finished rows, and wakes the exec process when it wrote rows.
+current minute from the next whole second), frees finished rows, and wakes the exec process
+when it wrote rows.
 
 It must not deliver or run anything: rows are claimed and delivered by ``exec`` alone, so that a
 run is delivered once.
@@ -46,11 +47,13 @@ class CronTimer:
     def main(self, server: Server, proc: Process) -> None:
         """The process body: fills minute after minute until the server stops it."""
         now = time.time()
-        # A fresh server starts with what is still to come this minute. A respawned timer (the
-        # table has rows) also writes the seconds it missed, within the grace period: they are
-        # delivered late, once (rows are unique per job and second).
+        # A fresh server starts with the next whole second: the one under way began before
+        # anything could run it, and running it now would be up to a second late (two runs of
+        # an every-second rule in one wall-clock second, a */2 rule starting at an odd one). A
+        # respawned timer (the table has rows) also writes the seconds it missed, within the
+        # grace period: they are delivered late, once (rows are unique per job and second).
         _, runs = self.tables.get()
-        since = int(now) if runs.used == 0 else int(now) - self.grace
+        since = int(now) + 1 if runs.used == 0 else int(now) - self.grace
         self.fill(minute_start(now), max(since, minute_start(now)))
         next_minute = minute_start(now) + 60
         while True:
