@@ -41,7 +41,7 @@ def load_server(path: str) -> Server:
 
 
 def cron_command(args: argparse.Namespace) -> int:
-    from . import cron
+    from . import cron, sysv
     from ._core import RunStatus
 
     if args.cron_command == "next":
@@ -63,7 +63,7 @@ def cron_command(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 print(f"pyswtask: cannot read the pid file: {exc}", file=sys.stderr)
                 return 2
-        key = cron.default_key(pid)
+        key = sysv.default_key(pid)
     try:
         origin, runs, _segments = cron.attach(key)
     except (LookupError, ValueError) as exc:

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from . import cleanup, roles
+from . import roles, sysv
 from ._core import Mailbox
 from .cron import Crontab
 from .roles import EXIT_BOOT_ERROR, ChildRole, ServerHandle, TaskWorker, UserProcess, Worker
@@ -104,7 +104,7 @@ class Master:
         pid_file = self.settings["pid_file"]
         try:
             _check_pid_file(pid_file)
-            cleanup.sweep()
+            sysv.sweep()
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
@@ -380,7 +380,7 @@ class Master:
 
 def _check_pid_file(path: str | None) -> None:
     """Refuses to start over a running master named by the pid file; a stale one is replaced
-    (what its server left in shared memory is swept by cleanup.sweep)."""
+    (what its server left in shared memory is swept by sysv.sweep)."""
     if not path:
         return
     try:

@@ -8,8 +8,7 @@ import time
 
 from _testbase import ServerRunner
 
-from pyswtask import cron
-from pyswtask.transport import msgqueue
+from pyswtask import sysv
 
 SERVER = '''
     @task()
@@ -35,8 +34,8 @@ def sysv_keys() -> set[int]:
 
 
 def left_by(pid: int) -> set[int]:
-    cron_key = cron.default_key(pid)
-    return {cron_key, cron_key + 1, msgqueue.PRIVATE_KEY_BASE + pid % 0x8000} & sysv_keys()
+    cron_key = sysv.default_key(pid)
+    return {cron_key, cron_key + 1, sysv.private_queue_key(pid)} & sysv_keys()
 
 
 def test_twenty_start_kill_cycles_leave_nothing_behind(servers: ServerRunner) -> None:

@@ -78,6 +78,41 @@ def test_every_second_every_other_second_and_the_startup_minute(servers: ServerR
     assert not {key, key + 1} & ipc_keys(), "the crontab's shared memory outlived the server"
 
 
+def test_a_fresh_start_begins_with_the_next_whole_second(servers: ServerRunner) -> None:
+    srv = servers.run(CRON_PRELUDE + '''
+        @task()
+        class Jobs:
+            @scheduled(cron="* * * * * *")
+            def every(self):
+                ran("every")
+
+            @scheduled(cron="*/2 * * * * *")
+            def even(self):
+                ran("even")
+
+        # Start a fifth into a second, so that the timer comes up while that second is under way.
+        time.sleep((1.2 - time.time() % 1.0) % 1.0)
+        emit(event="starting", t=time.time())
+        server = Server(worker_num=2, task_worker_num=2, cron=True)
+        server.on("worker_start", lambda s, wid: wid == 0 and s.after(5500, s.shutdown))
+        sys.exit(server.start())
+    ''', timeout=40)
+    (starting,) = srv.by_event("starting")
+    every, even = runs_of(srv, "every"), runs_of(srv, "even")
+    # The second under way at start is not run late: the first run is due after the start.
+    first = min(r["due"] for r in every + even)
+    assert first > starting["t"], (starting, every, even)
+    dues = sorted(r["due"] for r in every)
+    assert len(dues) >= 3 and dues == list(range(dues[0], dues[0] + len(dues))), dues
+    even_dues = [r["due"] for r in even]
+    assert len(even_dues) >= 2 and all(d % 2 == 0 for d in even_dues), even
+    assert len(set(even_dues)) == len(even_dues), even
+    assert all(0 <= r["t"] - r["due"] < 1.5 for r in every + even), (every, even)
+    # Never two runs of the every-second rule in one wall-clock second.
+    started = [int(r["t"]) for r in every]
+    assert len(set(started)) == len(started), every
+
+
 @pytest.mark.slow
 def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> None:
     srv = servers.start(CRON_PRELUDE + '''

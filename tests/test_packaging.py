@@ -28,8 +28,9 @@ def test_the_sdist_holds_every_file_the_build_needs(tmp_path: Path) -> None:
     (sdist,) = tmp_path.glob("pyswtask-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    needed = (tracked("pyswtask/*.py") | tracked("pyswtask/core/*.pyx")
-              | tracked("pyswtask/core/*.pxd") | tracked("pyswtask/includes/*.pxd")
+    needed = (tracked("pyswtask/*.py") | tracked("pyswtask/*/*.py")
+              | tracked("pyswtask/core/*.pyx") | tracked("pyswtask/core/*.pxd")
+              | tracked("pyswtask/includes/*.pxd")
               | {"pyswtask/_core.pyx", "pyswtask/_core.pxd", "pyswtask/_core.pyi",
                  "pyswtask/py.typed", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in"})
     assert needed <= names, f"missing from the sdist: {sorted(needed - names)}"

@@ -37,6 +37,7 @@ from .._core import (
     reply_records,
     sentinel,
 )
+from ..sysv import pid_alive, private_queue_key
 
 __all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax",
            "reply_address", "queue_stat", "ReplySender", "IPC_MODES"]
@@ -44,9 +45,6 @@ __all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax"
 log = logging.getLogger("pyswtask.queue")
 
 IPC_MODES = (1, 2, 3)
-# Modes 2 and 3 without message_queue_key: a key derived from the master's pid, so that a queue
-# left by a killed server can be found and removed (pyswtask.cleanup); no program delivers there.
-PRIVATE_KEY_BASE = 0x70040000
 _INFO_MAGIC = "pyswtask-queue"
 _INFO_SIZE = 4096
 
@@ -93,17 +91,6 @@ class QueueInfo:
 
     def alive(self) -> bool:
         return pid_alive(self.pid)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of that pid exists (of any user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_info(key: int) -> QueueInfo | None:
@@ -189,7 +176,7 @@ class ServerQueue:
 
     def open(self, master_pid: int) -> None:
         if self.key is None:
-            derived = PRIVATE_KEY_BASE + master_pid % 0x8000
+            derived = private_queue_key(master_pid)
             try:
                 self.mq = sysv_ipc.MessageQueue(derived, sysv_ipc.IPC_CREX, mode=0o600)
                 self.info_key = derived

@@ -1,0 +1,85 @@
+"""The crontab: ``@scheduled`` task methods run at one-second precision (Swoft's crontab, fixed).
+
+Design, as in Swoft: two shared-memory tables created by the master before it forks (the
+origin table, a row per scheduled method; the run-time table, a row per due execution), and two
+user processes that share them without messages:
+
+- ``cronTimer`` (``timer``) writes each minute's due rows one second before the minute starts,
+  aligned to the wall clock (and at start-up, the rest of the current minute from the next
+  whole second), and frees finished rows;
+- ``cronExec`` (``exec``) sleeps until the next due second, claims the due rows and delivers
+  them to the task workers. A row whose second passed while it was late is still delivered
+  within ``cron_grace`` seconds, else marked skipped and logged; a row is claimed once, so it
+  is never delivered twice.
+
+The task runs in a task worker inside a small wrapper (``runner``) that writes running / done /
+failed and the duration back into both tables. Rules and zones are in ``rules``; the tables'
+segments in ``tables``; their SysV keys in ``pyswtask.sysv``.
+
+This module holds ``Crontab``, the master's handle that ties them together, and re-exports what
+callers use. The package must not import ``pyswtask.server`` or ``pyswtask.master`` at run time:
+they sit above it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._core import OriginTable, RunTable
+from ..process import ProcessSpec
+from ..sysv import DEFAULT_KEY_BASE, default_key
+from .exec import EXEC_PROCESS, CronExec
+from .rules import (
+    CronRuleError,
+    Job,
+    collect_jobs,
+    due_seconds,
+    minute_start,
+    next_times,
+    normalize_rule,
+    scheduled,
+    zone,
+)
+from .runner import CRON_TASK, CronRunner, due_second
+from .tables import CronTables, attach
+from .timer import TIMER_PROCESS, CronTimer
+
+if TYPE_CHECKING:
+    from ..roles import ServerHandle
+
+__all__ = ["scheduled", "CronRuleError", "normalize_rule", "next_times", "Crontab",
+           "due_second", "due_seconds", "zone", "collect_jobs", "minute_start", "Job", "attach",
+           "default_key", "DEFAULT_KEY_BASE", "CRON_TASK", "CronRunner", "TIMER_PROCESS",
+           "EXEC_PROCESS"]
+
+
+class Crontab:
+    """The master's handle: jobs, the two tables in SysV shared memory, the two processes."""
+
+    def __init__(self, server: ServerHandle) -> None:
+        settings = server.settings
+        self.server = server
+        self.tz = zone(settings["timezone"])
+        self.grace = int(settings["cron_grace"])
+        self.jobs = collect_jobs()
+        self._tables = CronTables(self.jobs, settings["cron_task_capacity"],
+                                  settings["cron_run_capacity"], settings["cron_shm_key"])
+        self.timer = CronTimer(self.jobs, self._tables, self.tz, self.grace)
+        self.exec = CronExec(self.jobs, self._tables, self.grace)
+
+    def open(self, master_pid: int) -> None:
+        """Creates both tables (mode 0600) before the fork and fills the origin table."""
+        self._tables.open(master_pid)
+
+    def close(self) -> None:
+        """Removes both tables (the master, at stop)."""
+        self._tables.close()
+
+    def processes(self) -> list[ProcessSpec]:
+        """The timer and exec user processes, for the master to fork and supervise."""
+        return [ProcessSpec(self.timer.main, TIMER_PROCESS),
+                ProcessSpec(self.exec.main, EXEC_PROCESS)]
+
+    def tables(self) -> tuple[OriginTable, RunTable]:
+        """Both tables; RuntimeError when they are not open in this process."""
+        return self._tables.get()
