@@ -66,6 +66,11 @@ class CronExec:
                          "running (overlap=False)", self.jobs[job].task, self.jobs[job].method, sec)
         if not going:
             return
+        # DELIVERED before the send, not after: a run that fails at once in its task worker
+        # writes FAILED, and a DELIVERED written once the send returned would hide it.
+        now = time.time()
+        for row, _job, _sec in going:
+            runs.set_status(row, RunStatus.DELIVERED, now)
         try:
             roles.current().deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
                                                      for row, job, sec in going])
@@ -76,9 +81,6 @@ class CronExec:
                 runs.set_status(row, RunStatus.FAILED)
                 origin.finish(job, sec, RunStatus.FAILED, 0.0)
             return
-        now = time.time()
-        for row, _job, _sec in going:
-            runs.set_status(row, RunStatus.DELIVERED, now)
 
     @staticmethod
     def _sleep_to_next(proc: Process, runs: RunTable) -> None:
