@@ -22,7 +22,7 @@ from .process import ProcessSpec, declared
 from .settings import DEFAULTS
 from .settings import validate as validate_settings
 from .transport import control
-from .transport.msgqueue import ServerQueue
+from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
     from .cron import Crontab
@@ -69,7 +69,8 @@ class Server:
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""
         return self.task_worker_num > 0 and (
-            self.settings["message_queue_key"] is not None or self.settings["task_ipc_mode"] != 1)
+            self.settings["message_queue_key"] is not None
+            or self.settings["task_ipc_mode"] != IpcMode.SOCKETS)
 
     def process_id(self, name: str) -> int | None:
         """The id (for send_message) of the user process of that name, once started."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,14 @@ def test_import_layers_hold() -> None:
     result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_only_the_core_speaks_the_wire_format() -> None:
+    """Frames, fragments and their constants belong to the compiled core: no Python module of
+    the package builds or parses frame bytes itself."""
+    wire = re.compile(r"\b(FRAME_[A-Z]+|FLAG_[A-Z_]+|HEADER_SIZE|pack_frame|parse_frames)\b")
+    offenders = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+                 for path in sorted((ROOT / "pyswtask").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if wire.search(line)]
+    assert not offenders, "\n".join(offenders)

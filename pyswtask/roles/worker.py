@@ -22,6 +22,7 @@ from ..envelope import TYPE_ASYNC, check_timeout, check_type, pack_call, pack_ta
 from ..errors import DeliveryError, TaskError, TaskTimeout, TaskWorkerLost
 from ..events import Event, events
 from ..transport import control, relay
+from ..transport.msgqueue import IpcMode
 from ..transport.pipe import dispatch_messages
 from .base import ChildRole, FinishCallback
 
@@ -81,9 +82,9 @@ class Worker(ChildRole):
         """In task_ipc_mode 2, one queue channel per task worker (by message type); in mode 3,
         one for all (the task workers take turns); in mode 1, none: the unix socket channels."""
         queue = self.server.queue
-        if queue is None or queue.mode == 1:
+        if queue is None or queue.mode == IpcMode.SOCKETS:
             return None
-        count = self.server.task_worker_num if queue.mode == 2 else 1
+        count = self.server.task_worker_num if queue.mode == IpcMode.QUEUE else 1
         return [QueueChannel(-1, i, queue.msqid, queue.task_type(i), queue.msgmax)
                 for i in range(count)]
 

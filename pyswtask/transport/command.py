@@ -22,6 +22,7 @@ from typing import Any
 import sysv_ipc  # type: ignore[import-not-found]
 
 from .._core import QueueGone, QueueSender, ReplyAssembler
+from ..envelope import TYPE_ASYNC
 from ..errors import DeliveryError, QueueFull, ServerNotRunning, TaskError, TaskTimeout
 from .msgqueue import QueueInfo, parse_key, read_info, reply_address
 from .writebehind import WriteBehind
@@ -135,7 +136,7 @@ class QueueClient:
         if len(body) > self.info.package_max_length:
             raise ValueError(f"params of {name}.{method} pack to {len(body)} bytes, above the "
                              f"server's package_max_length ({self.info.package_max_length})")
-        if type == 2:
+        if type == TYPE_ASYNC:
             with self.lock:
                 try:
                     task_id = self.sender.put(body, dst, async_=True, backlog_max=_BACKLOG_MAX)

@@ -18,6 +18,7 @@ discards them first when that is not wanted.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import socket
@@ -40,11 +41,19 @@ from .._core import (
 from ..sysv import pid_alive, private_queue_key
 
 __all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax",
-           "reply_address", "queue_stat", "ReplySender", "IPC_MODES"]
+           "reply_address", "queue_stat", "ReplySender", "IPC_MODES", "IpcMode"]
 
 log = logging.getLogger("pyswtask.queue")
 
-IPC_MODES = (1, 2, 3)
+class IpcMode(enum.IntEnum):
+    """``task_ipc_mode``: how workers send tasks to task workers, as in Swoole."""
+
+    SOCKETS = 1             # unix socket channels; the queue serves separate programs only
+    QUEUE = 2               # the queue, one message type per task worker
+    QUEUE_CONTENTION = 3    # the queue, any idle task worker taking the next task
+
+
+IPC_MODES = tuple(IpcMode)
 _INFO_MAGIC = "pyswtask-queue"
 _INFO_SIZE = 4096
 
@@ -170,7 +179,7 @@ class ServerQueue:
     def reader_type(self, index: int) -> int:
         """What task worker index passes to msgrcv: its own type, or in contention mode every
         task type (the lowest waiting first)."""
-        if self.mode == 3:
+        if self.mode == IpcMode.QUEUE_CONTENTION:
             return -(self.worker_num + self.task_worker_num)
         return self.task_type(index)
 
