@@ -25,6 +25,32 @@ def version() -> str | None:
     return _checked[0]
 
 
+TMPFS_DIR = "/dev/shm"
+_tmpfs: list[str | None] = []
+
+
+def tmpfs_dir() -> str | None:
+    """A tmpfs directory for Swoole's task_tmpdir (the swoole_tmpfs variant of the large-body
+    workloads), or None (printing why, once, to stderr)."""
+    if not _tmpfs:
+        _tmpfs.append(_tmpfs_probe(TMPFS_DIR))
+        if _tmpfs[0] is None:
+            print(f"swoole_tmpfs: {TMPFS_DIR} is not a writable tmpfs; the Swoole variant with "
+                  "task_tmpdir on a tmpfs is skipped", file=sys.stderr, flush=True)
+    return _tmpfs[0]
+
+
+def _tmpfs_probe(path: str) -> str | None:
+    try:
+        with open("/proc/mounts") as f:
+            mounts = {fields[1]: fields[2] for fields in (ln.split() for ln in f) if len(fields) > 2}
+    except OSError:
+        return None
+    if mounts.get(path) != "tmpfs" or not os.access(path, os.W_OK | os.X_OK):
+        return None
+    return path
+
+
 def _probe() -> str | None:
     if shutil.which("php") is None:
         return None

@@ -25,8 +25,10 @@ COMMITTED = os.path.join(HERE, "results", "latest.jsonl")
 DESCRIPTIONS = {
     "async_throughput": "ASYNC deliver -> finish: each of the 2 workers keeps up to 1,000 tasks in "
                         "flight (100 for 1 MiB), each finish sends the next; tasks/s from the first "
-                        "delivery to the last finish. Swoole: `task()` -> `onFinish`. Pool / executor: "
-                        "`apply_async` / `submit` with a completion callback.",
+                        "delivery to the last finish. Swoole: `task()` -> `onFinish`; from 8 KiB up Swoole "
+                        "passes each task through a temporary file in its `task_tmpdir` (/tmp), and "
+                        "swoole_tmpfs is the same with `task_tmpdir` on a tmpfs (/dev/shm). Pool / "
+                        "executor: `apply_async` / `submit` with a completion callback.",
     "co_roundtrip": "Sequential CO calls from worker 0 to a task worker that echoes; p50 of the round "
                     "trip. pyswtask: blocking `Task.deliver` (unpinned, task_wait_spin 30 us). Swoole: "
                     "blocking `taskwait()` and `taskCo()` in a coroutine. Floor: a raw SOCK_SEQPACKET "
@@ -76,6 +78,8 @@ TARGETS = (
     ("async throughput at or above Swoole, 1 MiB", "async_throughput:1MiB", "swoole", 1.0),
     ("at least 40x Swoole on 8 KiB payloads", "async_throughput:8KiB", "swoole", 40.0),
     ("at least 40x Swoole on 64 KiB payloads", "async_throughput:64KiB", "swoole", 40.0),
+    ("at least 5x Swoole with task_tmpdir on tmpfs, 64 KiB", "async_throughput:64KiB",
+     "swoole_tmpfs", 5.0),
     ("batch CO at or above Swoole's taskWaitMulti", "batch_co_100", "swoole taskWaitMulti", 1.0),
     ("batch CO at or above Swoole's taskCo", "batch_co_100", "swoole taskCo", 1.0),
     ("process -> task at or above Swoole", "process_to_task", "swoole", 1.0),

@@ -16,7 +16,8 @@ replaces it.
 Workloads (2 workers + 2 task workers on every side, a task that returns its input, params
 [1, "x" * k, 3.5] with the packed task 103 bytes unless the workload names a size):
 
-  async_throughput:SIZE   ASYNC deliver -> finish, 103B 1KiB 8KiB 64KiB 1MiB (tasks/s)
+  async_throughput:SIZE   ASYNC deliver -> finish, 103B 1KiB 8KiB 64KiB 1MiB (tasks/s); from 8 KiB
+                          up also swoole_tmpfs: Swoole with task_tmpdir on a tmpfs (/dev/shm)
   co_roundtrip            sequential CO calls from worker 0, p50 (us); Swoole taskCo and taskwait
   batch_co_100            100 tasks waited on together, repeated (tasks/s)
   process_to_task         user process -> worker -> task worker (tasks/s); process_pipe_message:
@@ -70,6 +71,9 @@ TASK_BYTES = 103          # the packed task of every workload that does not name
 PAYLOADS = ((103, 200_000, 1000), (1024, 200_000, 1000), (8192, 40_000, 1000),
             (65536, 10_000, 1000), (1 << 20, 1_000, 100))
 CRON_RULES = 20
+# From this task size up Swoole passes the task through a temporary file (its task_tmpdir);
+# async_throughput then also runs Swoole with task_tmpdir on a tmpfs ("swoole_tmpfs").
+SWOOLE_TMPFILE_BYTES = 8192
 
 Runner = Callable[[], list[dict[str, Any]]]
 
@@ -137,6 +141,14 @@ def build(args: argparse.Namespace, has_swoole: bool, brokers: list[str],
             g.runners.append(("swoole", lambda n=n, s=size, i=inflight, w=workload: swoole(
                 "async_throughput.php", "--n", n, "--payload", s, "--inflight", i,
                 names={"async_throughput": (w, "swoole")})))
+            # Bodies this large go through a temporary file in Swoole's task_tmpdir (/tmp by
+            # default): also with it on a tmpfs, Swoole's best configuration for them.
+            tmpfs = _swoole.tmpfs_dir() if size >= SWOOLE_TMPFILE_BYTES else None
+            if tmpfs is not None:
+                g.runners.append(("swoole_tmpfs", lambda n=n, s=size, i=inflight, w=workload,
+                                  d=tmpfs: swoole(
+                    "async_throughput.php", "--n", n, "--payload", s, "--inflight", i,
+                    "--task-tmpdir", d, names={"async_throughput": (w, "swoole_tmpfs")})))
         g.runners.append(("Pool", lambda n=n, s=size, w=workload: _peers.pool_async(
             max(n // 5, 100), payload=peer_payload(s), workload=w)))
         g.runners.append(("ProcessPoolExecutor", lambda n=n, s=size, w=workload: _peers.executor_async(

@@ -2,13 +2,17 @@
 // async_throughput: $server->task() -> onFinish, 1000 in flight per worker (each finish sends the
 // next), N tasks split over the 2 workers; the 2 task workers echo their input.
 // Value: tasks/s from the first task sent to the last finish, over both workers.
+// Task data of 8152+ bytes goes through a temporary file, in Swoole's task_tmpdir (/tmp unless
+// --task-tmpdir names another directory, e.g. /dev/shm, a tmpfs: Swoole's best configuration).
 //
 //     php perf/swoole/async_throughput.php [--n 200000] [--payload 103] [--inflight 1000]
+//                                          [--task-tmpdir DIR]
 
 declare(strict_types=1);
 require __DIR__ . '/_common.php';
 
-$o = bench_opts(['n' => 0, 'payload' => 103, 'inflight' => 1000, 'timeout' => 120]);
+$o = bench_opts(['n' => 0, 'payload' => 103, 'inflight' => 1000, 'timeout' => 120,
+                 'task-tmpdir' => '']);
 // Task data of 8152+ bytes goes through a temporary file in Swoole: a smaller default there.
 $n = $o['n'] > 0 ? $o['n'] : ($o['payload'] >= 8192 ? 5000 : 200000);
 $data = bench_task_data($o['payload']);
@@ -24,7 +28,7 @@ $finished = new Swoole\Atomic(0);   // workers done
 $reported = new Swoole\Atomic(0);   // result lines printed
 
 $server = bench_server();
-$server->set(bench_settings());
+$server->set(bench_settings($o['task-tmpdir'] !== '' ? ['task_tmpdir' => $o['task-tmpdir']] : []));
 $server->on('receive', function () {});
 $server->on('task', function (Swoole\Server $server, int $taskId, int $srcWorkerId, mixed $data) {
     return $data;
@@ -63,6 +67,7 @@ $server->on('finish', function (Swoole\Server $server, int $taskId, mixed $resul
     bench_emit('async_throughput', round($n / $elapsed, 3), 'tasks/s', [
         'n' => $n, 'payload' => strlen(serialize($data)), 'inflight' => $o['inflight'],
         'elapsed_s' => round($elapsed, 4), 'ok' => $ok,
+        'task_tmpdir' => $o['task-tmpdir'] !== '' ? $o['task-tmpdir'] : '/tmp',  // Swoole's default
     ]);
     $reported->add(1);
     $server->shutdown();
