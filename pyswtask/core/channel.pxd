@@ -45,9 +45,10 @@ cdef class RecordReader:
     cdef str who                    # names this end in those messages
     cdef readonly uint64_t bad_records
 
+    # on_frame returns 1 to leave the rest of the record unread (read_record returns where).
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1
-    cdef int read_record(self, Channel ch, const char *record, size_t n,
-                         uint8_t accepted) except -1
+    cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
+                                uint8_t accepted) except -1
 
 
 cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except? -2

@@ -214,9 +214,10 @@ cdef class RecordReader:
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return 0
 
-    cdef int read_record(self, Channel ch, const char *record, size_t n,
-                         uint8_t accepted) except -1:
-        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST)."""
+    cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
+                                uint8_t accepted) except -1:
+        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST). Returns
+        the offset of the first frame left unread: n, unless on_frame returned 1 to stop."""
         cdef size_t off = 0
         cdef FrameHeader h
         cdef const char *why
@@ -232,13 +233,14 @@ cdef class RecordReader:
                 self.bad_records += 1
                 self.on_protocol_error(f"{self.who}: record on channel {ch.peer} dropped at "
                                        f"offset {off}: {why.decode()}")
-                return 0
+                return n
             body = record + off + _HEADER_SIZE
             off += _HEADER_SIZE + h.body_len
             if h.flags & _FLAGS_FRAG:
                 whole = ch.assemble(&h, body)
-                if whole is not None:
-                    self.on_frame(ch, &h, PyBytes_AS_STRING(whole), PyBytes_GET_SIZE(whole))
-            else:
-                self.on_frame(ch, &h, body, h.body_len)
-        return 0
+                if whole is not None and self.on_frame(ch, &h, PyBytes_AS_STRING(whole),
+                                                       PyBytes_GET_SIZE(whole)):
+                    return off
+            elif self.on_frame(ch, &h, body, h.body_len):
+                return off
+        return n
