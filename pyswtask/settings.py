@@ -172,8 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task_queue_size", 65536, _queue_size,
             "tasks a worker may have waiting for results before delivery waits"),
     Setting("package_max_length", 64 << 20, _positive_int,
-            "largest packed params a worker or a separate program may deliver (`ValueError` "
-            "naming the setting above it)", show=_mib),
+            "largest packed params, result or pipe message (`ValueError` naming the setting "
+            "above it); readers drop a longer body as it is reassembled", show=_mib),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

@@ -25,6 +25,7 @@ cdef class TaskLoop(RecordReader):
     cdef bint stop_in_record        # at the limit, hand the rest of a record over (state has room)
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
+    cdef size_t body_max            # package_max_length (0: none): tasks and results above it
 
     cdef int _read(self, Channel ch) except -1
     cdef int _serve(self, Channel ch, size_t n) except -1

@@ -27,6 +27,9 @@ cdef class TaskLoop(RecordReader):
     result when ok, else [exception type, message, traceback text]. It must not raise.
     While tasks run, this worker's busy flag is 1, so dispatchers prefer an idle task worker.
 
+    max_body (package_max_length): a task body reassembled past it is dropped, and a result
+    that packs past it is answered with an error instead (the worker would drop it).
+
     max_tasks (task_max_request): after that many tasks it stops, and reads no more records.
     With a hand-over area in state, it stops inside a record too, leaving the rest there for its
     successor, which runs it first; the one exception are records the queue reader already took
@@ -39,7 +42,7 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 TaskWorkerStates state=None, uint64_t max_tasks=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -56,8 +59,10 @@ cdef class TaskLoop(RecordReader):
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self.channels = []
+        self.body_max = max_body
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
+            ch.body_max = max_body
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
         ev.events = EPOLLIN
@@ -78,6 +83,7 @@ cdef class TaskLoop(RecordReader):
         self.reader = reader
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
+        self.qchan.body_max = max_body
         self.on_reply = on_reply
         self.on_stopping = on_stopping
         if reader is not None:
@@ -245,6 +251,7 @@ cdef class TaskLoop(RecordReader):
         cdef bytes out
         cdef double started
         cdef object expected
+        cdef object envelope = None
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
@@ -278,6 +285,11 @@ cdef class TaskLoop(RecordReader):
                 value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
             out = packb(value)
+        if self.body_max and <size_t>PyBytes_GET_SIZE(out) > self.body_max:
+            what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
+            ok = False
+            out = packb(["ValueError", f"the result of {what} packs to {PyBytes_GET_SIZE(out)} "
+                         f"bytes, above the server's package_max_length ({self.body_max})", ""])
         if ch is self.qchan:
             # From the queue: a command's task answers to the command (unless ASYNC); a
             # worker's (ipc modes 2 and 3) on the channel back to that worker.
