@@ -96,7 +96,8 @@ class Master:
         server.master_id = self.ipc.master_id
         inbox_fd, out_fds = self.ipc.master_inbox()
         self.inbox = Mailbox(self.ipc.master_id, inbox_fd, out_fds, epoch=os.getpid(),
-                             on_protocol_error=log.error)
+                             on_protocol_error=log.error,
+                             max_body=self.settings["package_max_length"])
         set_title("master")
         old_handlers = self._install_signals()
         server.master_pid = os.getpid()

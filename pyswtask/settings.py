@@ -162,8 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("message_queue_key", None, _queue_key,
             "SysV key (int or `\"0x...\"`) of the queue separate programs deliver through; "
             "None: none (modes 2/3 use a private queue)"),
-    # Swoole's task_max_request: the task worker finishes what it took, exits, and a fresh one
-    # takes its place.
+    # Swoole's task_max_request: the task worker stops at the limit, exits, and a fresh one takes
+    # its place, running first the rest of the record the old one stopped in (TaskLoop).
     Setting("task_max_request", 0, _non_negative_int,
             "recycle a task worker after this many tasks (0: never)"),
     Setting("max_request", 0, _non_negative_int,
@@ -172,8 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task_queue_size", 65536, _queue_size,
             "tasks a worker may have waiting for results before delivery waits"),
     Setting("package_max_length", 64 << 20, _positive_int,
-            "largest packed params a worker or a separate program may deliver (`ValueError` "
-            "naming the setting above it)", show=_mib),
+            "largest packed params, result or pipe message (`ValueError` naming the setting "
+            "above it); readers drop a longer body as it is reassembled", show=_mib),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

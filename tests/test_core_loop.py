@@ -168,7 +168,8 @@ def test_results_are_matched_by_id_late_and_foreign_ones_dropped(
     assert [(f[0], f[1]) for f in finished] == [(ids[1], "one"), (ids[0], finished[1][1])]
     assert isinstance(finished[1][1], TaskError) and finished[1][1].remote_type == "KeyError"
     assert d.late_results == 1 and d.bad_records == 1 and d.pending_count == 1
-    assert "unsupported frame version" in errors[0]
+    assert "a fragment of task" in errors[0] and "whose start never came" in errors[0]
+    assert "unsupported frame version" in errors[1] and len(errors) == 2
     assert d.forget(ids[2]) and not d.forget(ids[2])
 
 
@@ -254,3 +255,95 @@ def test_a_lost_report_fails_what_went_down_and_sends_the_unstarted_again(
     assert d.pending_count == 2 and not errors
     states.release()
     buf.close()
+
+
+def _serve_in_child(task_end: socket.socket, states: TaskWorkerStates, max_tasks: int,
+                    stop_r: int) -> int:
+    """Forks a task worker loop over task_end with the given state slots; returns its pid. It
+    stops at max_tasks, or when stop_r becomes readable."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            loop = TaskLoop(1, 0, [task_end.fileno()], bytearray(1), stop_r,
+                            execute=lambda env, task_id, src: (True, env[2][0]),
+                            on_signal=lambda b: 1, on_protocol_error=print, state=states,
+                            max_tasks=max_tasks)
+            loop.run(2.0)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _results(sock: socket.socket, count: int) -> list[int]:
+    sock.settimeout(5.0)
+    got: list[int] = []
+    while len(got) < count:
+        got += [msgpack.unpackb(f[4]) for f in parse_frames(sock.recv(65536))
+                if f[0] == FRAME_RESULT]
+    return got
+
+
+def test_a_task_worker_at_its_limit_hands_the_rest_of_its_record_to_its_successor(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """task_max_request inside a record: the task worker stops at the limit and leaves the rest
+    in its hand-over area; its successor runs that rest before anything sent later; the LOST
+    report of the one that stopped neither fails nor sends again what it handed over."""
+    worker_end, task_end = pair
+    buf = mmap.mmap(-1, TaskWorkerStates.nbytes(1, 1))
+    handover = mmap.mmap(-1, TaskWorkerStates.handover_nbytes(1))
+    states = TaskWorkerStates(buf, 1, 1, handover)
+    stop_r, stop_w = os.pipe()
+    try:
+        worker_end.send(b"".join(pack_frame(FRAME_TASK, FLAG_ASYNC, i, 0, body(i))
+                                 for i in range(1, 11)))
+        pid = _serve_in_child(task_end, states, 3, stop_r)
+        assert _results(worker_end, 3) == [1, 2, 3]
+        assert os.waitpid(pid, 0)[1] == 0
+        held = states.held(0)
+        assert held is not None and held[0] == 0
+        assert [f[2] for f in parse_frames(held[1])] == list(range(4, 11))
+        ((w, frame),) = states.lost_reports(0, 1, "recycled")
+        assert w == 0 and msgpack.unpackb(parse_frames(frame)[0][4]) == [3, 3, "recycled"]
+        # Sent after the record whose rest is held: it must wait for that rest.
+        worker_end.send(b"".join(pack_frame(FRAME_TASK, FLAG_ASYNC, i, 0, body(i))
+                                 for i in (11, 12)))
+        pid = _serve_in_child(task_end, states, 3, stop_r)
+        assert _results(worker_end, 3) == [4, 5, 6]
+        assert os.waitpid(pid, 0)[1] == 0
+        ((w, frame),) = states.lost_reports(0, 1, "recycled")
+        assert msgpack.unpackb(parse_frames(frame)[0][4]) == [6, 6, "recycled"]
+        pid = _serve_in_child(task_end, states, 0, stop_r)
+        assert _results(worker_end, 6) == [7, 8, 9, 10, 11, 12]
+        assert states.held(0) is None
+        os.write(stop_w, b"\x0f")
+        assert os.waitpid(pid, 0)[1] == 0
+        # It ran what it took over and the record after it: all read, none running now.
+        assert states.get(0)[2] == [12]
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+        states.release()
+        buf.close()
+        handover.close()
+
+
+def test_a_lost_report_counts_a_rest_still_held_as_unread() -> None:
+    """Killed after it took the hand-over area's rest but before it cleared it, a task worker
+    leaves the rest for the next one: its LOST report must not fail or send it again."""
+    buf = mmap.mmap(-1, TaskWorkerStates.nbytes(2, 1))
+    handover = mmap.mmap(-1, TaskWorkerStates.handover_nbytes(1))
+    states = TaskWorkerStates(buf, 2, 1, handover)
+    rest = pack_frame(FRAME_TASK, FLAG_ASYNC, 9, 1, body(9))
+    struct.pack_into("<2Q", handover, 0, len(rest), 1)
+    handover[16:16 + len(rest)] = rest
+    # Read up to the held task 9 from worker 1 (the take was under way); 4 from worker 0 ran.
+    struct.pack_into("<4Q", buf, 0, 4, 0, 4, 9)
+    reports = states.lost_reports(0, 2, "killed")
+    assert [(w, msgpack.unpackb(parse_frames(f)[0][4])) for w, f in reports] == [
+        (0, [4, 4, "killed"])]
+    assert states.held(0) == (1, rest)
+    states.release()
+    buf.close()
+    handover.close()

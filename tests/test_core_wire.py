@@ -23,7 +23,6 @@ from pyswtask._core import (
     FRAME_TASK,
     HEADER_SIZE,
     RECORD_MAX,
-    ProtocolError,
     ReplyAssembler,
     TaskWorkerStates,
     is_sentinel,
@@ -78,21 +77,31 @@ def test_reply_records_round_trip_at_the_fragment_boundaries(size: int, ok: bool
 
 
 def test_replies_of_several_tasks_interleave_and_come_out_whole() -> None:
-    a, _ = assembler()
+    a, errors = assembler()
     big1, big2 = packed_of_size(CHUNK + 10), packed_of_size(2 * CHUNK + 3)
-    r1, r2 = reply_records(1, True, 0, big1), reply_records(2, False, 0, big2)
+    # From two task workers: one sends the datagrams of one reply before the next.
+    r1, r2 = reply_records(1, True, 0, big1), reply_records(2, False, 1, big2)
     out = []
     for rec in [r1[0], r2[0], r2[1], r1[1], r2[2]]:
         out += a.feed(rec)
     assert [(t, ok) for t, ok, _ in out] == [(1, True), (2, False)]
+    # A new reply from the same task worker: the rest of its earlier one never comes.
+    r3, r4 = reply_records(3, True, 0, big1), reply_records(4, True, 0, big1)
+    assert a.feed(r3[0]) == [] and a.feed(r4[0]) == [] and not errors
+    assert [t for t, _, _ in a.feed(r4[1])] == [4]
+    assert a.feed(r3[1]) == [] and "a fragment of task 3 from 0" in errors[0]
 
 
 def test_stray_and_malformed_reply_records_are_dropped() -> None:
     a, errors = assembler()
-    # A fragment without its start: dropped without a word (its start went to a dead reader).
+    # A fragment without its start: dropped, said once for its body (its start went to a dead
+    # reader, or never existed); the record is not counted as bad.
     assert a.feed(pack_frame(FRAME_RESULT, FLAG_FRAG_MORE, 1, 0, b"x")) == []
     assert a.feed(pack_frame(FRAME_RESULT, FLAG_FRAG_LAST, 1, 0, b"x")) == []
-    assert a.bad_records == 0 and errors == []
+    assert a.bad_records == 0 and errors == [
+        "reply socket: a fragment of task 1 from 0 on channel -1 whose start never came: "
+        "dropped, with the rest of its body"]
+    errors.clear()
     # A bad header drops the record and says why.
     assert a.feed(b"XX" + pack_frame(FRAME_RESULT, 0, 1, 0, b"\xc0")[2:]) == []
     assert a.bad_records == 1 and "bad magic" in errors[-1]
@@ -107,17 +116,21 @@ def test_stray_and_malformed_reply_records_are_dropped() -> None:
     assert a.feed(b"") == []
 
 
-def test_a_reply_body_past_max_body_is_dropped() -> None:
-    a, _ = assembler(max_body=CHUNK + 100)
+def test_a_reply_body_past_max_body_is_dropped_and_said_so() -> None:
+    a, errors = assembler(max_body=CHUNK + 100)
     records = reply_records(5, True, 0, packed_of_size(CHUNK + 101))
     assert a.feed(records[0]) == []
-    with pytest.raises(ProtocolError, match="exceeds"):
-        a.feed(records[1])
-    # Its fragments are gone: a later LAST of the same task completes nothing.
     assert a.feed(records[1]) == []
-    small, _ = assembler(max_body=4)
-    with pytest.raises(ProtocolError, match="exceeds 4 bytes"):
-        small.feed(pack_frame(FRAME_RESULT, 0, 6, 0, packed_of_size(10)))
+    assert errors == [f"reply socket: the body of task 5 from 0 on channel -1 grows past "
+                      f"package_max_length ({CHUNK + 100} bytes): dropped"]
+    # Its fragments are gone: a later LAST of the same task completes nothing, and the reader
+    # takes the next reply.
+    assert a.feed(records[1]) == []
+    assert [t for t, _, _ in a.feed(reply_records(6, True, 0, packed_of_size(CHUNK))[0])] == [6]
+    small, errors = assembler(max_body=4)
+    assert small.feed(pack_frame(FRAME_RESULT, 0, 6, 0, packed_of_size(10))) == []
+    assert errors == ["reply socket: the body of task 6 is 10 bytes, above package_max_length "
+                      "(4 bytes): dropped"]
     assert small.feed(pack_frame(FRAME_RESULT, 0, 7, 0, msgpack.packb(12))) == [(7, True, 12)]
 
 

@@ -152,6 +152,15 @@ def test_attaching_checks_the_kind_of_table() -> None:
         RunTable(mmap.mmap(-1, 1000), create=True, capacity=100)
 
 
+@pytest.mark.parametrize("size", [0, 1, 64, TABLE_HEADER - 1])
+@pytest.mark.parametrize("table", [OriginTable, RunTable])
+def test_attaching_a_segment_too_small_for_a_header_is_refused(table: type, size: int) -> None:
+    # The header is checked before it is read: a short segment never reads past its end.
+    with pytest.raises(ValueError, match=f"a segment of {size} bytes is too small for a table "
+                                         f"header \\({TABLE_HEADER} bytes\\)"):
+        table(bytearray(size))
+
+
 # -- rules ------------------------------------------------------------------------------------
 
 

@@ -345,6 +345,50 @@ def test_task_workers_recycled_by_task_max_request_are_replaced_at_once(
     assert "recycled itself; respawning" in srv.err
 
 
+def test_task_max_request_stops_at_the_limit_inside_a_burst_and_hands_the_rest_over(
+        servers: ServerRunner) -> None:
+    # 400 ASYNC tasks in one loop turn leave as one record per task worker: a task worker that
+    # ran every task of the record it read before looking at the limit ran 200 (or all 400).
+    srv = servers.run('''
+        N = 400
+        server = Server(worker_num=1, task_worker_num=2, task_max_request=20)
+
+        @task()
+        class Stamp:
+            def run(self, i):
+                return [i, os.getpid()]
+
+        def go(server, wid):
+            got = []
+            started = time.time()
+            def done(tid, result):
+                got.append(result)
+                if len(got) == N:
+                    finish()
+            def finish():
+                ran = [r for r in got if isinstance(r, list)]
+                per_pid = {}
+                for _, pid in ran:
+                    per_pid[pid] = per_pid.get(pid, 0) + 1
+                emit(event="done", elapsed=time.time() - started, values=sorted(r[0] for r in ran),
+                     per_pid=sorted(per_pid.values()),
+                     errors=[repr(r) for r in got if not isinstance(r, list)][:5])
+                server.shutdown()
+            for i in range(N):
+                Task.deliver("Stamp", "run", [i], Task.TYPE_ASYNC, callback=done)
+            server.after(30_000, lambda: len(got) < N and finish())
+        server.on("worker_start", go)
+        server.start()
+    ''', timeout=60)
+    done = srv.by_event("done")[0]
+    assert not done["errors"], done["errors"]
+    assert done["values"] == list(range(400)), \
+        f"a task was lost or run twice ({len(done['values'])} of 400 ran)"
+    assert max(done["per_pid"]) <= 20, f"tasks run per task worker process: {done['per_pid']}"
+    assert len(done["per_pid"]) >= 20
+    assert done["elapsed"] < 20.0, f"400 tasks took {done['elapsed']:.1f} s"
+
+
 def test_a_task_worker_killed_after_a_long_life_is_replaced_at_once(servers: ServerRunner) -> None:
     srv = servers.start('''
         server = Server(worker_num=1, task_worker_num=1)

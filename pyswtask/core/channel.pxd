@@ -12,6 +12,19 @@ cdef enum:
     _READ_BUDGET = 64
 
 
+cdef enum:
+    # What Channel.assemble did with a fragment, besides keeping it.
+    _ASM_KEPT = 0
+    _ASM_STRAY = 1          # its body's start never came: dropped, with the rest of that body
+    _ASM_TOO_LONG = 2       # its body grew past body_max: dropped, with the rest of it
+
+
+@cython.final
+cdef class _Partial:
+    cdef uint16_t src               # the sender: one body at a time is reassembled per sender
+    cdef object buf                 # bytearray; None while the rest of a dropped body is skipped
+
+
 cdef struct Buf:
     char *data
     size_t start        # first byte not yet sent
@@ -24,10 +37,10 @@ cdef class Channel:
     cdef readonly int peer
     cdef Buf out
     cdef uint32_t mask          # the epoll events registered now
-    cdef dict frags             # task id -> bytearray, bodies being reassembled
+    cdef dict frags             # task id -> _Partial, bodies being reassembled
     cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
     cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
-    cdef size_t body_max        # largest body reassembled (0: no limit); see assemble
+    cdef size_t body_max        # largest body reassembled (package_max_length; 0: no limit)
 
     cdef size_t queued(self) noexcept
     cdef char *reserve(self, size_t n) except NULL
@@ -36,7 +49,8 @@ cdef class Channel:
     cdef size_t record_size(self) noexcept
     cdef int flush(self) except -1
     cdef int update_interest(self, int epfd, size_t high_water) except -1
-    cdef object assemble(self, FrameHeader *h, const char *p)
+    cdef object assemble(self, FrameHeader *h, const char *p, int *status)
+    cdef _Partial _start(self, FrameHeader *h, bint first)
 
 
 cdef class RecordReader:
@@ -45,9 +59,11 @@ cdef class RecordReader:
     cdef str who                    # names this end in those messages
     cdef readonly uint64_t bad_records
 
+    # on_frame returns 1 to leave the rest of the record unread (read_record returns where).
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1
-    cdef int read_record(self, Channel ch, const char *record, size_t n,
-                         uint8_t accepted) except -1
+    cdef int _dropped(self, Channel ch, FrameHeader *h, int status) except -1
+    cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
+                                uint8_t accepted) except -1
 
 
 cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except? -2

@@ -14,6 +14,10 @@ from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyB
 from posix.time cimport timeval
 
 
+cdef class _Partial:
+    pass
+
+
 cdef class Channel:
     def __cinit__(self, int fd, int peer, *args):
         self.fd = fd
@@ -131,27 +135,54 @@ cdef class Channel:
             self.mask = mask
         return 0
 
-    cdef object assemble(self, FrameHeader *h, const char *p):
+    cdef object assemble(self, FrameHeader *h, const char *p, int *status):
         """Adds a fragment; returns the whole body once its last fragment came, else None.
-        Raises ProtocolError, dropping the body, when it grows past body_max."""
-        cdef object buf
+        status says what was dropped: a body growing past body_max, or a stray fragment (its
+        start never came); the rest of such a body is skipped without a word."""
+        cdef _Partial part
+        cdef object found
+        status[0] = _ASM_KEPT
         if h.flags & _FLAG_FRAG_FIRST:
-            buf = bytearray(PyBytes_FromStringAndSize(p, h.body_len))
-            self.frags[h.task_id] = buf
+            part = self._start(h, True)
+            if self.body_max and h.body_len > self.body_max:
+                status[0] = _ASM_TOO_LONG
+            else:
+                part.buf = bytearray(PyBytes_FromStringAndSize(p, h.body_len))
         else:
-            buf = self.frags.get(h.task_id)
-            if buf is None:
-                # The start was read by a process that has since died: drop the rest.
-                return None
-            buf += PyBytes_FromStringAndSize(p, h.body_len)
-        if self.body_max and <size_t>len(buf) > self.body_max:
-            del self.frags[h.task_id]
-            raise ProtocolError(f"the body of task {h.task_id} exceeds {self.body_max} bytes: "
-                                "dropped")
+            found = self.frags.get(h.task_id)
+            if found is None:
+                # Its start went to a process that has since died, or never existed.
+                status[0] = _ASM_STRAY
+                part = self._start(h, False)
+            else:
+                part = <_Partial>found
+                if part.buf is not None:
+                    part.buf += PyBytes_FromStringAndSize(p, h.body_len)
+                    if self.body_max and <size_t>len(part.buf) > self.body_max:
+                        part.buf = None
+                        status[0] = _ASM_TOO_LONG
         if not h.flags & _FLAG_FRAG_LAST:
             return None
         del self.frags[h.task_id]
-        return bytes(buf)
+        return None if part.buf is None else bytes(part.buf)
+
+    cdef _Partial _start(self, FrameHeader *h, bint first):
+        # A sender queues a body's fragments together (put), so they come one body at a time
+        # per sender: a new start from it means the rest of its earlier body will never come
+        # (it died). Dropping that one bounds what is held to one body per sender (and one
+        # skipped one: a stray only replaces the sender's earlier skipped body, never a live one).
+        cdef _Partial part
+        cdef list stale = []
+        for key, value in self.frags.items():
+            part = <_Partial>value
+            if part.src == h.src_worker and (first or part.buf is None):
+                stale.append(key)
+        for key in stale:
+            del self.frags[key]
+        part = _Partial.__new__(_Partial)
+        part.src = h.src_worker
+        self.frags[h.task_id] = part
+        return part
 
 
 cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except? -2:
@@ -214,14 +245,27 @@ cdef class RecordReader:
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return 0
 
-    cdef int read_record(self, Channel ch, const char *record, size_t n,
-                         uint8_t accepted) except -1:
-        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST)."""
+    cdef int _dropped(self, Channel ch, FrameHeader *h, int status) except -1:
+        if status == _ASM_TOO_LONG:
+            self.on_protocol_error(f"{self.who}: the body of task {h.task_id} from "
+                                   f"{h.src_worker} on channel {ch.peer} grows past "
+                                   f"package_max_length ({ch.body_max} bytes): dropped")
+        else:
+            self.on_protocol_error(f"{self.who}: a fragment of task {h.task_id} from "
+                                   f"{h.src_worker} on channel {ch.peer} whose start never "
+                                   "came: dropped, with the rest of its body")
+        return 0
+
+    cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
+                                uint8_t accepted) except -1:
+        """accepted: the frame type this end takes (RESULT also takes ERROR and LOST). Returns
+        the offset of the first frame left unread: n, unless on_frame returned 1 to stop."""
         cdef size_t off = 0
         cdef FrameHeader h
         cdef const char *why
         cdef const char *body
         cdef object whole
+        cdef int status
         while off < n:
             why = check_header(record + off, n - off, &h)
             if why == NULL and h.type != accepted and not (
@@ -232,13 +276,16 @@ cdef class RecordReader:
                 self.bad_records += 1
                 self.on_protocol_error(f"{self.who}: record on channel {ch.peer} dropped at "
                                        f"offset {off}: {why.decode()}")
-                return 0
+                return n
             body = record + off + _HEADER_SIZE
             off += _HEADER_SIZE + h.body_len
             if h.flags & _FLAGS_FRAG:
-                whole = ch.assemble(&h, body)
-                if whole is not None:
-                    self.on_frame(ch, &h, PyBytes_AS_STRING(whole), PyBytes_GET_SIZE(whole))
-            else:
-                self.on_frame(ch, &h, body, h.body_len)
-        return 0
+                whole = ch.assemble(&h, body, &status)
+                if status != _ASM_KEPT:
+                    self._dropped(ch, &h, status)
+                if whole is not None and self.on_frame(ch, &h, PyBytes_AS_STRING(whole),
+                                                       PyBytes_GET_SIZE(whole)):
+                    return off
+            elif self.on_frame(ch, &h, body, h.body_len):
+                return off
+        return n

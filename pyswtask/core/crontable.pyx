@@ -108,6 +108,10 @@ cdef class CronTable:
         cdef unsigned char[:] view = buf
         cdef pthread_mutexattr_t attr
         cdef size_t need
+        # Before the header is read: a segment too short for it must not be read past its end.
+        if <size_t>view.shape[0] < _TABLE_HEADER:
+            raise ValueError(f"a segment of {view.shape[0]} bytes is too small for a table "
+                             f"header ({_TABLE_HEADER} bytes)")
         self.buf = buf
         self.base = <char *>&view[0]
         self.hdr = <TableHeader *>self.base

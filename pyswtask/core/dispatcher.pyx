@@ -184,7 +184,7 @@ cdef class Dispatcher(RecordReader):
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, make_lost,
                  on_protocol_error, uint64_t epoch, double spin=0.0, size_t high_water=4 << 20,
-                 load=None, outs=None, Py_ssize_t max_pending=65536):
+                 load=None, outs=None, Py_ssize_t max_pending=65536, size_t max_body=0):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"worker {worker_id}"
@@ -205,6 +205,7 @@ cdef class Dispatcher(RecordReader):
         self.channels = []
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
+            ch.body_max = max_body
             ch.update_interest(self.epfd, _READ_ALWAYS)
             self.channels.append(ch)
         self.outs = self.channels if outs is None else list(outs)

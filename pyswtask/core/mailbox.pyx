@@ -12,15 +12,18 @@ from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyB
 cdef class Mailbox(RecordReader):
     """This process's inbox and its send queues to every inbox of the server.
 
+    A message reassembled past max_body (package_max_length; 0: no limit) is dropped.
     A message id is made like a task id (this process's epoch in the high 32 bits), so that the
     fragments of a large message are reassembled per message even when several processes write
     to the same inbox at once.
     """
 
-    def __init__(self, int self_id, int inbox_fd, out_fds, *, uint64_t epoch, on_protocol_error):
+    def __init__(self, int self_id, int inbox_fd, out_fds, *, uint64_t epoch, on_protocol_error,
+                 size_t max_body=0):
         self.self_id = self_id
         self.who = f"inbox of process {self_id}"
         self.inbox = Channel(inbox_fd, self_id)
+        self.inbox.body_max = max_body
         self.outs = [Channel(fd, i) for i, fd in enumerate(out_fds)]
         self.epoch = epoch & 0xFFFFFFFF
         self.on_protocol_error = on_protocol_error

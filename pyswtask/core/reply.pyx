@@ -3,8 +3,8 @@
 #
 # Each datagram is one record of whole frames, as on a channel: a result whose body fits one
 # record is one RESULT (or ERROR) frame; a larger one is fragmented exactly as Channel.put does
-# (FRAG_FIRST|FRAG_MORE, FRAG_MORE..., FRAG_LAST), one fragment per datagram. The reader drops a
-# fragment whose start it never saw, and a body that grows past its max_body.
+# (FRAG_FIRST|FRAG_MORE, FRAG_MORE..., FRAG_LAST), one fragment per datagram. The reader drops,
+# and reports, a fragment whose start it never saw and a body that grows past its max_body.
 #
 # Declarations in reply.pxd.
 
@@ -30,8 +30,8 @@ def reply_records(uint64_t task_id, bint ok, int src_worker, bytes body):
 cdef class ReplyAssembler(RecordReader):
     """A command's reader of its reply socket: fed the datagrams as they come, it returns each
     whole result as (task id, ok, value), value being the unpacked body (on an error, the
-    ``[exception type, message, traceback text]`` list). A bad record is dropped and reported
-    to on_protocol_error; ProtocolError when a body exceeds max_body (0: no limit)."""
+    ``[exception type, message, traceback text]`` list). A bad record, and a body above
+    max_body (package_max_length; 0: no limit), are dropped and reported to on_protocol_error."""
     def __init__(self, *, on_protocol_error, size_t max_body=0):
         self.who = "reply socket"
         self.on_protocol_error = on_protocol_error
@@ -62,8 +62,11 @@ cdef class ReplyAssembler(RecordReader):
         if not ok and h.type != _FRAME_ERROR:
             return 0
         if self.chan.body_max and n > self.chan.body_max:
-            raise ProtocolError(f"the body of task {h.task_id} exceeds {self.chan.body_max} "
-                                "bytes: dropped")
+            # Only a one-frame body gets here: reassembly drops longer ones as they grow.
+            self.on_protocol_error(f"{self.who}: the body of task {h.task_id} is {n} bytes, "
+                                   f"above package_max_length ({self.chan.body_max} bytes): "
+                                   "dropped")
+            return 0
         try:
             value = unpackb(body, n)
         except Exception as exc:

@@ -21,9 +21,14 @@ cdef class TaskLoop(RecordReader):
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
     cdef TaskWorkerStates state     # read by the master if this process dies, or None
     cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
+    cdef uint64_t limit             # max_tasks, until a stop for good lifts it
+    cdef bint stop_in_record        # at the limit, hand the rest of a record over (state has room)
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
+    cdef size_t body_max            # package_max_length (0: none): tasks and results above it
 
     cdef int _read(self, Channel ch) except -1
+    cdef int _serve(self, Channel ch, size_t n) except -1
+    cdef int _take_over(self) except -1
     cdef int _read_queue(self) except -1
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1

@@ -26,6 +26,14 @@ cdef class TaskLoop(RecordReader):
     execute(envelope, task_id, src_worker) runs one task and returns (ok, value): value is the
     result when ok, else [exception type, message, traceback text]. It must not raise.
     While tasks run, this worker's busy flag is 1, so dispatchers prefer an idle task worker.
+
+    max_body (package_max_length): a task body reassembled past it is dropped, and a result
+    that packs past it is answered with an error instead (the worker would drop it).
+
+    max_tasks (task_max_request): after that many tasks it stops, and reads no more records.
+    With a hand-over area in state, it stops inside a record too, leaving the rest there for its
+    successor, which runs it first; the one exception are records the queue reader already took
+    from the message queue, which it runs whole. Without one, it runs the record it is in whole.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -34,7 +42,7 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 TaskWorkerStates state=None, uint64_t max_tasks=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -51,8 +59,10 @@ cdef class TaskLoop(RecordReader):
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self.channels = []
+        self.body_max = max_body
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
+            ch.body_max = max_body
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
         ev.events = EPOLLIN
@@ -65,13 +75,15 @@ cdef class TaskLoop(RecordReader):
             ev.data.u32 = _INBOX_TAG
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed on the inbox")
-        self.max_tasks = max_tasks
+        self.max_tasks = self.limit = max_tasks
         if state is not None:
             state.check(index, len(self.channels))
         self.state = state
+        self.stop_in_record = max_tasks != 0 and state is not None and state.has_handover
         self.reader = reader
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
+        self.qchan.body_max = max_body
         self.on_reply = on_reply
         self.on_stopping = on_stopping
         if reader is not None:
@@ -96,7 +108,19 @@ cdef class TaskLoop(RecordReader):
         cdef char sigbuf[64]
         cdef ssize_t r
         cdef int how
+        self._take_over()
         while True:
+            if self.limit and self.tasks_done >= self.limit and not stopping:
+                # Recycled (task_max_request): read nothing more from the channels (what is
+                # there waits for the task worker that replaces this one), send the replies,
+                # finish what the queue reader took, then exit.
+                stopping = recycling = True
+                deadline = monotonic() + max_wait
+                timeout_ms = 20
+                for ch in self.channels:
+                    ch.update_interest(self.epfd, 0)
+                if self.on_stopping is not None:
+                    self.on_stopping()
             self.busy[self.index] = 0
             with nogil:
                 n = epoll_wait(self.epfd, evs, _EVENTS_MAX, timeout_ms)
@@ -113,6 +137,10 @@ cdef class TaskLoop(RecordReader):
                     if how:
                         stopping = True
                         recycling = how == 2
+                        if not recycling:
+                            # No successor comes to take a rest: run all the workers sent.
+                            self.limit = 0
+                            self.stop_in_record = False
                         deadline = monotonic() + max_wait
                         # Poll briefly from now on: exit as soon as nothing is left to serve.
                         timeout_ms = 20
@@ -135,17 +163,6 @@ cdef class TaskLoop(RecordReader):
                 if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not recycling:
                     self._read(ch)
                 ch.update_interest(self.epfd, 0 if recycling else self.high_water)
-            if self.max_tasks and self.tasks_done >= self.max_tasks and not stopping:
-                # Recycled (task_max_request): read nothing more from the channels (what is
-                # there waits for the task worker that replaces this one), send the replies,
-                # finish what the queue reader took, then exit.
-                stopping = recycling = True
-                deadline = monotonic() + max_wait
-                timeout_ms = 20
-                for ch in self.channels:
-                    ch.update_interest(self.epfd, 0)
-                if self.on_stopping is not None:
-                    self.on_stopping()
             if stopping:
                 if monotonic() >= deadline:
                     break
@@ -159,18 +176,48 @@ cdef class TaskLoop(RecordReader):
         # One record per wake-up: epoll is level-triggered, so a channel with more waiting comes
         # straight back, the channels take turns, and no recv is spent finding the queue empty.
         cdef ssize_t r
-        if ch.queued() >= self.high_water:
+        if ch.queued() >= self.high_water or (self.limit and self.tasks_done >= self.limit):
             return 0
         r = recv_record(ch.fd, self.scratch)
         if r > 0:
             if self.state is not None:
                 self.state.read_upto(self.index, ch.peer, last_task_id(self.scratch, <size_t>r))
-            self.read_record(ch, self.scratch, <size_t>r, _FRAME_TASK)
+            self._serve(ch, <size_t>r)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
             self.busy[self.index] = 0
             # The replies to one record go out together: one send for many small results.
             ch.flush()
+        return 0
+
+    cdef int _serve(self, Channel ch, size_t n) except -1:
+        # Runs the record in scratch; a rest left unread at the limit goes to the successor.
+        cdef Py_ssize_t off = self.read_record(ch, self.scratch, n, _FRAME_TASK)
+        if <size_t>off < n:
+            self.state.hand_over(self.index, ch.peer, self.scratch + off, n - <size_t>off)
+        return 0
+
+    cdef int _take_over(self) except -1:
+        """Runs what a predecessor stopped by task_max_request left of its last record, before
+        anything newer on that channel."""
+        cdef int peer = -1
+        cdef size_t n
+        cdef Channel ch
+        if self.state is None:
+            return 0
+        n = self.state.take_over(self.index, self.scratch, &peer)
+        if n == 0:
+            return 0
+        if not 0 <= peer < len(self.channels):
+            self.on_protocol_error(f"{self.who}: the rest of a record handed over from worker "
+                                   f"{peer}, which has no channel here, dropped")
+            return 0
+        ch = <Channel>self.channels[peer]
+        self.busy[self.index] = 1
+        self._serve(ch, n)
+        self.busy[self.index] = 0
+        ch.flush()
+        ch.update_interest(self.epfd, self.high_water)
         return 0
 
     cdef int _read_queue(self) except -1:
@@ -194,7 +241,8 @@ cdef class TaskLoop(RecordReader):
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
-        return self._run_task(ch, h, body, n)
+        self._run_task(ch, h, body, n)
+        return self.stop_in_record and self.tasks_done >= self.limit and ch is not self.qchan
 
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1:
         cdef uint64_t task_id = h.task_id
@@ -203,6 +251,7 @@ cdef class TaskLoop(RecordReader):
         cdef bytes out
         cdef double started
         cdef object expected
+        cdef object envelope = None
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
@@ -236,6 +285,11 @@ cdef class TaskLoop(RecordReader):
                 value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
             out = packb(value)
+        if self.body_max and <size_t>PyBytes_GET_SIZE(out) > self.body_max:
+            what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
+            ok = False
+            out = packb(["ValueError", f"the result of {what} packs to {PyBytes_GET_SIZE(out)} "
+                         f"bytes, above the server's package_max_length ({self.body_max})", ""])
         if ch is self.qchan:
             # From the queue: a command's task answers to the command (unless ASYNC); a
             # worker's (ipc modes 2 and 3) on the channel back to that worker.

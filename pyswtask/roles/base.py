@@ -240,7 +240,8 @@ class ChildRole(Role):
         enter(self)
         try:
             self.mailbox = Mailbox(self.worker_id, self.ipc.inbox_fd, self.ipc.out_fds,
-                                   epoch=os.getpid(), on_protocol_error=log.error)
+                                   epoch=os.getpid(), on_protocol_error=log.error,
+                                   max_body=self.package_max_length)
             self.setup(self.mailbox)
         except Exception:
             logging.getLogger(f"pyswtask.{self.kind.replace(' ', '_')}").exception(

@@ -45,7 +45,8 @@ class TaskWorker(ChildRole):
             self.worker_id, self.index, self.ipc.task_fds, self.ipc.busy, rfd,
             execute=executor.execute, on_signal=_is_stop, on_protocol_error=log.error,
             inbox_fd=mailbox.fileno(), on_inbox=lambda: dispatch_messages(mailbox, server),
-            state=self.ipc.tw_state, max_tasks=server.settings["task_max_request"], **self.queue)
+            state=self.ipc.tw_state, max_tasks=server.settings["task_max_request"],
+            max_body=self.package_max_length, **self.queue)
 
     def run(self) -> int:
         server = self.server

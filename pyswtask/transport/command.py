@@ -237,7 +237,8 @@ class QueueClient:
 
     def _wait_reply(self, sock: socket.socket, task_id: int, name: str, method: str,
                     deadline: float, timeout: float) -> Any:
-        replies = ReplyAssembler(on_protocol_error=log.error)
+        replies = ReplyAssembler(on_protocol_error=log.error,
+                                 max_body=self.info.package_max_length)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -8,7 +8,8 @@
 - load: one uint32 per worker (its tasks without a result yet), shared memory;
 - task worker state: per task worker, the task it is running, that task's worker, and the last
   task id it read from each worker (uint64 each), so that when it dies the master can tell
-  each worker which of its tasks went down with it.
+  each worker which of its tasks went down with it; and a hand-over area, where one recycled by
+  task_max_request inside a record leaves the rest of it to its successor.
 
 The master keeps every end open for the life of the server, so a respawned child inherits the
 same sockets (and what is queued in them) as the process it replaces.
@@ -52,7 +53,9 @@ class ServerIpc:
         self.busy = mmap.mmap(-1, max(task_worker_num, 1))
         self._load = mmap.mmap(-1, 4 * worker_num)
         self._tw_state = mmap.mmap(-1, TaskWorkerStates.nbytes(worker_num, task_worker_num))
-        self.tw_state = TaskWorkerStates(self._tw_state, worker_num, task_worker_num)
+        self._tw_handover = mmap.mmap(-1, TaskWorkerStates.handover_nbytes(task_worker_num))
+        self.tw_state = TaskWorkerStates(self._tw_state, worker_num, task_worker_num,
+                                         self._tw_handover)
 
     def for_child(self, kind: str, global_id: int, index: int) -> ChildIpc:
         """In a freshly forked child: closes what it does not use, returns what it keeps."""
@@ -96,3 +99,4 @@ class ServerIpc:
         self._load.close()
         self.tw_state.release()
         self._tw_state.close()
+        self._tw_handover.close()
