@@ -26,6 +26,7 @@ from .transport.msgqueue import ServerQueue
 
 if TYPE_CHECKING:
     from .cron import Crontab
+    from .http import HttpService
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
@@ -65,6 +66,7 @@ class Server:
         self.process_ids: dict[str, int] = {}
         self.master_id: int | None = None       # the master's inbox, for control messages
         self.queue: ServerQueue | None = None
+        self.http: HttpService | None = None
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""
@@ -143,6 +145,14 @@ class Server:
         if self.master_pid is None:
             raise RuntimeError("the server is not running")
         os.kill(self.master_pid, signal.SIGTERM)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the workers accept HTTP while the server runs (in the master from the
+        ``start`` hook on, and in every child): ``"127.0.0.1:54321"`` with the port the kernel
+        picked for a ``bind`` port of 0, ``"[::1]:8000"``, ``"unix:/path"``. Empty when the
+        server has no ``app`` or is not running."""
+        return self.http.addresses if self.http is not None else []
 
     @property
     def worker_id(self) -> int:
