@@ -82,6 +82,51 @@ class _EmbeddedServer(uvicorn.Server):
         if not self._ready.done():
             self._ready.set_result(None)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes every connection without a request in progress at once. In a worker
+        # that stops while the others serve on, that drops requests: a connection accepted a
+        # moment ago whose request is not read yet, and a keep-alive connection whose client
+        # is sending its next request right now. So first stop accepting, then close a
+        # connection only once it has stayed idle for IDLE_GRACE, and answer every request
+        # that arrives meanwhile with "Connection: close": its client reconnects, to a worker
+        # that serves on. uvicorn's own shutdown then waits for what is in flight.
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + (self.config.timeout_graceful_shutdown or 0.0)
+        idle_since: dict[Any, tuple[Any, float]] = {}
+        connection: Any
+        while loop.time() < deadline:
+            # Connections accepted just before the listeners closed appear within a few turns.
+            now = loop.time()
+            waiting = now - began < 0.05
+            for connection in list(self.server_state.connections):
+                if not hasattr(connection, "cycle"):
+                    continue  # a WebSocket: uvicorn's shutdown closes it properly
+                cycle = connection.cycle
+                if cycle is not None and not cycle.response_complete:
+                    cycle.keep_alive = False
+                    idle_since.pop(connection, None)
+                    continue
+                seen = idle_since.get(connection)
+                if seen is None or seen[0] is not cycle:
+                    idle_since[connection] = (cycle, now)
+                    waiting = True
+                elif now - seen[1] >= IDLE_GRACE:
+                    connection.shutdown()
+                else:
+                    waiting = True
+            if not waiting:
+                break
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets=sockets)
+
+
+# How long a connection must stay without a request before a stopping worker closes it: far
+# longer than a client takes between connecting (or a response) and sending its request.
+IDLE_GRACE = 0.25
+
 
 class WorkerHttp:
     """One worker's HTTP server: ``start`` runs the lifespan startup and begins accepting;
