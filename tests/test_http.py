@@ -73,6 +73,15 @@ async def app(scope, receive, send):
     elif path == "/slow_task":
         value = await Task.co("Slow", "run", [float(query), "done"], timeout=30, dst_worker_id=0)
         await reply(send, 200, value)
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            echoed = await Task.co("Demo", "echo", [message["text"]])
+            await send({"type": "websocket.send", "text": f"{echoed} from {os.getpid()}"})
     elif path == "/pid":
         await reply(send, 200, os.getpid())
     elif path == "/blocking":
@@ -185,6 +194,27 @@ def test_concurrent_requests_each_deliver_a_task(servers: ServerRunner) -> None:
     assert raw.index(b'"first"') < raw.index(b'"second"')
     assert live.stop() == 0, live.stderr()
     assert not live.srv.group_alive()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_websockets_and_tasks_on_either_event_loop(servers: ServerRunner, event_loop: str) -> None:
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop comes with the [http] extra")
+    sync_client = pytest.importorskip("websockets.sync.client",
+                                      reason="WebSockets need websockets (the [http] extra)")
+    live = start(servers, f"worker_num=1, task_worker_num=1, bind='127.0.0.1:0', "
+                          f"event_loop={event_loop!r}",
+                 setup="server.on('worker_start', lambda s, wid: emit(event='loop', "
+                       "name=type(asyncio.get_event_loop()).__module__))\n")
+    url = live.base_url()
+    assert live.wait_records("loop")[0]["name"].startswith(event_loop)
+    assert httpx.get(f"{url}/echo?x", timeout=20).json()["echo"] == "x"
+    with sync_client.connect(url.replace("http:", "ws:") + "/ws", open_timeout=20) as ws:
+        pid = httpx.get(f"{url}/pid", timeout=20).json()
+        for text in ("one", "two"):
+            ws.send(text)
+            assert ws.recv(timeout=20) == f"{text} from {pid}"
+    assert live.stop() == 0, live.stderr()
 
 
 def test_lifespan_runs_once_per_worker(servers: ServerRunner) -> None:
