@@ -47,6 +47,10 @@ class Server:
     Worker ids are 0..worker_num-1; task worker ids follow them, as in Swoole
     (worker_num..worker_num+task_worker_num-1). ``dst_worker_id`` in ``Task.deliver`` is the
     task worker's index, 0..task_worker_num-1.
+
+    With the ``app`` setting (an ASGI app, or ``"module:attribute"``), every worker also serves
+    it over HTTP on the ``bind`` addresses, which the master opens before it forks
+    (``addresses`` tells where, once started); see ``pyswtask.http``.
     """
 
     def __init__(self, worker_num: int = 2, task_worker_num: int = 2, **settings: Any) -> None:

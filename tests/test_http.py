@@ -217,11 +217,14 @@ def test_websockets_and_tasks_on_either_event_loop(servers: ServerRunner, event_
     assert live.stop() == 0, live.stderr()
 
 
-def test_lifespan_runs_once_per_worker(servers: ServerRunner) -> None:
-    live = start(servers, "worker_num=2, task_worker_num=1, bind='127.0.0.1:0'")
+def test_lifespan_runs_once_per_worker_and_the_access_log(servers: ServerRunner) -> None:
+    live = start(servers, "worker_num=2, task_worker_num=1, bind='127.0.0.1:0', access_log=True")
     starts = live.wait_records("lifespan", 2, where=lambda r: r["phase"] == "startup")
-    assert httpx.get(live.base_url() + "/pid", timeout=20).status_code == 200
+    assert httpx.get(live.base_url() + "/pid?logged", timeout=20).status_code == 200
     assert live.stop() == 0, live.stderr()
+    # Through stdlib logging: the script's basicConfig prints uvicorn's access lines.
+    assert 'uvicorn.access INFO 127.0.0.1' in live.stderr()
+    assert '"GET /pid?logged HTTP/1.1" 200' in live.stderr()
     stops = live.records("lifespan")
     assert sorted(r["pid"] for r in starts) == sorted(
         r["pid"] for r in stops if r["phase"] == "shutdown")
@@ -229,6 +232,7 @@ def test_lifespan_runs_once_per_worker(servers: ServerRunner) -> None:
     assert [r["phase"] for r in stops].count("startup") == 2
 
 
+@pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish(servers: ServerRunner) -> None:
     live = start(servers, "worker_num=2, task_worker_num=2, bind='127.0.0.1:0', max_wait_time=8")
     url = live.base_url()
@@ -248,6 +252,7 @@ def test_sigterm_lets_requests_in_flight_finish(servers: ServerRunner) -> None:
     assert not live.srv.group_alive()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_alive", [False, True], ids=["new-connections", "keep-alive"])
 def test_reload_under_load_fails_no_request(servers: ServerRunner, keep_alive: bool) -> None:
     live = start(servers, "worker_num=2, task_worker_num=2, bind='127.0.0.1:0'")
