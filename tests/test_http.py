@@ -313,6 +313,7 @@ def test_a_request_whose_task_worker_dies_gets_a_500_at_once(servers: ServerRunn
         took = time.monotonic() - killed_at
     assert response.status_code == 500
     assert response.text == "500 Internal Server Error: TaskWorkerLost\n"
+    print(f"the 500 came {took:.3f} s after the kill")
     assert took < 2.0, f"the 500 came {took:.2f} s after the kill"
     # The worker serves on, and the successor of the task worker runs tasks.
     live.wait_records("task_worker", 3)
