@@ -90,6 +90,12 @@ async def app(scope, receive, send):
         except DeliveryError as exc:
             return await reply(send, 200, str(exc))
         await reply(send, 200, "not refused")
+    elif path == "/from_thread":
+        try:
+            await asyncio.to_thread(Task.deliver, "Demo", "echo", [1], Task.TYPE_ASYNC)
+        except DeliveryError as exc:
+            return await reply(send, 200, str(exc))
+        await reply(send, 200, "not refused")
     elif path == "/blocking_batch":
         try:
             Task.deliver_batch([("Demo", "echo", [1])])
@@ -361,6 +367,8 @@ def test_blocking_delivery_in_an_async_handler_is_refused(servers: ServerRunner)
     assert single.startswith("Task.deliver (CO) blocks this worker's event loop")
     assert "use `await Task.co(...)`" in single
     assert "use `await Task.co_batch(...)`" in batch
+    thread = httpx.get(f"{url}/from_thread", timeout=20).json()
+    assert thread.startswith("Task.deliver works in the thread of the worker's event loop only")
     assert live.stop() == 0, live.stderr()
 
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -45,6 +46,7 @@ class Worker(ChildRole):
 
     def setup(self, mailbox: Mailbox) -> None:
         settings = self.server.settings
+        self.thread = threading.get_ident()    # the loop's: the dispatcher is not thread-safe
         loop = self.loop = _new_event_loop(settings["event_loop"])
         asyncio.set_event_loop(loop)
         if self.ipc.task_fds:
@@ -146,6 +148,11 @@ class Worker(ChildRole):
     def task_dispatcher(self, api: str) -> Dispatcher:
         if self.dispatcher is None:
             raise DeliveryError(f"{api}: this server has no task workers (task_worker_num=0)")
+        if threading.get_ident() != self.thread:
+            raise DeliveryError(
+                f"{api} works in the thread of the worker's event loop only, not in another "
+                "thread (a plain def endpoint of FastAPI or Starlette runs in a thread pool): "
+                "deliver from an async def handler, with `await Task.co(...)`")
         return self.dispatcher
 
     def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
