@@ -498,3 +498,23 @@ def test_a_unix_socket_and_a_tcp_port_at_once(servers: ServerRunner, tmp_path: P
     assert httpx.get(f"http://{addresses[0]}/echo?over-tcp", timeout=20).json()["echo"] == "over-tcp"
     assert live.stop() == 0, live.stderr()
     assert not path.exists(), "the master removes the socket file it made"
+
+
+def test_serve_imports_the_task_modules_before_the_fork(servers: ServerRunner,
+                                                        tmp_path: Path) -> None:
+    (tmp_path / "shouting.py").write_text(
+        "from pyswtask import task\n\n@task()\nclass Shout:\n"
+        "    def loud(self, text):\n        return text.upper()\n")
+    (tmp_path / "web.py").write_text(
+        "from pyswtask import Task\n\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n        return\n"
+        "    body = (await Task.co('Shout', 'loud', [scope['path'][1:]])).encode()\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': body})\n")
+    live = Live(servers.start(cli_script(
+        "serve", "web:app", "--task-module", "shouting", "--bind", "127.0.0.1:0",
+        "--workers", "1", "--task-workers", "1", "--max-wait-time", "2"), prelude=False))
+    url = logged_url(live)
+    assert httpx.get(f"{url}/quiet", timeout=20).text == "QUIET"
+    assert live.stop() == 0, live.stderr()
