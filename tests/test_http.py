@@ -518,3 +518,29 @@ def test_serve_imports_the_task_modules_before_the_fork(servers: ServerRunner,
     url = logged_url(live)
     assert httpx.get(f"{url}/quiet", timeout=20).text == "QUIET"
     assert live.stop() == 0, live.stderr()
+
+
+def test_bind_addresses_are_parsed_or_refused_saying_why() -> None:
+    from pyswtask.http import Bind, parse_binds
+
+    assert parse_binds("127.0.0.1:0") == [Bind(host="127.0.0.1", port=0)]
+    assert parse_binds(["[::1]:8000", "unix:/run/app.sock"]) == [
+        Bind(host="::1", port=8000), Bind(path="/run/app.sock")]
+    for bad, why in (("localhost", "neither host:port"), ("::1:80", "in brackets"),
+                     ("h:65536", "0..65535"), ("unix:", "names no socket path"),
+                     ([], "non-empty list")):
+        with pytest.raises(ValueError, match=why):
+            parse_binds(bad)  # type: ignore[arg-type]
+
+
+def test_http_options_that_pyswtask_owns_or_uvicorn_lacks_are_refused() -> None:
+    from pyswtask.http.embed import make_config
+    from pyswtask.settings import validate
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    for options, why in (({"port": 1, "workers": 3}, "port, workers cannot be set there"),
+                         ({"no_such_option": 1}, "no_such_option")):
+        with pytest.raises(ValueError, match=f"setting http_options: .*{why}"):
+            make_config(app, validate({"app": app, "http_options": options}))
