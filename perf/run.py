@@ -27,9 +27,13 @@ Workloads (2 workers + 2 task workers on every side, a task that returns its inp
   table_set/get/incr      shared-memory table operations from each one's language (ops/s)
   envelope_pack/unpack    the task envelope against raw msgpack (ops/s)
   cron_jitter             20 every-second rules; p99 of start - due (ms), missed and duplicated
+  http_hello, http_task   wrk -t2 -c64 against the workers' HTTP server: hello world, and one
+                          task echo per request (req/s, p50/p99 ms); plain uvicorn (with a
+                          ProcessPoolExecutor for the task) and Swoole's HTTP server beside it
 
 Peers: Swoole (perf/swoole/*.php, when php has the swoole extension), multiprocessing.Pool and
-ProcessPoolExecutor, APScheduler 3 and a croniter loop for cron; with --brokers, Celery,
+ProcessPoolExecutor, APScheduler 3 and a croniter loop for cron, uvicorn for HTTP (with wrk,
+Debian's package; without it the http group is skipped in one line); with --brokers, Celery,
 Dramatiq and Huey on a Redis server the suite starts on 127.0.0.1 and stops. A missing peer is
 named in one line on stderr and the rest runs. Every server and process a benchmark starts is
 stopped, and every SysV queue and segment it creates removed, before the next one starts.
@@ -60,6 +64,7 @@ import _swoole  # noqa: E402
 import bench_cron  # noqa: E402
 import bench_dispatch  # noqa: E402
 import bench_envelope  # noqa: E402
+import bench_http  # noqa: E402
 import bench_process  # noqa: E402
 import bench_queue  # noqa: E402
 import bench_table  # noqa: E402
@@ -231,6 +236,15 @@ def build(args: argparse.Namespace, has_swoole: bool, brokers: list[str],
         g.runners.append(("pyswtask load", lambda: cron_row(
             bench_cron.bench_pyswtask(secs, CRON_RULES, load=True), False)))
     groups.append(g)
+
+    http_secs = 3.0 if args.quick else 10.0
+    g = Group("http", ("http_hello", "http_task"))
+    if bench_http.wrk_path() is not None:       # else it says so in one line
+        g.runners.append(("pyswtask", lambda: bench_http.pyswtask_http(http_secs, 64)))
+        g.runners.append(("uvicorn", lambda: bench_http.uvicorn_http(http_secs, 64)))
+        if has_swoole:
+            g.runners.append(("swoole", lambda: bench_http.swoole_http(http_secs, 64)))
+        groups.append(g)
 
     if args.only:
         rx = re.compile(args.only)

@@ -1,5 +1,5 @@
-"""The ``pyswtask`` command: run a server, deliver a task to one, inspect its crontab and its
-message queue.
+"""The ``pyswtask`` command: run a server, serve an ASGI app in the workers of one, deliver a
+task to one, inspect its crontab and its message queue.
 
 It parses arguments and prints; what it runs or reads belongs to the server, the cron package
 and the transports, which it only calls. Nothing imports this module but ``__main__``."""
@@ -18,14 +18,18 @@ from ._version import __version__
 from .server import Server
 
 
+def _importable_cwd() -> None:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def load_server(path: str) -> Server:
     """Imports ``module:attribute`` (gunicorn's app path); the attribute is a Server, or a
     callable returning one. The current directory is importable, as with ``python -m``."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise SystemExit(f"pyswtask: expected MODULE:SERVER (e.g. myapp.tasks:server), not {path!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _importable_cwd()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -38,6 +42,27 @@ def load_server(path: str) -> Server:
     if not isinstance(obj, Server):
         raise SystemExit(f"pyswtask: {path} is a {type(obj).__name__}, not a pyswtask.Server")
     return obj
+
+
+def serve_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Server:
+    """The Server ``pyswtask serve`` starts: the task modules imported first (their ``@task``
+    classes registered before the fork), the app imported by the master at start."""
+    _importable_cwd()
+    for name in args.task_module:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SystemExit(f"pyswtask: cannot import task module {name!r}: {exc}") from None
+    given = {"app": args.app, "bind": args.bind or ["127.0.0.1:8000"],
+             "access_log": args.access_log}
+    for name in ("max_wait_time", "limit_concurrency", "backlog", "http", "event_loop",
+                 "pid_file"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    try:
+        return Server(worker_num=args.workers, task_worker_num=args.task_workers, **given)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def cron_command(args: argparse.Namespace) -> int:
@@ -147,8 +172,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start a server: pyswtask run module:server")
     run.add_argument("app", help="MODULE:SERVER, the Server object (or a factory) to start")
-    run.add_argument("--log-level", default="INFO",
-                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve = sub.add_parser(
+        "serve", help="serve an ASGI app in the workers: pyswtask serve module:app --bind HOST:PORT")
+    serve.add_argument("app", help="MODULE:APP, the ASGI app (importing it may register @task "
+                       "classes)")
+    serve.add_argument("--bind", action="append", metavar="ADDRESS",
+                       help="HOST:PORT (port 0: the kernel picks; the log says which) or "
+                       "unix:/PATH; repeat for more (default 127.0.0.1:8000)")
+    serve.add_argument("--workers", type=int, default=2, help="workers serving HTTP (default 2)")
+    serve.add_argument("--task-workers", type=int, default=2, help="task workers (default 2)")
+    serve.add_argument("--task-module", action="append", default=[], metavar="MODULE",
+                       help="import this module first, for its @task classes; repeatable")
+    serve.add_argument("--max-wait-time", type=float, help="seconds requests and tasks in flight "
+                       "get when the server stops (default 3)")
+    serve.add_argument("--limit-concurrency", type=int,
+                       help="per worker; beyond it, 503 (default: no limit)")
+    serve.add_argument("--backlog", type=int, help="listen backlog (default 2048)")
+    serve.add_argument("--access-log", action="store_true", help="log each request")
+    serve.add_argument("--http", choices=["auto", "httptools", "h11"], help="HTTP parser")
+    serve.add_argument("--event-loop", choices=["asyncio", "uvloop"],
+                       help="the workers' loop (default asyncio)")
+    serve.add_argument("--pid-file", help="write the master's pid here while it runs")
+    for p in (run, serve):
+        p.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cron = sub.add_parser("cron", help="the crontab: next due times, tables of a running server")
     cron_sub = cron.add_subparsers(dest="cron_command", required=True)
     nxt = cron_sub.add_parser("next", help="print the next due times of a rule")
@@ -185,8 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return queue_command(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    server = load_server(args.app)
-    return server.start()
+    server = serve_server(args, serve) if args.command == "serve" else load_server(args.app)
+    try:
+        return server.start()
+    except (ImportError, ValueError) as exc:
+        print(f"pyswtask: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class Task:
         ``dst_worker_id`` picks a task worker by index (0..task_worker_num-1); by default an
         idle one, round-robin when all are busy. Params must be msgpack-able: a value that is
         not raises TypeError naming it, and nothing is sent.
+
+        CO inside a coroutine of a worker (an ``async def`` request handler, a coroutine
+        hook) raises DeliveryError: it would block every other coroutine and request of the
+        worker until the result. There, ``await Task.co(...)``.
         """
         return roles.current().deliver(name, method, params, type, timeout, callback,
                                        dst_worker_id)
@@ -73,7 +77,8 @@ class Task:
         (Swoole's taskCo / taskWaitMulti, without its 1024 cap).
 
         ``calls`` holds ``(name, method)`` or ``(name, method, params)`` items. Returns one
-        outcome per call, in order: its value, or a TaskError / TaskTimeout instance.
+        outcome per call, in order: its value, or a TaskError / TaskTimeout instance. Refused
+        inside a coroutine of a worker, as CO ``deliver`` is: there, ``await Task.co_batch``.
         """
         return roles.current().deliver_batch(calls, timeout, dst_worker_id)
 

@@ -23,6 +23,7 @@ from typing import Any
 from . import roles, sysv
 from ._core import Mailbox
 from .cron import Crontab
+from .http import HttpService
 from .roles import EXIT_BOOT_ERROR, ChildRole, ServerHandle, TaskWorker, UserProcess, Worker
 from .titles import set_title
 from .transport import control
@@ -83,6 +84,7 @@ class Master:
         self.ipc: ServerIpc | None = None
         self.wakeup: tuple[int, int] | None = None
         self.queue: ServerQueue | None = None
+        self.http: HttpService | None = None
         self.reloads: collections.deque[Child] = collections.deque()
         self.reloading: tuple[Child, int] | None = None
         self.ready_pids: set[int] = set()
@@ -119,6 +121,12 @@ class Master:
                     self.settings["package_max_length"])
                 self.queue.open(os.getpid())
                 server.queue = self.queue
+            if self.settings["app"] is not None:
+                # Before the fork: the workers inherit the sockets, and the port stays open in
+                # this process while any of them stops, dies or is reloaded.
+                self.http = server.http = HttpService.prepare(self.settings)
+                log.info("master %d listening on %s", os.getpid(),
+                         ", ".join(self.http.listeners.urls()))
             for child in self.children:
                 if child.kind != PROCESS or self.processes[child.index].boot:
                     self._spawn(child)
@@ -133,6 +141,9 @@ class Master:
                 self._reload_step()
         finally:
             self._stop_children()
+            if self.http is not None:
+                self.http.close()
+                server.http = self.http = None
             if self.queue is not None:
                 self.queue.remove()
                 server.queue = self.queue = None
@@ -257,6 +268,8 @@ class Master:
         assert self.wakeup is not None
         for fd in self.wakeup:
             os.close(fd)
+        if self.http is not None and child.kind != WORKER:
+            self.http.close_copies()
         assert self.ipc is not None
         ipc = self.ipc.for_child(child.kind, child.worker_id, child.index)
         role: ChildRole
@@ -351,8 +364,11 @@ class Master:
         max_wait_time; whatever is left then is killed."""
         self.stopping = True
         deadline = time.monotonic() + self.settings["max_wait_time"]
-        for kind, until in ((PROCESS, deadline), (WORKER, deadline),
-                            (TASK_WORKER, deadline + 1.0)):
+        # Requests in flight get the whole max_wait_time; the app's lifespan shutdown and the
+        # worker_stop hooks run after it.
+        serving = 1.0 if self.http is not None else 0.0
+        for kind, until in ((PROCESS, deadline), (WORKER, deadline + serving),
+                            (TASK_WORKER, deadline + serving + 1.0)):
             self._signal(kind, signal.SIGTERM)
             self._wait_for(kind, until)
         for child in self.children:

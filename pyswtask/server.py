@@ -26,6 +26,7 @@ from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
     from .cron import Crontab
+    from .http import HttpService
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
@@ -46,6 +47,10 @@ class Server:
     Worker ids are 0..worker_num-1; task worker ids follow them, as in Swoole
     (worker_num..worker_num+task_worker_num-1). ``dst_worker_id`` in ``Task.deliver`` is the
     task worker's index, 0..task_worker_num-1.
+
+    With the ``app`` setting (an ASGI app, or ``"module:attribute"``), every worker also serves
+    it over HTTP on the ``bind`` addresses, which the master opens before it forks
+    (``addresses`` tells where, once started); see ``pyswtask.http``.
     """
 
     def __init__(self, worker_num: int = 2, task_worker_num: int = 2, **settings: Any) -> None:
@@ -65,6 +70,7 @@ class Server:
         self.process_ids: dict[str, int] = {}
         self.master_id: int | None = None       # the master's inbox, for control messages
         self.queue: ServerQueue | None = None
+        self.http: HttpService | None = None
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""
@@ -144,6 +150,14 @@ class Server:
         if self.master_pid is None:
             raise RuntimeError("the server is not running")
         os.kill(self.master_pid, signal.SIGTERM)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the workers accept HTTP while the server runs (in the master from the
+        ``start`` hook on, and in every child): ``"127.0.0.1:54321"`` with the port the kernel
+        picked for a ``bind`` port of 0, ``"[::1]:8000"``, ``"unix:/path"``. Empty when the
+        server has no ``app`` or is not running."""
+        return self.http.addresses if self.http is not None else []
 
     @property
     def worker_id(self) -> int:

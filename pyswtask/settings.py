@@ -128,6 +128,51 @@ def _queue_size(name: str, value: Any) -> Any:
     return value
 
 
+def _app(name: str, value: Any) -> Any:
+    # Imported at start, in the master: here only its shape is checked.
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str) or not all(value.partition(":")[::2]):
+        raise ValueError(f"setting {name} must be \"module:attribute\" or an ASGI app, not {value!r}")
+    return value
+
+
+def _bind(name: str, value: Any) -> Any:
+    from .http.listeners import parse_binds
+
+    try:
+        parse_binds(value)
+    except ValueError as exc:
+        raise ValueError(f"setting {name}: {exc}") from None
+    return value if isinstance(value, str) else list(value)
+
+
+def _optional_positive_int(name: str, value: Any) -> Any:
+    return None if value is None else _positive_int(name, value)
+
+
+def _http(name: str, value: Any) -> Any:
+    if value not in ("auto", "httptools", "h11"):
+        raise ValueError(f"setting {name} must be \"auto\", \"httptools\" or \"h11\", not {value!r}")
+    return value
+
+
+def _event_loop(name: str, value: Any) -> Any:
+    import importlib.util
+
+    if value not in ("asyncio", "uvloop"):
+        raise ValueError(f"setting {name} must be \"asyncio\" or \"uvloop\", not {value!r}")
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError(f"setting {name}: uvloop is not installed (pip install 'pyswtask[http]')")
+    return value
+
+
+def _options(name: str, value: Any) -> Any:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"setting {name} must be a dict of keyword arguments, not {value!r}")
+    return dict(value)
+
+
 # -- the declarations, in the order they are checked ------------------------------------------
 
 SETTINGS: tuple[Setting, ...] = (
@@ -174,6 +219,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("package_max_length", 64 << 20, _positive_int,
             "largest packed params, result or pipe message (`ValueError` naming the setting "
             "above it); readers drop a longer body as it is reassembled", show=_mib),
+    # Serving HTTP: the master imports the app and listens before it forks; each worker runs
+    # uvicorn on its own event loop, on the inherited sockets.
+    Setting("app", None, _app,
+            "ASGI app the workers serve: `\"module:attribute\"` or the app; None: no HTTP"),
+    Setting("bind", "127.0.0.1:8000", _bind,
+            "where the workers accept HTTP: `\"host:port\"` (port 0: the kernel picks; "
+            "`server.addresses` tells), `\"unix:/path\"`, or a list of them"),
+    Setting("backlog", 2048, _positive_int, "listen backlog of each bound socket"),
+    Setting("limit_concurrency", None, _optional_positive_int,
+            "connections or requests a worker serves at once; beyond it, 503 (uvicorn's); None: "
+            "no limit"),
+    Setting("access_log", False, _bool,
+            "log each request to the `uvicorn.access` logger (stdlib logging)"),
+    Setting("http", "auto", _http,
+            "HTTP/1.1 parser: `\"httptools\"`, `\"h11\"`, or `\"auto\"` (httptools when installed)"),
+    Setting("event_loop", "asyncio", _event_loop,
+            "the workers' event loop: `\"asyncio\"` or `\"uvloop\"` (installed with `[http]`)"),
+    Setting("http_options", {}, _options,
+            "more keyword arguments of `uvicorn.Config` (`timeout_keep_alive`, `lifespan`, `ws`, "
+            "`headers`, `root_path`, ...)"),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

@@ -30,6 +30,14 @@ BAD_VALUES: dict[str, Any] = {
     "max_request": 1.5,
     "task_queue_size": 0,
     "package_max_length": True,
+    "app": "no_colon",
+    "bind": "localhost",
+    "backlog": 0,
+    "limit_concurrency": 0,
+    "access_log": 1,
+    "http": "h2",
+    "event_loop": "trio",
+    "http_options": [("lifespan", "on")],
 }
 
 

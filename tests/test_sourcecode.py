@@ -27,7 +27,8 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict_on_the_package_and_the_demo() -> None:
-    result = run("mypy", "--strict", "pyswtask", "examples/demo.py")
+    result = run("mypy", "--strict", "pyswtask", "examples/demo.py", "examples/http_app.py",
+                 "examples/fastapi_app.py")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -29,6 +29,7 @@ from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
 
 if TYPE_CHECKING:
+    from ..http import HttpService
     from ..process import ProcessSpec
     from ..transport.ipc import ChildIpc
     from ..transport.msgqueue import ServerQueue
@@ -58,6 +59,7 @@ class ServerHandle(Protocol):
     process_ids: dict[str, int]
     queue: ServerQueue | None
     crontab: Any
+    http: HttpService | None        # the app and the listening sockets, when it serves HTTP
 
     @property
     def worker_id(self) -> int: ...

@@ -2,9 +2,11 @@
 
 The dispatcher's epoll fd is registered as a reader of the asyncio loop, so results of ASYNC
 tasks and of ``await Task.co`` arrive while coroutines run, and a synchronous ``Task.deliver``
-(CO) simply blocks the loop until its result, as Swoole's taskwait blocks its worker. Workers are
-the only processes with channels to the task workers: every delivery, a user process's included
-(the relay), leaves from here. Timers and coroutine hooks run on this loop. It drives the
+(CO) simply blocks the loop until its result, as Swoole's taskwait blocks its worker; inside a
+coroutine it is refused, since it would stall every other coroutine (and every HTTP request) of
+the worker. Workers are the only processes with channels to the task workers: every delivery, a
+user process's included (the relay), leaves from here. Timers, coroutine hooks and, when the
+server has an ``app``, its HTTP server (``pyswtask.http``) run on this loop. It drives the
 core's ``Dispatcher`` and must not build or parse frames itself.
 """
 
@@ -14,8 +16,10 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
-from typing import Any, Iterable, Sequence
+from asyncio.events import _get_running_loop
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .._core import TIMEOUT, Dispatcher, Mailbox, QueueChannel
 from ..envelope import TYPE_ASYNC, check_timeout, check_type, pack_call, pack_task
@@ -24,7 +28,10 @@ from ..events import Event, events
 from ..transport import control, relay
 from ..transport.msgqueue import IpcMode
 from ..transport.pipe import dispatch_messages
-from .base import ChildRole, FinishCallback
+from .base import EXIT_BOOT_ERROR, ChildRole, FinishCallback
+
+if TYPE_CHECKING:
+    from ..http.embed import WorkerHttp
 
 __all__ = ["Worker"]
 
@@ -36,10 +43,12 @@ class Worker(ChildRole):
     kind = "worker"
 
     dispatcher: Dispatcher | None = None
+    http: WorkerHttp | None = None
 
     def setup(self, mailbox: Mailbox) -> None:
         settings = self.server.settings
-        loop = self.loop = asyncio.new_event_loop()
+        self.thread = threading.get_ident()    # the loop's: the dispatcher is not thread-safe
+        loop = self.loop = _new_event_loop(settings["event_loop"])
         asyncio.set_event_loop(loop)
         if self.ipc.task_fds:
             dispatcher = Dispatcher(
@@ -58,6 +67,8 @@ class Worker(ChildRole):
         loop.add_signal_handler(signal.SIGTERM, _set_once, self.stopping)
         if settings["max_request"] and self.dispatcher is not None:
             self._recycle_after(settings["max_request"])
+        if self.server.http is not None:
+            self.http = self.server.http.for_worker(lambda: _set_once(self.stopping))
 
     def run(self) -> int:
         server, loop = self.server, self.loop
@@ -65,8 +76,12 @@ class Worker(ChildRole):
         try:
             server._run_hook("worker_start", self.worker_id)
             events.trigger(Event.WORKER_START, server, self.worker_id)
+            if self.http is not None and not self._start_http(loop, self.http):
+                return EXIT_BOOT_ERROR
             control.announce_ready(self.send_message, server.master_id, os.getpid())
             loop.run_until_complete(self.stopping)
+            if self.http is not None:
+                loop.run_until_complete(self.http.stop())
             server._run_hook("worker_stop", self.worker_id)
             events.trigger(Event.WORKER_STOP, server, self.worker_id)
             self._finish_in_flight(server.settings["max_wait_time"])
@@ -77,6 +92,19 @@ class Worker(ChildRole):
             _cancel_tasks(loop)
             loop.close()
         return 0
+
+    def _start_http(self, loop: asyncio.AbstractEventLoop, http: WorkerHttp) -> bool:
+        """The app's lifespan startup, then accepting: a reload moves on to the next worker
+        only once this one serves. A startup that fails stops the server (EXIT_BOOT_ERROR)
+        rather than respawning a worker that cannot serve."""
+        from ..http.embed import StartupFailed
+
+        try:
+            loop.run_until_complete(http.start())
+        except StartupFailed as exc:
+            log.error("worker %d could not serve HTTP: %s", self.worker_id, exc)
+            return False
+        return True
 
     def _queue_outs(self) -> list[QueueChannel] | None:
         """In task_ipc_mode 2, one queue channel per task worker (by message type); in mode 3,
@@ -121,6 +149,11 @@ class Worker(ChildRole):
     def task_dispatcher(self, api: str) -> Dispatcher:
         if self.dispatcher is None:
             raise DeliveryError(f"{api}: this server has no task workers (task_worker_num=0)")
+        if threading.get_ident() != self.thread:
+            raise DeliveryError(
+                f"{api} works in the thread of the worker's event loop only, not in another "
+                "thread (a plain def endpoint of FastAPI or Starlette runs in a thread pool): "
+                "deliver from an async def handler, with `await Task.co(...)`")
         return self.dispatcher
 
     def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
@@ -130,6 +163,7 @@ class Worker(ChildRole):
         if type == TYPE_ASYNC:
             return dispatcher.submit(body, dst_worker_id, callback)
         check_type(type)
+        _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
         result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
         if result is TIMEOUT:
             raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
@@ -140,6 +174,7 @@ class Worker(ChildRole):
     def deliver_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
                       dst_worker_id: int) -> list[Any]:
         dispatcher = self.task_dispatcher("Task.deliver_batch")
+        _refuse_in_coroutine("Task.deliver_batch", "await Task.co_batch(...)")
         limit = self.package_max_length
         bodies = [pack_call(call, i, limit) for i, call in enumerate(calls)]
         results = dispatcher.call_many(bodies, dst_worker_id, check_timeout(timeout))
@@ -240,6 +275,26 @@ def fire_finish(task_id: int, result: Any, callback: FinishCallback | None) -> N
             callback(task_id, result)
         except Exception:
             task_log.exception("finish callback %r of task %d failed", callback, task_id)
+
+
+def _refuse_in_coroutine(api: str, instead: str) -> None:
+    """A blocking delivery inside a coroutine of the worker's loop would stall every other
+    coroutine, timer and request of the worker until its result: refused. Hooks, timers and
+    listeners run outside any task, where blocking is the caller's choice, as in Swoole."""
+    loop = _get_running_loop()
+    if loop is not None and asyncio.current_task(loop) is not None:
+        raise DeliveryError(
+            f"{api} blocks this worker's event loop until the result, and every other "
+            f"coroutine and request of the worker with it: in a coroutine (an async def "
+            f"request handler), use `{instead}`, or Task.TYPE_ASYNC with a callback")
+
+
+def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def _expire(future: asyncio.Future[Any], message: str) -> None:
