@@ -103,15 +103,36 @@ class ServerProcess:
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """True if the group still has processes after timeout."""
+    """True if the group still has running processes after timeout. Zombies do not count:
+    a killed master's children are reaped by the machine's init, on its own schedule, and a
+    zombie runs nothing and holds nothing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return False
+        if not _running_in_group(pgid):
+            return False
         time.sleep(0.02)
     return True
+
+
+def _running_in_group(pgid: int) -> bool:
+    """Whether a process of the group is anything but a zombie (from /proc/PID/stat)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces: split after its end.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 class ServerRunner:
