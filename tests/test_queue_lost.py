@@ -15,9 +15,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import sysv_ipc
 from _testbase import ServerRunner
 from test_process import read_records
-import sysv_ipc
 from test_queue import command, new_key, start_server, stop
 
 SLOW = '''

@@ -12,6 +12,10 @@
 # body = msgpack ``[running, read_upto, reason]``, running being 0 when the task worker's last
 # start was another worker's (so it ran every record it read from w whole).
 #
+# A task taken from the message queue may have come from any worker to any task worker, so
+# its LOST frame names task ids: body ``[running, 0, reason, [task ids it ran]]``, running being
+# 0 when it was not running one of that worker's tasks (``queue_lost_frame``).
+#
 # Declarations in state.pxd.
 
 from libc.string cimport memcpy
@@ -93,3 +97,16 @@ cdef class TaskWorkerStates:
         if self.view is not None:
             self.view.release()
             self.view = None
+
+
+def queue_lost_frame(int src_worker, uint64_t running, list ran, str reason):
+    """The LOST frame telling a worker which of its tasks from the message queue died with the
+    task worker src_worker: the one it was running (0: none of this worker's), and those it
+    ran whose results may not have left it."""
+    cdef bytes body = packb([running, 0, reason, ran])
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE + PyBytes_GET_SIZE(body))
+    write_header(PyBytes_AS_STRING(frame), _FRAME_LOST, 0, running, <uint16_t>src_worker,
+                 <uint32_t>PyBytes_GET_SIZE(body))
+    memcpy(PyBytes_AS_STRING(frame) + _HEADER_SIZE, PyBytes_AS_STRING(body),
+           PyBytes_GET_SIZE(body))
+    return frame
