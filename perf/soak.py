@@ -24,8 +24,11 @@ counts its executions per (job, due second) and writes how late it ran.
 Rules (the exit status is 0 only if all hold):
 
 - no (source, seq) ran twice, on any path (queue included), and no cron run ran twice;
-- on the socket paths (worker CO/ASYNC, user process CO/ASYNC) every delivered task that never
-  ran was reported to its sender as TaskWorkerLost (never_ran_unexplained == 0);
+- on every path (worker CO/ASYNC, user process CO/ASYNC, the command's CO/ASYNC through the
+  message queue) every delivered task that never ran was reported lost (never_ran_unexplained
+  == 0): to its sender as TaskWorkerLost, or, for the command's ASYNC tasks, which have no
+  reply channel, by the master's log line naming its task id (the command records the id of
+  each delivery in the segment);
 - cron: every (job, due second) of the window (from 3 s after the server was up to 2 s before
   it was stopped) ran, except a run that a task worker had started (BEFORE_TASK seen) and that
   never finished counting because that task worker was killed: that one is counted as
@@ -34,10 +37,6 @@ Rules (the exit status is 0 only if all hold):
 - RSS per process role (master, worker N, task worker N, each user process) does not grow by
   more than 20 MiB and 25% between the first sample after a 30 s warm-up and the last one
   (task workers are respawned: the role is compared, whichever process holds it).
-
-Known and documented limitation: a task taken from the message queue by a task worker that is
-then killed is lost with it (a CO caller gets TaskTimeout). Queue losses are reported with the
-number of kills and do not fail the run; queue duplicates do.
 
 At the end the master gets SIGTERM; the script checks that the whole session is gone and that
 no SysV queue or segment of this run is left. Prints JSON lines.
@@ -49,6 +48,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -62,7 +62,6 @@ SOURCES = ["worker0.co", "worker0.async", "worker1.co", "worker1.async",
            "process.co", "process.async", "queue.co", "queue.async"]
 # Deliveries per second per source (the timers above); capacities are sized from them.
 RATES = [50, 250, 50, 250, 20, 100, 20, 200]
-SOCKET_SOURCES = SOURCES[:6]
 N_CRON = 20
 N_TW = 2
 CTL = 64                 # int64 control words: [0] stop, [1 + src] next seq of src
@@ -81,6 +80,7 @@ SHARED = textwrap.dedent('''
     MEM = memoryview(SHM)
     CTL = MEM[:L["ctl_bytes"]].cast("q")
     OUT = MEM[L["out_off"]:L["out_off"] + L["slots"]]
+    QIDS = MEM[L["qids_off"]:L["qids_off"] + 8 * L["cap"][7]].cast("q")
     BASE, CAP = L["base"], L["cap"]
 
     def next_seq(src):
@@ -219,7 +219,8 @@ COMMAND = SHARED + textwrap.dedent('''
             seq = next_seq(asy)
             if seq is not None:
                 try:
-                    Task.deliver("soak", "hit", [asy, seq], Task.TYPE_ASYNC, timeout=5.0)
+                    QIDS[seq] = Task.deliver("soak", "hit", [asy, seq], Task.TYPE_ASYNC,
+                                             timeout=5.0)
                 except Exception:
                     OUT[BASE[asy] + seq] = 6
         n += 1
@@ -318,21 +319,27 @@ def layout(seconds: float, base_sec: int, shm_key: int, queue_key: int, cron_key
     started_off = counts_off + N_TW * slots
     cron_counts_off = started_off + N_TW * slots
     cron_started_off = cron_counts_off + N_TW * N_CRON * nsec
-    size = cron_started_off + N_TW * N_CRON * nsec
+    qids_off = (cron_started_off + N_TW * N_CRON * nsec + 7) // 8 * 8
+    size = qids_off + 8 * cap[SOURCES.index("queue.async")]
     return {"shm_key": shm_key, "queue_key": queue_key, "cron_key": cron_key, "cap": cap,
             "base": base, "slots": slots, "nsec": nsec, "base_sec": base_sec, "n_tw": N_TW,
             "n_cron": N_CRON, "ctl_bytes": ctl_bytes, "delay_off": delay_off,
             "delay_bytes": delay_bytes, "out_off": out_off, "counts_off": counts_off,
             "started_off": started_off, "cron_counts_off": cron_counts_off,
-            "cron_started_off": cron_started_off, "size": size, "work": work}
+            "cron_started_off": cron_started_off, "qids_off": qids_off, "size": size,
+            "work": work}
 
 
 def emit(row: dict[str, Any]) -> None:
     print(json.dumps(row), flush=True)
 
 
-def analyse(mem: memoryview, L: dict[str, Any], window: tuple[int, int], kills: int
-            ) -> tuple[list[dict[str, Any]], list[str]]:
+# The master's line for a command's ASYNC task lost with its task worker (it has no reply).
+LOGGED_LOST = re.compile(r"ASYNC task (\d+) of command pid \d+ lost: ")
+
+
+def analyse(mem: memoryview, L: dict[str, Any], window: tuple[int, int], kills: int,
+            logged_lost: set[int]) -> tuple[list[dict[str, Any]], list[str]]:
     import numpy as np
 
     buf = np.frombuffer(mem, dtype=np.uint8)
@@ -351,35 +358,37 @@ def analyse(mem: memoryview, L: dict[str, Any], window: tuple[int, int], kills: 
         o, c, s = out[lo:lo + n], counts[lo:lo + n], started[lo:lo + n]
         sent = o != NOT_SENT
         never = sent & (c == 0)
+        reported = o == LOST
+        if name == "queue.async":
+            qids = np.frombuffer(mem[L["qids_off"]:L["qids_off"] + 8 * n], dtype=np.int64)
+            reported = np.isin(qids, np.array(sorted(logged_lost), dtype=np.int64))
         row = {"source": name, "delivered": int(sent.sum()), "not_sent": int((~sent).sum()),
                "ran_once": int((c == 1).sum()), "ran_twice_or_more": int((c >= 2).sum()),
                "never_ran": int(never.sum()),
-               "never_ran_reported_lost": int((never & (o == LOST)).sum()),
+               "never_ran_reported_lost": int((never & reported).sum()),
                "never_ran_timeout": int((never & (o == TIMEOUT)).sum()),
                "never_ran_started": int((never & (s > 0)).sum()),
                "ran_reported_lost": int(((c > 0) & (o == LOST)).sum()),
                "timeouts": int((o == TIMEOUT).sum()), "errors": int((o == ERROR).sum()),
                "wrong_result": int((o == WRONG).sum()),
                "capacity_reached": n >= L["cap"][src]}
-        socket = name in SOCKET_SOURCES
         if not name.endswith("queue.async"):
             row["no_result"] = int((sent & (o == DELIVERED)).sum())
-        unexplained = never & (o != LOST) if socket else never
-        row["never_ran_unexplained"] = int(unexplained.sum())
-        if not socket:
-            row["note"] = ("queue: a task taken by a task worker that is then killed is lost "
-                           "with it (documented); losses reported, not failed")
-            row["kills"] = kills
+        row["never_ran_unexplained"] = int((never & ~reported).sum())
+        if name == "queue.async":
+            row["note"] = ("a command's ASYNC task has no reply: reported lost = named by the "
+                           "master's log")
         rows.append(row)
         if row["ran_twice_or_more"]:
             failures.append(f"{name}: {row['ran_twice_or_more']} duplicated")
         if row["wrong_result"]:
             failures.append(f"{name}: {row['wrong_result']} wrong results")
-        if socket and row["never_ran_unexplained"]:
-            failures.append(f"{name}: {row['never_ran_unexplained']} lost without TaskWorkerLost")
-        if socket and row.get("no_result"):
+        if row["never_ran_unexplained"]:
+            failures.append(f"{name}: {row['never_ran_unexplained']} lost without being "
+                            "reported")
+        if row.get("no_result"):
             failures.append(f"{name}: {row['no_result']} deliveries never got a result")
-        if socket and row["errors"]:
+        if row["errors"]:
             failures.append(f"{name}: {row['errors']} errors")
     cron = N_CRON * nsec
     cc = buf[L["cron_counts_off"]:L["cron_counts_off"] + N_TW * cron].reshape(N_TW, N_CRON, nsec).sum(
@@ -540,8 +549,11 @@ def main() -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+    errlog.seek(0)
+    log_text = errlog.read()
+    logged_lost = {int(m.group(1)) for m in LOGGED_LOST.finditer(log_text)}
     try:
-        rows, more = analyse(mem, L, window, len(kills))
+        rows, more = analyse(mem, L, window, len(kills), logged_lost)
     finally:
         mem.release()
         shm.detach()
@@ -592,8 +604,8 @@ def main() -> int:
             leftovers.append(f"queue {qid} key 0x{key:x}")
     if leftovers:
         failures.append(f"SysV IPC left behind: {leftovers}")
-    errlog.seek(0)
-    errors = [line.rstrip() for line in errlog if "Traceback" in line or " ERROR " in line]
+    errors = [line for line in log_text.splitlines()
+              if ("Traceback" in line or " ERROR " in line) and not LOGGED_LOST.search(line)]
     errlog.close()
     shutil.rmtree(tmp, ignore_errors=True)
     emit({"verdict": "ok" if not failures else "fail", "failures": failures,

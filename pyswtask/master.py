@@ -139,6 +139,8 @@ class Master:
                 self._handle_control()
                 self._respawn_due()
                 self._reload_step()
+                if self.queue is not None and self.queue.backlog:
+                    self.queue.send_backlog()
         finally:
             self._stop_children()
             if self.http is not None:
@@ -323,8 +325,12 @@ class Master:
         else:
             log.warning("%s died with %s; respawning in %.1f s", child, how, delay)
         if child.kind == TASK_WORKER and self.ipc is not None:
-            self.ipc.report_lost(child.index, f"task worker {child.worker_id} (pid {child.pid}) "
-                                 f"died with {how}")
+            reason = f"task worker {child.worker_id} (pid {child.pid}) died with {how}"
+            self.ipc.report_lost(child.index, reason)
+            if self.queue is not None:
+                ipc, index = self.ipc, child.index
+                self.queue.take_back(index, child.worker_id, reason,
+                                     lambda w, frame: ipc.send_lost(w, index, frame))
 
     def _reload_step(self) -> None:
         """Restarts the children queued by SIGUSR1/SIGUSR2 one at a time: the next is asked
@@ -348,6 +354,9 @@ class Master:
 
     def _next_respawn_delay(self) -> float:
         due = [c.respawn_at for c in self.children if c.respawn_at is not None]
+        if self.queue is not None and self.queue.backlog:
+            # Messages taken back from a dead task worker wait for room in the queue.
+            due.append(time.monotonic() + 0.002)
         if not due:
             return 1.0
         return max(0.0, min(due) - time.monotonic())

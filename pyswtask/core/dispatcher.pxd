@@ -53,6 +53,7 @@ cdef class PendingTable:
     cdef void update_load(self) noexcept
     cdef int on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1
     cdef list take_lost(self, int tw, uint64_t running, uint64_t read_upto, object reason)
+    cdef int take_lost_ids(self, uint64_t running, list ran, object reason) except -1
     cdef int complete(self, uint64_t task_id, _Pending entry, object value,
                       bint failed) except -1
     cdef int run_deferred(self) except -1

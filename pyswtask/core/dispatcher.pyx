@@ -144,6 +144,21 @@ cdef class PendingTable:
         self.update_load()
         return [(task_id, self.entries[task_id]) for task_id in sorted(again)]
 
+    cdef int take_lost_ids(self, uint64_t running, list ran, object reason) except -1:
+        """Fails the task that task worker was running and those it ran whose results did not
+        come (a result that came first already completed its task)."""
+        cdef _Pending entry
+        for task_id in [running] + ran:
+            found = self.entries.pop(task_id, None) if task_id >> 32 == self.epoch else None
+            if found is None:
+                continue
+            entry = <_Pending>found
+            what = "while running this task or sending its result" if task_id == running else (
+                "after running this task; its result was lost")
+            self.complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
+        self.update_load()
+        return 0
+
     cdef int complete(self, uint64_t task_id, _Pending entry, object value,
                       bint failed) except -1:
         entry.body = None
@@ -541,7 +556,13 @@ cdef class Dispatcher(RecordReader):
         cdef _Pending entry
         cdef Channel out
         try:
-            running, read_upto, reason = unpackb(p, n)
+            notice = unpackb(p, n)
+            if len(notice) == 4:
+                # From the message queue: the task ids themselves, as the tasks of one queue
+                # may have gone to any task worker.
+                self.table.take_lost_ids(notice[0], notice[3], notice[2])
+                return 0
+            running, read_upto, reason = notice
         except Exception as exc:
             self.on_protocol_error(f"{self.who}: malformed lost-task notice dropped: {exc}")
             return 0

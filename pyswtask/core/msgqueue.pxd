@@ -31,9 +31,11 @@ cdef class QueueReader:
     cdef int wake_fd
     cdef readonly long mtype
     cdef size_t msgmax
-    cdef char *msg
-    cdef char *ring                 # records: u32 length, then the text
-    cdef size_t cap, head, tail, used
+    cdef object hold                # the hold area's memoryview (layout in msgqueue.pyx)
+    cdef uint64_t *hdr              # its header words
+    cdef char *ring                 # its records
+    cdef size_t cap
+    cdef size_t used                # bytes of records (and wraps) not taken by the task loop
     cdef pthread_mutex_t mutex
     cdef uint32_t pid
     cdef readonly bint finished
@@ -41,10 +43,14 @@ cdef class QueueReader:
     cdef readonly uint64_t lost_parts
 
     cdef void _run(self) noexcept nogil
-    cdef bint _room(self, size_t n) noexcept nogil
-    cdef void _push(self, const char *text, size_t n) noexcept nogil
-    cdef void _ring_write(self, const char *p, size_t n) noexcept nogil
-    cdef void _ring_read(self, char *p, size_t n) noexcept nogil
-    cdef ssize_t pop(self, char *dst) noexcept nogil
+    cdef char *_reserve(self) noexcept nogil
+    cdef void _commit(self, char *rec, size_t n) noexcept nogil
+    cdef ssize_t take(self, char **text, uint64_t *pos) noexcept nogil
+    cdef void taken(self) noexcept nogil
+    cdef void running(self, uint64_t pos) noexcept nogil
+    cdef void ran(self, uint64_t pos) noexcept nogil
+    cdef void release(self, uint64_t upto) noexcept nogil
+    cdef uint64_t head(self) noexcept nogil
+    cdef void give_up(self, uint64_t task_id, uint32_t flags_src) noexcept nogil
     cdef void _wake(self) noexcept nogil
-    cdef int _read_parts(self, const char *text, size_t n) noexcept nogil
+    cdef int _read_parts(self, long ptype) noexcept nogil

@@ -4,7 +4,7 @@
 
 from libc.errno cimport EAGAIN, EIDRM, EINTR, EINVAL, ENOMSG, errno
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport usleep, write
 
 from .includes.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
@@ -14,9 +14,6 @@ from .includes.sysv cimport IPC_NOWAIT, msgrcv, msgsnd
 
 cdef enum:
     _SENTINEL_SIZE = 8
-    # Messages a reader holds before it stops taking more: the rest wait in the queue, where
-    # they bound their senders.
-    _BACKLOG_MAX = 1024
     # How long a task worker waits for the remaining parts of a body whose first part it took.
     _PARTS_WAIT_US = 10000000
 
@@ -226,11 +223,64 @@ cdef class QueueSender:
         return queued_bytes(self.outs)
 
 
+# A task worker's hold: the messages its reader took from the queue and the task worker has not
+# finished, in shared memory (one area per task worker index, mapped by the master before it
+# forks), so that when the task worker dies the master can put back what it had not started
+# (``recover_hold``). The reader receives straight into it, so holding costs no extra copy.
+#
+#     0    u64 head    position of the first record not released: before it, every task ran and
+#                      its result left the process
+#     8    u64 done    position of the first record the task loop has not taken
+#     16   u64 tail    position of the next record: the reader receives there
+#     24   u64 run     2 * position of the frame running + 1; 2 * a position after which
+#                      nothing runs: the frames before it ran, the ones after did not start
+#     32   u64 gone    task id of a body whose first parts were released before it ran (0: none)
+#     40   u64 gone_sf its frame flags << 16 | its worker
+#     48..63           zero
+#     64   records, at byte positions counted since the start (offset: position % capacity)
+#
+# A record: u32 text length, u32 zero, the message as msgrcv writes it (long mtype, text),
+# padded to 8 bytes. A record never wraps: a u32 _WRAP where none fits sends the next one to
+# the start. Every byte outside the records is zero, so a message received just before the
+# process died (mtype set, length not yet) ends where its frames end.
+
+cdef enum:
+    _HOLD_HEADER = 64
+    _REC_HEADER = 16            # u32 length, u32 zero, long mtype
+    _H_HEAD = 0
+    _H_DONE = 1
+    _H_TAIL = 2
+    _H_RUN = 3
+    _H_GONE = 4
+    _H_GONE_SF = 5
+
+cdef uint32_t _WRAP = 0xFFFFFFFF
+
+
+cdef inline size_t rec_size(size_t n) noexcept nogil:
+    return _REC_HEADER + ((n + 7) & ~(<size_t>7))
+
+
+def hold_size(size_t msgmax, size_t capacity=1 << 20):
+    """The bytes of a task worker's hold area: its header and a ring of capacity bytes (at
+    least four messages)."""
+    return _HOLD_HEADER + hold_capacity(msgmax, capacity)
+
+
+cdef size_t hold_capacity(size_t msgmax, size_t capacity) noexcept:
+    cdef size_t least = 4 * rec_size(msgmax)
+    if capacity < least:
+        capacity = least
+    return (capacity + 7) & ~(<size_t>7)
+
+
 cdef class QueueReader:
     """A task worker's reader of the queue, run by a thread of its own (msgrcv has no
-    descriptor to poll). The thread never takes the GIL on its path: messages go into a ring
-    buffer under a plain mutex, and the wake descriptor (an eventfd in the task worker's epoll
-    set) is written when the ring was empty. The task loop takes them out with ``pop``.
+    descriptor to poll). The thread never takes the GIL on its path: it receives each message
+    into the hold (see above; a private one when hold is None), under a plain mutex, and writes
+    the wake descriptor (an eventfd in the task worker's epoll set) when nothing was waiting.
+    The task loop runs each record where it lies (``take``, ``taken``) and releases what is
+    finished (``release``).
 
     mtype > 0 reads that type only (ipc modes 1 and 2: this task worker's own messages); < 0
     reads every type up to -mtype (mode 3: contention). The thread ends at a sentinel naming
@@ -238,26 +288,29 @@ cdef class QueueReader:
     """
 
     def __cinit__(self, *args, **kwargs):
-        self.msg = NULL
-        self.ring = NULL
         pthread_mutex_init(&self.mutex, NULL)
 
     def __init__(self, int msqid, long mtype, size_t msgmax, int wake_fd, uint32_t pid,
-                 size_t capacity=1 << 20):
+                 size_t capacity=1 << 20, hold=None):
+        cdef unsigned char[::1] view
         self.msqid = msqid
         self.mtype = mtype
         self.msgmax = msgmax
         self.wake_fd = wake_fd
         self.pid = pid
-        self.cap = capacity if capacity > 4 * (msgmax + 4) else 4 * (msgmax + 4)
-        self.msg = <char *>malloc(sizeof(long) + msgmax)
-        self.ring = <char *>malloc(self.cap)
-        if self.msg == NULL or self.ring == NULL:
-            raise MemoryError()
+        self.cap = hold_capacity(msgmax, capacity)
+        if hold is None:
+            hold = bytearray(_HOLD_HEADER + self.cap)
+        self.hold = memoryview(hold).cast("B")
+        view = self.hold
+        if <size_t>view.shape[0] < _HOLD_HEADER + self.cap:
+            raise ValueError("the queue hold area is smaller than hold_size(msgmax, capacity)")
+        self.hdr = <uint64_t *>&view[0]
+        self.ring = <char *>&view[0] + _HOLD_HEADER
+        # Whatever a predecessor left was put back by the master; start from an empty hold.
+        memset(&view[0], 0, _HOLD_HEADER + self.cap)
 
     def __dealloc__(self):
-        free(self.msg)
-        free(self.ring)
         pthread_mutex_destroy(&self.mutex)
 
     def run(self):
@@ -270,107 +323,154 @@ cdef class QueueReader:
     cdef void _run(self) noexcept nogil:
         cdef ssize_t n
         cdef uint32_t target
-        cdef const char *text = self.msg + sizeof(long)
+        cdef char *rec
+        cdef long ptype
         while True:
-            # Keep room for one more message; what does not fit waits in the queue, where it
-            # holds back its senders.
-            while not self._room(self.msgmax):
-                usleep(200)
-            n = msgrcv(self.msqid, self.msg, self.msgmax, self.mtype, 0)
+            rec = self._reserve()
+            n = msgrcv(self.msqid, rec + 8, self.msgmax, self.mtype, 0)
             if n < 0:
                 if errno == EINTR:
                     continue
                 if errno != EIDRM and errno != EINVAL:
                     self.error = errno
                 return
-            if sentinel_pid(text, <size_t>n, &target):
+            if sentinel_pid(rec + _REC_HEADER, <size_t>n, &target):
+                if target != self.pid:
+                    # Another task worker's stop (contention mode): put it back for its owner.
+                    msgsnd(self.msqid, rec + 8, n, IPC_NOWAIT)
+                memset(rec + 8, 0, 8 + <size_t>n)
                 if target == self.pid:
                     return
-                # Another task worker's stop (contention mode): put it back for its owner.
-                msgsnd(self.msqid, self.msg, n, IPC_NOWAIT)
                 usleep(100)
                 continue
-            self._push(text, <size_t>n)
-            if self._read_parts(text, <size_t>n) < 0:
+            # Once committed, the record may be run and released at any time: look first.
+            ptype = open_part_type(rec + _REC_HEADER, <size_t>n)
+            self._commit(rec, <size_t>n)
+            if ptype and self._read_parts(ptype) < 0:
                 return
 
-    cdef bint _room(self, size_t n) noexcept nogil:
-        cdef bint ok
-        pthread_mutex_lock(&self.mutex)
-        ok = self.used + 4 + n <= self.cap
-        pthread_mutex_unlock(&self.mutex)
-        return ok
+    cdef char *_reserve(self) noexcept nogil:
+        """Where the next message goes, once there is room for one: what does not fit waits
+        in the queue, where it holds back its senders."""
+        cdef size_t need = rec_size(self.msgmax), off, skip
+        cdef uint64_t tail
+        cdef unsigned int waits = 0
+        while True:
+            pthread_mutex_lock(&self.mutex)
+            tail = self.hdr[_H_TAIL]
+            off = tail % self.cap
+            skip = self.cap - off if self.cap - off < need else 0
+            if tail - self.hdr[_H_HEAD] + skip + need <= self.cap:
+                if skip:
+                    (<uint32_t *>(self.ring + off))[0] = _WRAP
+                    self.hdr[_H_TAIL] = tail + skip
+                    self.used += skip
+                    off = 0
+                pthread_mutex_unlock(&self.mutex)
+                return self.ring + off
+            pthread_mutex_unlock(&self.mutex)
+            # The task loop frees room once results it held have left: nudge it now and then,
+            # as it may be waiting for nothing but that.
+            if waits % 50 == 0:
+                self._wake()
+            waits += 1
+            usleep(200)
 
-    cdef void _push(self, const char *text, size_t n) noexcept nogil:
-        cdef uint32_t len32 = <uint32_t>n
+    cdef void _commit(self, char *rec, size_t n) noexcept nogil:
         cdef bint was_empty
+        (<uint32_t *>rec)[0] = <uint32_t>n
         pthread_mutex_lock(&self.mutex)
         was_empty = self.used == 0
-        self._ring_write(<const char *>&len32, 4)
-        self._ring_write(text, n)
-        self.used += 4 + n
+        self.hdr[_H_TAIL] += rec_size(n)
+        self.used += rec_size(n)
         pthread_mutex_unlock(&self.mutex)
         if was_empty:
             self._wake()
 
-    cdef void _ring_write(self, const char *p, size_t n) noexcept nogil:
-        cdef size_t first = self.cap - self.tail
-        if first > n:
-            first = n
-        memcpy(self.ring + self.tail, p, first)
-        if n > first:
-            memcpy(self.ring, p + first, n - first)
-        self.tail = (self.tail + n) % self.cap
-
-    cdef void _ring_read(self, char *p, size_t n) noexcept nogil:
-        cdef size_t first = self.cap - self.head
-        if first > n:
-            first = n
-        memcpy(p, self.ring + self.head, first)
-        if n > first:
-            memcpy(p + first, self.ring, n - first)
-        self.head = (self.head + n) % self.cap
-
-    cdef ssize_t pop(self, char *dst) noexcept nogil:
-        """One message into dst (msgmax bytes at least); -1 when none is waiting."""
-        cdef uint32_t len32
+    cdef ssize_t take(self, char **text, uint64_t *pos) noexcept nogil:
+        """The next record for the task loop, where it lies: its text and length, and its
+        position; -1 when none is waiting. It stays held until ``taken`` and ``release``."""
+        cdef uint64_t done
+        cdef uint32_t n
         pthread_mutex_lock(&self.mutex)
         if self.used == 0:
             pthread_mutex_unlock(&self.mutex)
             return -1
-        self._ring_read(<char *>&len32, 4)
-        self._ring_read(dst, len32)
-        self.used -= 4 + len32
+        done = self.hdr[_H_DONE]
+        n = (<uint32_t *>(self.ring + done % self.cap))[0]
+        if n == _WRAP:
+            self.used -= self.cap - done % self.cap
+            done += self.cap - done % self.cap
+            self.hdr[_H_DONE] = done
+            if self.used == 0:
+                pthread_mutex_unlock(&self.mutex)
+                return -1
+            n = (<uint32_t *>(self.ring + done % self.cap))[0]
         pthread_mutex_unlock(&self.mutex)
-        return len32
+        text[0] = self.ring + done % self.cap + _REC_HEADER
+        pos[0] = done
+        return n
+
+    cdef void taken(self) noexcept nogil:
+        """The record take gave has been run: every frame of it ran or was refused."""
+        cdef uint64_t done = self.hdr[_H_DONE]
+        cdef size_t size = rec_size((<uint32_t *>(self.ring + done % self.cap))[0])
+        pthread_mutex_lock(&self.mutex)
+        self.hdr[_H_DONE] = done + size
+        self.used -= size
+        pthread_mutex_unlock(&self.mutex)
+        self.hdr[_H_RUN] = 2 * (done + size)
+
+    cdef inline void running(self, uint64_t pos) noexcept nogil:
+        self.hdr[_H_RUN] = 2 * pos + 1
+
+    cdef inline void ran(self, uint64_t pos) noexcept nogil:
+        self.hdr[_H_RUN] = 2 * pos + 2
+
+    cdef void release(self, uint64_t upto) noexcept nogil:
+        """Frees the records before position upto (their tasks ran and their results left),
+        zeroing them: the reader's room, and no stale frame for recover_hold to misread."""
+        cdef uint64_t head = self.hdr[_H_HEAD]
+        cdef size_t a, b
+        if upto > self.hdr[_H_DONE]:
+            upto = self.hdr[_H_DONE]
+        if upto <= head:
+            return
+        a = head % self.cap
+        b = upto % self.cap
+        if upto - head >= self.cap or (b <= a and upto > head):
+            memset(self.ring + a, 0, self.cap - a)
+            memset(self.ring, 0, b)
+        else:
+            memset(self.ring + a, 0, b - a)
+        pthread_mutex_lock(&self.mutex)
+        self.hdr[_H_HEAD] = upto
+        pthread_mutex_unlock(&self.mutex)
+
+    cdef inline uint64_t head(self) noexcept nogil:
+        return self.hdr[_H_HEAD]
+
+    cdef void give_up(self, uint64_t task_id, uint32_t flags_src) noexcept nogil:
+        """The first parts of this task's body are released before it ran (the body outgrew
+        the hold): if the process dies now, the master can only report it lost."""
+        self.hdr[_H_GONE_SF] = flags_src
+        self.hdr[_H_GONE] = task_id
 
     cdef void _wake(self) noexcept nogil:
         cdef uint64_t one = 1
         write(self.wake_fd, &one, 8)
 
-    cdef int _read_parts(self, const char *text, size_t n) noexcept nogil:
-        """When the message ends with the first part of a fragmented body, reads the later
-        parts by the body's part type, waiting for them up to _PARTS_WAIT_US. -1: stop."""
-        cdef size_t off = 0
+    cdef int _read_parts(self, long ptype) noexcept nogil:
+        """Reads the later parts of a fragmented body whose first part the last message
+        ended with, by the body's part type, waiting for them up to _PARTS_WAIT_US. -1: stop."""
         cdef FrameHeader h
-        cdef FrameHeader last
-        cdef bint found = False
-        cdef long ptype
         cdef ssize_t r
+        cdef char *rec
+        cdef bint last
         cdef unsigned int waited = 0, pause = 20
-        while off < n:
-            if check_header(text + off, n - off, &h) != NULL:
-                return 0            # the task worker reports the bad record itself
-            last = h
-            found = True
-            off += _HEADER_SIZE + h.body_len
-        if not found or not (last.flags & _FLAG_FRAG_FIRST) or (last.flags & _FLAG_FRAG_LAST):
-            return 0
-        ptype = part_type(last.task_id)
         while True:
-            while not self._room(self.msgmax):
-                usleep(200)
-            r = msgrcv(self.msqid, self.msg, self.msgmax, ptype, IPC_NOWAIT)
+            rec = self._reserve()
+            r = msgrcv(self.msqid, rec + 8, self.msgmax, ptype, IPC_NOWAIT)
             if r < 0:
                 if errno == ENOMSG or errno == EINTR:
                     if waited >= _PARTS_WAIT_US:
@@ -387,11 +487,142 @@ cdef class QueueReader:
                 return -1
             waited = 0
             pause = 20
-            self._push(self.msg + sizeof(long), <size_t>r)
-            if check_header(self.msg + sizeof(long), <size_t>r, &h) != NULL:
+            last = (check_header(rec + _REC_HEADER, <size_t>r, &h) != NULL
+                    or (h.flags & _FLAG_FRAG_LAST) != 0)
+            self._commit(rec, <size_t>r)
+            if last:
                 return 0
-            if h.flags & _FLAG_FRAG_LAST:
-                return 0
+
+
+cdef long open_part_type(const char *text, size_t n) noexcept nogil:
+    """The part type of the body whose first part ends the message, else 0."""
+    cdef size_t off = 0
+    cdef FrameHeader h
+    cdef FrameHeader last
+    cdef bint found = False
+    while off < n:
+        if check_header(text + off, n - off, &h) != NULL:
+            return 0            # the task worker reports the bad record itself
+        last = h
+        found = True
+        off += _HEADER_SIZE + h.body_len
+    if not found or not (last.flags & _FLAG_FRAG_FIRST) or (last.flags & _FLAG_FRAG_LAST):
+        return 0
+    return part_type(last.task_id)
+
+
+def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
+    """After the task worker that owned hold died: what it held, and empties it for its
+    successor. Returns (put_back, running, ran, gone, open_part):
+
+    - put_back: [(mtype, text)] to queue again, in order: the frames it had not started (a
+      record it was running is cut after the running frame; the parts of a body it had not
+      run go back one per message, as they came);
+    - running: (task id, frame flags, worker) of the task it was running, or None;
+    - ran: [(task id, flags, worker)] of the workers' tasks it ran whose results may not have
+      left it;
+    - gone: (task id, flags, worker) of a task whose body it had partly released, or None
+      (its parts still held are dropped: the body cannot be made whole again);
+    - open_part: the part type of a body put back without its last part, whose remaining parts
+      are still in the queue (they must be moved behind the ones put back), else 0.
+    """
+    cdef unsigned char[::1] view = memoryview(hold).cast("B")
+    cdef size_t cap = hold_capacity(msgmax, capacity)
+    cdef uint64_t *hdr
+    cdef char *ring
+    cdef uint64_t pos, tail, run, fpos, gone_id
+    cdef size_t off, n, foff, keep_from, fsize
+    cdef long mtype
+    cdef FrameHeader h
+    cdef const char *text
+    cdef bint committed, started
+    cdef list put_back = [], ran = [], held = []
+    cdef object running = None, gone = None, last
+    cdef long open_part = 0
+    if <size_t>view.shape[0] < _HOLD_HEADER + cap:
+        raise ValueError("the queue hold area is smaller than hold_size(msgmax, capacity)")
+    hdr = <uint64_t *>&view[0]
+    ring = <char *>&view[0] + _HOLD_HEADER
+    pos, tail, run, gone_id = hdr[_H_HEAD], hdr[_H_TAIL], hdr[_H_RUN], hdr[_H_GONE]
+    if gone_id:
+        gone = (gone_id, hdr[_H_GONE_SF] >> 16, hdr[_H_GONE_SF] & 0xFFFF)
+    while True:
+        off = pos % cap
+        committed = pos < tail
+        if committed and (<uint32_t *>(ring + off))[0] == _WRAP:
+            pos += cap - off
+            continue
+        mtype = (<long *>(ring + off + 8))[0]
+        if not committed and mtype == 0:
+            break
+        text = ring + off + _REC_HEADER
+        if committed:
+            n = (<uint32_t *>(ring + off))[0]
+        else:
+            # Received as the process died: its frames say where it ends (zeros follow).
+            n = 0
+            while n + _HEADER_SIZE <= msgmax and check_header(text + n, msgmax - n, &h) == NULL:
+                n += _HEADER_SIZE + h.body_len
+        foff = 0
+        keep_from = n
+        while foff < n:
+            if check_header(text + foff, n - foff, &h) != NULL:
+                break           # the task worker refuses the rest of such a record whole
+            fsize = _HEADER_SIZE + h.body_len
+            fpos = pos + _REC_HEADER + foff
+            started = 2 * fpos + 1 <= run
+            if gone_id and h.task_id == gone_id and (h.flags & _FLAGS_FRAG):
+                pass
+            elif started and (h.flags & _FLAGS_FRAG) and not (h.flags & _FLAG_FRAG_LAST):
+                # A part of a body: it ran only if its last part did.
+                held.append((mtype if not is_later_part(&h) else part_type(h.task_id),
+                             PyBytes_FromStringAndSize(text + foff, fsize)))
+            elif started:
+                held = []
+                if 2 * fpos + 1 == run:
+                    running = (h.task_id, h.flags, h.src_worker)
+                elif not (h.flags & _FLAG_COMMAND):
+                    ran.append((h.task_id, h.flags, h.src_worker))
+            elif keep_from == n:
+                keep_from = foff
+                put_back.extend(held)
+                held = []
+            foff += fsize
+        if keep_from < foff:
+            put_back.append((mtype, PyBytes_FromStringAndSize(text + keep_from,
+                                                              foff - keep_from)))
+        if not committed:
+            break
+        pos += rec_size(n)
+    put_back.extend(held)
+    if gone is not None and (running is not None and running[0] == gone_id
+                             or any(t[0] == gone_id for t in ran)):
+        gone = None         # its body was whole after all: it ran, or runs
+    # A body whose first parts go back but not its last: its other parts are still in the
+    # queue, and must be moved behind these.
+    last = put_back[len(put_back) - 1][1] if put_back else None   # no wraparound here
+    if last is not None and not is_last_part(last):
+        text = PyBytes_AS_STRING(last)
+        n = PyBytes_GET_SIZE(last)
+        foff = 0
+        while foff < n and check_header(text + foff, n - foff, &h) == NULL:
+            foff += _HEADER_SIZE + h.body_len
+        if foff and (h.flags & _FLAGS_FRAG):
+            open_part = part_type(h.task_id)
+    memset(&view[0], 0, _HOLD_HEADER + cap)
+    return put_back, running, ran, gone, open_part
+
+
+def is_last_part(text):
+    """Whether a message's last frame ends a fragmented body."""
+    cdef const unsigned char[::1] view = text
+    cdef size_t n = view.shape[0], off = 0
+    cdef FrameHeader h
+    cdef bint last = False
+    while off < n and check_header(<const char *>&view[off], n - off, &h) == NULL:
+        last = (h.flags & _FLAG_FRAG_LAST) != 0
+        off += _HEADER_SIZE + h.body_len
+    return last
 
 
 def queue_send(int msqid, long mtype, bytes text):

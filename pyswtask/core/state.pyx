@@ -23,6 +23,10 @@
 # was sent. Whoever writes the length last publishes or takes the rest with that one store, and
 # while a rest is held, its worker's read_upto does not count it as read (see lost_reports).
 #
+# A task taken from the message queue may have come from any worker to any task worker, so
+# its LOST frame names task ids: body ``[running, 0, reason, [task ids it ran]]``, running being
+# 0 when it was not running one of that worker's tasks (``queue_lost_frame``).
+#
 # Declarations in state.pxd.
 
 from libc.string cimport memcpy
@@ -179,3 +183,16 @@ cdef class TaskWorkerStates:
         if self.handover_view is not None:
             self.handover_view.release()
             self.handover_view = None
+
+
+def queue_lost_frame(int src_worker, uint64_t running, list ran, str reason):
+    """The LOST frame telling a worker which of its tasks from the message queue died with the
+    task worker src_worker: the one it was running (0: none of this worker's), and those it
+    ran whose results may not have left it."""
+    cdef bytes body = packb([running, 0, reason, ran])
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE + PyBytes_GET_SIZE(body))
+    write_header(PyBytes_AS_STRING(frame), _FRAME_LOST, 0, running, <uint16_t>src_worker,
+                 <uint32_t>PyBytes_GET_SIZE(body))
+    memcpy(PyBytes_AS_STRING(frame) + _HEADER_SIZE, PyBytes_AS_STRING(body),
+           PyBytes_GET_SIZE(body))
+    return frame

@@ -1,6 +1,6 @@
 # Declarations of core/taskloop.pyx: the task worker's loop.
 
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 
 cdef class TaskLoop(RecordReader):
@@ -17,6 +17,12 @@ cdef class TaskLoop(RecordReader):
     cdef QueueReader reader         # the message queue's reader thread, or None
     cdef int queue_fd               # its wake descriptor
     cdef Channel qchan              # stands for the queue: where its fragments are reassembled
+    cdef const char *qrec           # the queue record being run, in the reader's hold
+    cdef size_t qlen
+    cdef uint64_t qpos              # its position there
+    cdef uint64_t qopen             # position of the record that opened a body not run yet
+    cdef uint64_t qopen_task        # that body's task id, and its flags << 16 | worker
+    cdef uint32_t qopen_sf
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
     cdef TaskWorkerStates state     # read by the master if this process dies, or None
@@ -31,4 +37,7 @@ cdef class TaskLoop(RecordReader):
     cdef int _serve(self, Channel ch, size_t n) except -1
     cdef int _take_over(self) except -1
     cdef int _read_queue(self) except -1
+    cdef int _track_open_body(self, const char *text, size_t n) except -1
+    cdef int _release_queue(self) except -1
+    cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1

@@ -15,6 +15,16 @@ cdef enum:
     _QUEUE_TAG = 0xFFFFFFFD
     _DURATIONS_MAX = 4096
 
+# TaskLoop.qopen when no body is open, and once an open body's parts were released.
+cdef uint64_t _NO_OPEN = <uint64_t>-1
+cdef uint64_t _GAVE_UP = <uint64_t>-2
+
+
+cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
+    cdef FrameHeader h
+    return check_header(text, n, &h) == NULL and is_later_part(&h)
+
+
 # A method whose runs average more than this is "slow": results already queued are sent before
 # it starts, so a fast task's result never waits behind a slow one that shared its record.
 cdef double _SLOW_TASK = 0.0002
@@ -84,6 +94,7 @@ cdef class TaskLoop(RecordReader):
         self.queue_fd = queue_fd
         self.qchan = Channel(-1, -1)
         self.qchan.body_max = max_body
+        self.qopen = _NO_OPEN
         self.on_reply = on_reply
         self.on_stopping = on_stopping
         if reader is not None:
@@ -221,15 +232,27 @@ cdef class TaskLoop(RecordReader):
         return 0
 
     cdef int _read_queue(self) except -1:
+        # Records are run where the reader received them, in its hold; they stay held until
+        # their results have left (see _release_queue), so that the master can tell, if this
+        # process dies, which tasks ran and put back the ones that did not start.
         cdef ssize_t n
         cdef int k
         cdef Channel ch
         cdef uint64_t one = 1
+        cdef char *text
+        self._release_queue()
         for k in range(_READ_BUDGET):
-            n = self.reader.pop(self.scratch)
+            n = self.reader.take(&text, &self.qpos)
             if n < 0:
                 break
-            self.read_record(self.qchan, self.scratch, <size_t>n, _FRAME_TASK)
+            self.qrec = text
+            self.qlen = <size_t>n
+            if self.qchan.frags and not _starts_with_later_part(text, <size_t>n):
+                # The reader gave up on the rest of that body (its sender died mid-body).
+                self.qchan.frags.clear()
+            self.read_record(self.qchan, text, <size_t>n, _FRAME_TASK)
+            self.reader.taken()
+            self._track_open_body(text, <size_t>n)
         else:
             # More is waiting: come back after the channels had their turn.
             write(self.queue_fd, &one, 8)
@@ -238,7 +261,51 @@ cdef class TaskLoop(RecordReader):
             if ch.queued():
                 ch.flush()
                 ch.update_interest(self.epfd, self.high_water)
+        self._release_queue()
         return 0
+
+    cdef int _track_open_body(self, const char *text, size_t n) except -1:
+        """Holds the parts of a body not run yet (they go back to the queue if this process
+        dies), unless they outgrow half the hold: then they are released, and the body can
+        only be reported lost."""
+        cdef FrameHeader h
+        cdef size_t off = 0
+        if not self.qchan.frags:
+            if self.qopen != _NO_OPEN:
+                self.qopen = _NO_OPEN
+                self.reader.give_up(0, 0)
+            return 0
+        if self.qopen == _NO_OPEN:
+            self.qopen = self.qpos
+            while off < n and check_header(text + off, n - off, &h) == NULL:
+                off += _HEADER_SIZE + h.body_len
+            self.qopen_task = h.task_id
+            self.qopen_sf = (<uint32_t>h.flags << 16) | h.src_worker
+        elif self.qopen != _GAVE_UP and self.qpos - self.qopen > self.reader.cap // 2:
+            self.reader.give_up(self.qopen_task, self.qopen_sf)
+            self.qopen = _GAVE_UP
+        return 0
+
+    cdef int _release_queue(self) except -1:
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                return 0
+        self.reader.release(self.qopen if self.qopen < _GAVE_UP else <uint64_t>-1)
+        return 0
+
+    cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept:
+        """The hold position of the frame whose task runs: body p lies in the current record,
+        or was reassembled, and its task runs at its last part."""
+        cdef size_t off = 0
+        cdef FrameHeader f
+        if self.qrec <= p < self.qrec + self.qlen:
+            return self.qpos + _REC_HEADER + <size_t>(p - self.qrec) - _HEADER_SIZE
+        while off < self.qlen and check_header(self.qrec + off, self.qlen - off, &f) == NULL:
+            if f.task_id == h.task_id and (f.flags & _FLAG_FRAG_LAST):
+                break
+            off += _HEADER_SIZE + f.body_len
+        return self.qpos + _REC_HEADER + off
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         self._run_task(ch, h, body, n)
@@ -252,6 +319,7 @@ cdef class TaskLoop(RecordReader):
         cdef double started
         cdef object expected
         cdef object envelope = None
+        cdef uint64_t fpos = 0
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
@@ -265,9 +333,14 @@ cdef class TaskLoop(RecordReader):
                 ch.flush()
             if self.state is not None and ch is not self.qchan:
                 self.state.started(self.index, task_id, src)
+            if ch is self.qchan:
+                fpos = self._frame_pos(h, p)
+                self.reader.running(fpos)
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started
+            if ch is self.qchan:
+                self.reader.ran(fpos)
             if expected is None:
                 if len(self.durations) >= _DURATIONS_MAX:
                     self.durations.clear()

@@ -75,7 +75,8 @@ class TaskWorker(ChildRole):
         index, worker_id = self.index, self.worker_id
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         pid = os.getpid()
-        reader = QueueReader(queue.msqid, queue.reader_type(index), queue.msgmax, wake_fd, pid)
+        reader = QueueReader(queue.msqid, queue.reader_type(index), queue.msgmax, wake_fd, pid,
+                             hold=queue.holds[index])
         threading.Thread(target=reader.run, name="pyswtask-queue", daemon=True).start()
         replies = ReplySender(queue.msqid, worker_id)
         max_wait = self.server.settings["max_wait_time"]

@@ -78,11 +78,15 @@ class ServerIpc:
         """After task worker index died: tells each worker, on the dead end of their channel
         (read by the worker like a result), which of its tasks the task worker had taken."""
         for w, frame in self.tw_state.lost_reports(index, self.worker_num + index, reason):
-            try:
-                self.pairs[w][index][1].send(frame, socket.MSG_DONTWAIT)
-            except OSError as exc:
-                log.error("worker %d not told of its tasks lost with task worker %d: %s", w,
-                          self.worker_num + index, exc)
+            self.send_lost(w, index, frame)
+
+    def send_lost(self, w: int, index: int, frame: bytes) -> None:
+        """Sends worker w a LOST frame on the dead task worker index's end of their channel."""
+        try:
+            self.pairs[w][index][1].send(frame, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.error("worker %d not told of its tasks lost with task worker %d: %s", w,
+                      self.worker_num + index, exc)
 
     def master_inbox(self) -> tuple[int, list[int]]:
         """The master's inbox read end and every write end."""

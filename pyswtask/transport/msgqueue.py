@@ -11,6 +11,14 @@ A keyed queue is announced by a small shared-memory record under the same key, h
 command needs: the master's pid, the process counts, the per-message limit. A command that
 finds no record, or a record whose master is gone, knows no server is running.
 
+A task worker's reader receives into a hold in shared memory (``hold_size``), one per task
+worker index, which the master maps before it forks. When a task worker dies, the master reads
+its hold (``ServerQueue.take_back``): what it had not started goes back on the queue (to be run
+once, by its successor or, in mode 3, by any task worker); the task it was running fails with
+TaskWorkerLost for its caller (a worker, on the channel from that task worker; a command, on its
+reply socket; a command's ASYNC task has nobody to tell, so the master logs it), as do the
+workers' tasks it ran whose results had not left it.
+
 A queue left by a server that died without removing it is adopted at the next start: its
 messages run, as they would under Swoole, and the log says how many. ``pyswtask queue purge``
 discards them first when that is not wanted.
@@ -18,11 +26,14 @@ discards them first when that is not wanted.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
+import mmap
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +41,17 @@ import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
 from .._core import (
+    FLAG_ASYNC,
+    FLAG_COMMAND,
     PART_TYPE_BASE,
     RECORD_MAX,
+    hold_size,
+    is_last_part,
     is_sentinel,
+    queue_lost_frame,
     queue_receive,
     queue_send,
+    recover_hold,
     reply_records,
     sentinel,
 )
@@ -171,6 +188,11 @@ class ServerQueue:
         self.info_shm: sysv_ipc.SharedMemory | None = None
         self.info_key: int | None = None
         self.msqid = -1
+        # One hold per task worker: what its reader took from the queue and it did not finish.
+        self.holds = [mmap.mmap(-1, hold_size(self.msgmax)) for _ in range(task_worker_num)]
+        # Messages taken back from dead task workers, waiting for room in the queue.
+        self.backlog: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.replies: socket.socket | None = None
 
     def task_type(self, index: int) -> int:
         """The message type of task worker index's tasks."""
@@ -261,6 +283,12 @@ class ServerQueue:
             except sysv_ipc.ExistentialError:
                 pass
             self.info_shm = None
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
+        for hold in self.holds:
+            hold.close()
+        self.holds = []
         if self.mq is None:
             return
         try:
@@ -273,6 +301,89 @@ class ServerQueue:
                         "stop deadline (max_wait_time)",
                         f"0x{self.key:x}" if self.key else f"id {self.msqid}", left)
         self.mq = None
+
+    def take_back(self, index: int, worker_id: int, reason: str,
+                  tell_worker: Callable[[int, bytes], None]) -> None:
+        """After task worker index (worker id worker_id) died: puts back on the queue what its
+        reader held and it had not started, and reports the tasks that died with it (reason
+        says how it died). tell_worker(worker, frame) sends a LOST frame to a worker."""
+        put_back, running, ran, gone, open_part = recover_hold(self.holds[index], self.msgmax)
+        if open_part:
+            put_back += self._parts_left(open_part)
+        self.backlog.extend(put_back)
+        if put_back:
+            log.info("%d message(s) task worker %d had taken from the queue put back",
+                     len(put_back), worker_id)
+        ran_by: dict[int, list[int]] = {}
+        for task_id, _, src in ran:
+            ran_by.setdefault(src, []).append(task_id)
+        for src, ids in ran_by.items():
+            if src < self.worker_num:
+                tell_worker(src, queue_lost_frame(worker_id, 0, ids, reason))
+        for task, what in ((running, "while running"),
+                           (gone, "before it started (its body was larger than the reader "
+                                  "could hold) with")):
+            if task is None:
+                continue
+            task_id, flags, src = task
+            if task is gone:
+                self._parts_left(PART_TYPE_BASE | (task_id & (PART_TYPE_BASE - 1)))
+            if flags & FLAG_COMMAND:
+                self._command_lost(task_id, flags, worker_id, reason, what)
+            elif src < self.worker_num:
+                tell_worker(src, queue_lost_frame(worker_id, task_id, [], reason))
+        self.send_backlog()
+
+    def _command_lost(self, task_id: int, flags: int, worker_id: int, reason: str,
+                      what: str) -> None:
+        pid = task_id >> 32
+        if flags & FLAG_ASYNC:
+            # Nobody waits for it: the log is all there is to tell.
+            log.error("ASYNC task %d of command pid %d lost: %s %s it", task_id, pid, reason,
+                      what)
+            return
+        if self.replies is None:
+            self.replies = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.replies.setblocking(False)
+        body = msgpack.packb(["TaskWorkerLost", f"{reason} {what} this task", ""])
+        try:
+            for record in reply_records(task_id, False, worker_id, body):
+                self.replies.sendto(record, reply_address(self.msqid, pid))
+        except OSError as exc:
+            log.info("command pid %d not told that its task %d was lost: %s", pid, task_id, exc)
+
+    def _parts_left(self, ptype: int, wait: float = 2.0) -> list[tuple[int, bytes]]:
+        """Takes the parts of a body still in the queue, up to its last one (its sender may
+        still be writing them): they must follow the ones put back, not come before them."""
+        parts: list[tuple[int, bytes]] = []
+        deadline = time.monotonic() + wait
+        while True:
+            text = queue_receive(self.msqid, ptype, self.msgmax)
+            if text is not None:
+                parts.append((ptype, text))
+                if is_last_part(text):
+                    return parts
+            elif time.monotonic() >= deadline:
+                log.error("the rest of a body in the queue never came (%d part(s) taken)",
+                          len(parts))
+                return parts
+            else:
+                time.sleep(0.001)
+
+    def send_backlog(self) -> bool:
+        """Sends what was taken back, as far as the queue takes it; True when all went."""
+        while self.backlog:
+            mtype, text = self.backlog[0]
+            try:
+                if not queue_send(self.msqid, mtype, text):
+                    return False
+            except OSError as exc:
+                log.error("%d message(s) taken back from a task worker dropped: %s",
+                          len(self.backlog), exc)
+                self.backlog.clear()
+                return True
+            self.backlog.popleft()
+        return True
 
     def stop_reader(self, index: int, pid: int, timeout: float) -> bool:
         """Asks task worker index's reader thread (in process pid) to finish: a sentinel
