@@ -62,7 +62,7 @@ cdef class PendingTable:
 cdef class _FlushWatch:
     cdef object owner               # a weak reference to the Dispatcher
     cdef int efd                    # eventfd: wakes the thread when it sleeps without a deadline
-    cdef uint64_t held              # raised when frames start to wait in the queue
+    cdef uint64_t held              # raised by each delivery whose frame waits in the queue
     cdef uint64_t sent              # set to held when a flush leaves nothing queued
     cdef int sleeping               # 1 while the thread waits on efd
     cdef int stop
@@ -99,6 +99,7 @@ cdef class Dispatcher(RecordReader):
     cdef int _pick(self, int dst) except -1
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0
     cdef int _wait_for_room(self) except -1
+    cdef int _sent_record(self, Channel ch) except -1
     cdef int _schedule_flush(self) except -1
     cdef int _hold(self) except -1
     cdef int _release(self) except -1

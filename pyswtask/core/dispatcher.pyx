@@ -22,9 +22,11 @@ from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSi
 cdef size_t _READ_ALWAYS = <size_t>-1
 
 # How long ASYNC frames may wait in the queue for the loop's flush before the flush watch sends
-# them (a little over one period, two at most): a callback that goes on synchronously after
-# delivering (a blocking sleep, CPU work) never holds its tasks for longer than that.
+# them: once no task was delivered and no record left for a whole period (the delivering code
+# went on with a blocking sleep or CPU work), or after _HOLD_MAX_PERIODS while deliveries go on
+# but no record fills (a slow stream of them). A tight burst fills records faster than that.
 cdef unsigned int _HOLD_PERIOD_US = 1000
+cdef unsigned int _HOLD_MAX_PERIODS = 5
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
@@ -195,13 +197,14 @@ cdef class PendingTable:
 cdef class _FlushWatch:
     """The thread that bounds how long coalesced ASYNC frames wait for the loop's flush.
 
-    It sleeps on an eventfd until the dispatcher reports frames waiting (once per loop turn at
-    most, by a counter and a barrier: no system call while the thread is awake). Then it looks
-    every period: frames that waited a whole period with no flush between are sent from here,
-    under the GIL, by _flush_held, which only sends (it never reads, so it cannot race the
-    loop's reading of results). While the loop keeps flushing it never takes the GIL."""
+    It sleeps on an eventfd until the dispatcher reports frames waiting (a counter and a
+    barrier; a system call only to wake it). Then it looks every period, without the GIL: when
+    frames are due (_HOLD_PERIOD_US) it sends them under the GIL by _flush_held, which only
+    sends (it never reads or waits, so it cannot race the loop's reading of results). While the
+    loop keeps flushing, or a burst keeps filling records, it never takes the GIL."""
 
     def __cinit__(self, owner):
+        self.efd = -1
         self.owner = weakref.ref(owner)
         self.efd = eventfd(0, EFD_CLOEXEC)
         if self.efd < 0:
@@ -222,7 +225,13 @@ cdef class _FlushWatch:
             owner = self.owner()
             if owner is None:
                 return
-            if (<Dispatcher>owner)._flush_held():
+            try:
+                sent = (<Dispatcher>owner)._flush_held()
+            except Exception:
+                # A send that fails here fails the same way for the loop's flush, which raises it
+                # where the deliveries are made; the watch only retries later.
+                sent = False
+            if sent:
                 self.backoff = 0
             elif self.backoff < 6:
                 # The sockets are full: the task workers have work, and EPOLLOUT brings the loop
@@ -231,12 +240,14 @@ cdef class _FlushWatch:
             owner = None
 
     cdef int _wait(self) noexcept nogil:
-        """1 once frames have stayed queued for a whole period with no flush between; 0 when
-        the dispatcher has gone."""
-        cdef uint64_t one, sent0 = 0
+        """1 once queued frames are due (see _HOLD_PERIOD_US); 0 when the dispatcher has gone."""
+        cdef uint64_t one, held, sent, held0 = 0, sent0 = 0
+        cdef unsigned int stale = 0
         cdef bint was_held = False
         while not self.stop:
-            if self.held == self.sent:
+            held = self.held
+            sent = self.sent
+            if held == sent:
                 self.sleeping = 1
                 __sync_synchronize()
                 # Checked again after announcing sleep: a hold in between wrote efd, or is seen.
@@ -245,10 +256,15 @@ cdef class _FlushWatch:
                 self.sleeping = 0
                 was_held = False
                 continue
-            if was_held and self.sent == sent0:
-                return 1
+            if was_held:
+                stale = stale + 1 if sent == sent0 else 0
+                if (held == held0 and sent == sent0) or stale >= _HOLD_MAX_PERIODS:
+                    return 1
+            else:
+                stale = 0
             was_held = True
-            sent0 = self.sent
+            held0 = held
+            sent0 = sent
             usleep(_HOLD_PERIOD_US << self.backoff)
         return 0
 
@@ -261,10 +277,11 @@ cdef class Dispatcher(RecordReader):
     the first task of a loop turn is sent at once, as Swoole's task() writes at once; tasks
     delivered after it in the same turn are queued and leave together, one record (64 KiB,
     ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
-    for the end of the turn. Queued tasks never wait for the loop longer than about a
-    millisecond (two at most, plus a GIL switch interval under CPU-bound code): when the
-    callback that delivered them goes on synchronously (a blocking sleep, CPU work), a flush
-    watch thread sends them (_FlushWatch). Without a loop every task is sent at once."""
+    for the end of the turn. They never wait for the loop itself: when the code that delivered
+    them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
+    within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
+    filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
+    _FlushWatch. Without a loop every task is sent at once."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -383,20 +400,30 @@ cdef class Dispatcher(RecordReader):
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         task_id = self.table.new_id()
         self.delivered += 1
+        if ch.queued() and ch.queued() + _HEADER_SIZE + <size_t>PyBytes_GET_SIZE(body) > _RECORD_MAX:
+            # A full record goes now, before the frame that would overflow it: one send per
+            # record, where flushing after the put also sent that one frame alone.
+            self._sent_record(ch)
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         self.table.add(task_id, entry)
         if ch.queued() >= _RECORD_MAX:
-            self._flush_channel(ch)
+            self._sent_record(ch)
         return task_id
+
+    cdef int _sent_record(self, Channel ch) except -1:
+        self._flush_channel(ch)
+        # A record leaving is progress for the watch, which would otherwise take the GIL in the
+        # middle of a long burst to send a partial one; the caller holds again if any is left.
+        return self._release()
 
     # -- delivering -----------------------------------------------------------------------------
 
     def submit(self, bytes body, int dst=-1, callback=None):
         """Sends an ASYNC task; returns its id. The first task of a loop turn (every task
         without a loop) is written at once; later ones are coalesced and leave when a record
-        fills, at the end of the turn, or after about a millisecond, whichever comes first. The
-        result comes back through on_finish."""
+        fills, at the end of the turn, or a millisecond or two after the deliveries stop,
+        whichever comes first. The result comes back through on_finish."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_ASYNC
         entry.obj = callback
@@ -490,7 +517,10 @@ cdef class Dispatcher(RecordReader):
             self.schedule(self._scheduled_flush)
             self.flush()
             return 0
-        if not self.holding and any_queued(self.outs):
+        if self.holding:
+            # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
+            self.watch.held += 1
+        elif any_queued(self.outs):
             self._hold()
         return 0
 
