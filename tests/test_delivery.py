@@ -291,7 +291,8 @@ def test_async_tasks_leave_while_the_delivering_callback_still_runs(
     ''')
     delivered = srv.by_event("delivered")[0]["at"]
     started = srv.by_event("started")[0]["at"]
-    assert started - delivered < 0.5, f"the last of {n} ASYNC tasks started {started - delivered:.3f} s late"
+    assert started - delivered < (0.5 if n == 1 else 1.0), (
+        f"the last of {n} ASYNC tasks started {started - delivered:.3f} s late")
 
 
 def test_delivery_outside_a_worker_is_refused_with_directions() -> None:

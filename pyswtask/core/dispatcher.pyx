@@ -3,6 +3,7 @@
 # loop around it (epoll over the channels, choosing a task worker, sending, waiting, scheduling
 # on the event loop). Declarations in dispatcher.pxd.
 
+import signal
 import threading
 import weakref
 
@@ -531,7 +532,13 @@ cdef class Dispatcher(RecordReader):
         cdef _FlushWatch w = self.watch
         if w is None:
             w = self.watch = _FlushWatch(self)
-            threading.Thread(target=w.run, name="pyswtask-flush", daemon=True).start()
+            # Started with every signal blocked, so that it inherits that mask: a signal for the
+            # worker must interrupt the main thread's waits, not the watch's sleep.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                threading.Thread(target=w.run, name="pyswtask-flush", daemon=True).start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.holding = True
         w.held += 1
         __sync_synchronize()
