@@ -257,6 +257,44 @@ def test_task_worker_events_fire_around_each_task(servers: ServerRunner) -> None
     assert [p[3] for p in after] == [True, False]
 
 
+@pytest.mark.parametrize("where, n", [("worker_start", 1), ("timer", 1), ("timer", 1000)])
+def test_async_tasks_leave_while_the_delivering_callback_still_runs(
+        servers: ServerRunner, where: str, n: int) -> None:
+    # Swoole's task() writes at once. ASYNC tasks may be coalesced for a burst, but a callback
+    # that goes on synchronously after delivering (here a blocking sleep of 2 s) must not hold
+    # them until the worker's loop gets control back: the last one starts long before that.
+    srv = servers.run(f'''
+        N = {n}
+
+        @task()
+        class Clock:
+            def now(self, i):
+                if i == N - 1:
+                    emit(event="started", at=time.time())
+
+        def burst(server):
+            emit(event="delivered", at=time.time())
+            for i in range(N):
+                Task.deliver("Clock", "now", [i], Task.TYPE_ASYNC)
+            time.sleep(2)
+            server.after(300, server.shutdown)
+
+        def start(server, wid):
+            if {where!r} == "worker_start":
+                burst(server)
+            else:
+                server.after(100, lambda: burst(server))
+
+        server = Server(worker_num=1, task_worker_num=2)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    delivered = srv.by_event("delivered")[0]["at"]
+    started = srv.by_event("started")[0]["at"]
+    assert started - delivered < (0.5 if n == 1 else 1.0), (
+        f"the last of {n} ASYNC tasks started {started - delivered:.3f} s late")
+
+
 def test_delivery_outside_a_worker_is_refused_with_directions() -> None:
     from pyswtask import ServerNotRunning, Task
 

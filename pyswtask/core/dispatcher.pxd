@@ -59,7 +59,21 @@ cdef class PendingTable:
     cdef int run_deferred(self) except -1
 
 
+@cython.final
+cdef class _FlushWatch:
+    cdef object owner               # a weak reference to the Dispatcher
+    cdef int efd                    # eventfd: wakes the thread when it sleeps without a deadline
+    cdef uint64_t held              # raised by each delivery whose frame waits in the queue
+    cdef uint64_t sent              # set to held when a flush leaves nothing queued
+    cdef int sleeping               # 1 while the thread waits on efd
+    cdef int stop
+    cdef unsigned int backoff       # doubles the period while the sockets are full
+
+    cdef int _wait(self) noexcept nogil
+
+
 cdef class Dispatcher(RecordReader):
+    cdef object __weakref__
     cdef PendingTable table
     cdef int epfd
     cdef list channels              # results come in here, one channel per task worker
@@ -76,6 +90,8 @@ cdef class Dispatcher(RecordReader):
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
     cdef bint in_wait_callbacks     # finish callbacks running from _wait_for_room
+    cdef bint holding               # frames wait for the scheduled flush (the watch knows)
+    cdef _FlushWatch watch          # None until frames first wait
     cdef readonly uint64_t delivered
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
@@ -84,7 +100,10 @@ cdef class Dispatcher(RecordReader):
     cdef int _pick(self, int dst) except -1
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0
     cdef int _wait_for_room(self) except -1
+    cdef int _sent_record(self, Channel ch) except -1
     cdef int _schedule_flush(self) except -1
+    cdef int _hold(self) except -1
+    cdef int _release(self) except -1
     cdef int _schedule_deferred(self) except -1
     cdef int _flush_channel(self, Channel ch) except -1
     cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1

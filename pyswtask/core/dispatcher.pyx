@@ -3,8 +3,12 @@
 # loop around it (epoll over the channels, choosing a task worker, sending, waiting, scheduling
 # on the event loop). Declarations in dispatcher.pxd.
 
+import signal
+import threading
+import weakref
+
 from libc.errno cimport EINTR, errno
-from posix.unistd cimport close
+from posix.unistd cimport close, read, usleep, write
 
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1,
@@ -17,6 +21,22 @@ from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSi
 # tasks back up would deadlock with it (a flood of large ASYNC tasks did). The worker's own
 # backpressure on sending is _flush_channel's, at self.high_water.
 cdef size_t _READ_ALWAYS = <size_t>-1
+
+# How long ASYNC frames may wait in the queue for the loop's flush before the flush watch sends
+# them: once no task was delivered and no record left for a whole period (the delivering code
+# went on with a blocking sleep or CPU work), or after _HOLD_MAX_PERIODS while deliveries go on
+# but no record fills (a slow stream of them). A tight burst fills records faster than that.
+cdef unsigned int _HOLD_PERIOD_US = 1000
+cdef unsigned int _HOLD_MAX_PERIODS = 5
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from *:
+    # A full barrier, so that the watch and the dispatcher see each other's stores in order.
+    void __sync_synchronize() nogil
 
 
 cdef class _TimeoutMarker:
@@ -190,9 +210,94 @@ cdef class PendingTable:
         return 0
 
 
+cdef class _FlushWatch:
+    """The thread that bounds how long coalesced ASYNC frames wait for the loop's flush.
+
+    It sleeps on an eventfd until the dispatcher reports frames waiting (a counter and a
+    barrier; a system call only to wake it). Then it looks every period, without the GIL: when
+    frames are due (_HOLD_PERIOD_US) it sends them under the GIL by _flush_held, which only
+    sends (it never reads or waits, so it cannot race the loop's reading of results). While the
+    loop keeps flushing, or a burst keeps filling records, it never takes the GIL."""
+
+    def __cinit__(self, owner):
+        self.efd = -1
+        self.owner = weakref.ref(owner)
+        self.efd = eventfd(0, EFD_CLOEXEC)
+        if self.efd < 0:
+            raise OSError(errno, "eventfd failed")
+
+    def __dealloc__(self):
+        if self.efd >= 0:
+            close(self.efd)
+
+    def run(self):
+        """The thread's body; returns when the dispatcher is gone."""
+        cdef int due
+        while True:
+            with nogil:
+                due = self._wait()
+            if not due:
+                return
+            owner = self.owner()
+            if owner is None:
+                return
+            try:
+                sent = (<Dispatcher>owner)._flush_held()
+            except Exception:
+                # A send that fails here fails the same way for the loop's flush, which raises it
+                # where the deliveries are made; the watch only retries later.
+                sent = False
+            if sent:
+                self.backoff = 0
+            elif self.backoff < 6:
+                # The sockets are full: the task workers have work, and EPOLLOUT brings the loop
+                # back to the rest; retry less often so as not to take the GIL every period.
+                self.backoff += 1
+            owner = None
+
+    cdef int _wait(self) noexcept nogil:
+        """1 once queued frames are due (see _HOLD_PERIOD_US); 0 when the dispatcher has gone."""
+        cdef uint64_t one, held, sent, held0 = 0, sent0 = 0
+        cdef unsigned int stale = 0
+        cdef bint was_held = False
+        while not self.stop:
+            held = self.held
+            sent = self.sent
+            if held == sent:
+                self.sleeping = 1
+                __sync_synchronize()
+                # Checked again after announcing sleep: a hold in between wrote efd, or is seen.
+                if self.held == self.sent and not self.stop:
+                    read(self.efd, &one, 8)
+                self.sleeping = 0
+                was_held = False
+                continue
+            if was_held:
+                stale = stale + 1 if sent == sent0 else 0
+                if (held == held0 and sent == sent0) or stale >= _HOLD_MAX_PERIODS:
+                    return 1
+            else:
+                stale = 0
+            was_held = True
+            held0 = held
+            sent0 = sent
+            usleep(_HOLD_PERIOD_US << self.backoff)
+        return 0
+
+
 cdef class Dispatcher(RecordReader):
     """Delivers task frames from one worker to the task workers and routes results back to
-    the callers waiting in its PendingTable."""
+    the callers waiting in its PendingTable.
+
+    ASYNC delivery inside an event loop (set_scheduler) writes through and coalesces a burst:
+    the first task of a loop turn is sent at once, as Swoole's task() writes at once; tasks
+    delivered after it in the same turn are queued and leave together, one record (64 KiB,
+    ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
+    for the end of the turn. They never wait for the loop itself: when the code that delivered
+    them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
+    within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
+    filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
+    _FlushWatch. Without a loop every task is sent at once."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -230,18 +335,23 @@ cdef class Dispatcher(RecordReader):
             raise ValueError("a dispatcher needs one out channel per task worker, or one queue")
 
     def __dealloc__(self):
+        cdef uint64_t one = 1
         if self.epfd >= 0:
             close(self.epfd)
+        if self.watch is not None:
+            self.watch.stop = 1
+            __sync_synchronize()
+            write(self.watch.efd, &one, 8)
 
     def fileno(self):
         """The epoll descriptor: readable whenever a result or send space is waiting."""
         return self.epfd
 
     def set_scheduler(self, schedule, schedule_later=None):
-        """Gives the dispatcher loop.call_soon, so that ASYNC frames queued in one loop turn go
-        out together (one send per record, not per task) and finish callbacks run from the loop.
-        schedule_later(callback) runs callback a little later: with a message queue, which has
-        no descriptor to wait on, it retries what a full queue refused."""
+        """Gives the dispatcher loop.call_soon, so that ASYNC frames delivered after the first
+        of a loop turn go out together (one send per record, not per task) and finish callbacks
+        run from the loop. schedule_later(callback) runs callback a little later: with a message
+        queue, which has no descriptor to wait on, it retries what a full queue refused."""
         self.schedule = schedule
         self.schedule_later = schedule_later
 
@@ -307,18 +417,30 @@ cdef class Dispatcher(RecordReader):
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         task_id = self.table.new_id()
         self.delivered += 1
+        if ch.queued() and ch.queued() + _HEADER_SIZE + <size_t>PyBytes_GET_SIZE(body) > _RECORD_MAX:
+            # A full record goes now, before the frame that would overflow it: one send per
+            # record, where flushing after the put also sent that one frame alone.
+            self._sent_record(ch)
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         self.table.add(task_id, entry)
         if ch.queued() >= _RECORD_MAX:
-            self._flush_channel(ch)
+            self._sent_record(ch)
         return task_id
+
+    cdef int _sent_record(self, Channel ch) except -1:
+        self._flush_channel(ch)
+        # A record leaving is progress for the watch, which would otherwise take the GIL in the
+        # middle of a long burst to send a partial one; the caller holds again if any is left.
+        return self._release()
 
     # -- delivering -----------------------------------------------------------------------------
 
     def submit(self, bytes body, int dst=-1, callback=None):
-        """Queues an ASYNC task; returns its id. The frame leaves at the end of this loop turn
-        (or at once without a loop); the result comes back through on_finish."""
+        """Sends an ASYNC task; returns its id. The first task of a loop turn (every task
+        without a loop) is written at once; later ones are coalesced and leave when a record
+        fills, at the end of the turn, or a millisecond or two after the deliveries stop,
+        whichever comes first. The result comes back through on_finish."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_ASYNC
         entry.obj = callback
@@ -402,14 +524,64 @@ cdef class Dispatcher(RecordReader):
     # -- sending --------------------------------------------------------------------------------
 
     cdef int _schedule_flush(self) except -1:
-        if self.flush_scheduled:
-            return 0
         if self.schedule is None:
             self.flush()
-        else:
+            return 0
+        if not self.flush_scheduled:
+            # The first task since the loop last flushed: nothing of this turn is queued before
+            # it, so writing it through costs one send and no task waits for the turn to end.
             self.flush_scheduled = True
             self.schedule(self._scheduled_flush)
+            self.flush()
+            return 0
+        if self.holding:
+            # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
+            self.watch.held += 1
+        elif any_queued(self.outs):
+            self._hold()
         return 0
+
+    cdef int _hold(self) except -1:
+        """Frames now wait for the scheduled flush: the watch sends them if the loop does not
+        come back to it in time."""
+        cdef uint64_t one = 1
+        cdef _FlushWatch w = self.watch
+        if w is None:
+            w = self.watch = _FlushWatch(self)
+            # Started with every signal blocked, so that it inherits that mask: a signal for the
+            # worker must interrupt the main thread's waits, not the watch's sleep.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                threading.Thread(target=w.run, name="pyswtask-flush", daemon=True).start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.holding = True
+        w.held += 1
+        __sync_synchronize()
+        if w.sleeping:
+            w.sleeping = 0
+            write(w.efd, &one, 8)
+        return 0
+
+    cdef int _release(self) except -1:
+        # Nothing is queued any more: the watch goes back to sleep.
+        if self.holding:
+            self.holding = False
+            self.watch.sent = self.watch.held
+        return 0
+
+    def _flush_held(self):
+        """The watch's flush: sends what the sockets take now, and never waits or reads (the
+        loop may be in the middle of reading a record). True when nothing is left queued."""
+        cdef Channel ch
+        for ch in self.outs:
+            if ch.queued():
+                ch.flush()
+                ch.update_interest(self.epfd, _READ_ALWAYS)
+        if any_queued(self.outs):
+            return False
+        self._release()
+        return True
 
     cdef int _schedule_deferred(self) except -1:
         # Finish callbacks of results read while waiting run from the loop, not from the wait.
@@ -431,6 +603,8 @@ cdef class Dispatcher(RecordReader):
         for ch in self.outs:
             if ch.queued():
                 self._flush_channel(ch)
+        if self.holding and not any_queued(self.outs):
+            self._release()
 
     @property
     def queued(self):
