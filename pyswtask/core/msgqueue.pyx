@@ -511,6 +511,11 @@ cdef long open_part_type(const char *text, size_t n) noexcept nogil:
     return part_type(last.task_id)
 
 
+cdef tuple _lost_task(uint64_t task_id, uint64_t flags, uint64_t src):
+    # Decoded here, so that what the master does with a lost task never reads frame flags.
+    return (task_id, <int>src, (flags & _FLAG_COMMAND) != 0, (flags & _FLAG_ASYNC) != 0)
+
+
 def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
     """After the task worker that owned hold died: what it held, and empties it for its
     successor. Returns (put_back, running, ran, gone, open_part):
@@ -518,8 +523,8 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
     - put_back: [(mtype, text)] to queue again, in order: the frames it had not started (a
       record it was running is cut after the running frame; the parts of a body it had not
       run go back one per message, as they came);
-    - running: (task id, frame flags, worker) of the task it was running, or None;
-    - ran: [(task id, flags, worker)] of the workers' tasks it ran whose results may not have
+    - running: (task id, worker, from a separate program, ASYNC) of the task it was running, or None;
+    - ran: [(task id, worker, from a separate program, ASYNC)] of the workers' tasks it ran whose results may not have
       left it;
     - gone: (task id, flags, worker) of a task whose body it had partly released, or None
       (its parts still held are dropped: the body cannot be made whole again);
@@ -545,7 +550,7 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
     ring = <char *>&view[0] + _HOLD_HEADER
     pos, tail, run, gone_id = hdr[_H_HEAD], hdr[_H_TAIL], hdr[_H_RUN], hdr[_H_GONE]
     if gone_id:
-        gone = (gone_id, hdr[_H_GONE_SF] >> 16, hdr[_H_GONE_SF] & 0xFFFF)
+        gone = _lost_task(gone_id, hdr[_H_GONE_SF] >> 16, hdr[_H_GONE_SF] & 0xFFFF)
     while True:
         off = pos % cap
         committed = pos < tail
@@ -580,9 +585,9 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
             elif started:
                 held = []
                 if 2 * fpos + 1 == run:
-                    running = (h.task_id, h.flags, h.src_worker)
+                    running = _lost_task(h.task_id, h.flags, h.src_worker)
                 elif not (h.flags & _FLAG_COMMAND):
-                    ran.append((h.task_id, h.flags, h.src_worker))
+                    ran.append(_lost_task(h.task_id, h.flags, h.src_worker))
             elif keep_from == n:
                 keep_from = foff
                 put_back.extend(held)

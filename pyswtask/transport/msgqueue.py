@@ -41,8 +41,6 @@ import msgpack  # type: ignore[import-untyped]
 import sysv_ipc  # type: ignore[import-not-found]
 
 from .._core import (
-    FLAG_ASYNC,
-    FLAG_COMMAND,
     PART_TYPE_BASE,
     RECORD_MAX,
     hold_size,
@@ -315,7 +313,7 @@ class ServerQueue:
             log.info("%d message(s) task worker %d had taken from the queue put back",
                      len(put_back), worker_id)
         ran_by: dict[int, list[int]] = {}
-        for task_id, _, src in ran:
+        for task_id, src, _, _ in ran:
             ran_by.setdefault(src, []).append(task_id)
         for src, ids in ran_by.items():
             if src < self.worker_num:
@@ -325,19 +323,19 @@ class ServerQueue:
                                   "could hold) with")):
             if task is None:
                 continue
-            task_id, flags, src = task
+            task_id, src, from_command, is_async = task
             if task is gone:
                 self._parts_left(PART_TYPE_BASE | (task_id & (PART_TYPE_BASE - 1)))
-            if flags & FLAG_COMMAND:
-                self._command_lost(task_id, flags, worker_id, reason, what)
+            if from_command:
+                self._command_lost(task_id, is_async, worker_id, reason, what)
             elif src < self.worker_num:
                 tell_worker(src, queue_lost_frame(worker_id, task_id, [], reason))
         self.send_backlog()
 
-    def _command_lost(self, task_id: int, flags: int, worker_id: int, reason: str,
+    def _command_lost(self, task_id: int, is_async: bool, worker_id: int, reason: str,
                       what: str) -> None:
         pid = task_id >> 32
-        if flags & FLAG_ASYNC:
+        if is_async:
             # Nobody waits for it: the log is all there is to tell.
             log.error("ASYNC task %d of command pid %d lost: %s %s it", task_id, pid, reason,
                       what)
