@@ -71,6 +71,7 @@ cimport cython
 # One extension built from included files (as uvloop's loop.pyx): one .so and no calls across
 # modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
+include "core/unpack.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"
