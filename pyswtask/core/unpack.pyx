@@ -156,10 +156,16 @@ cdef object _array(MpReader *r, size_t n, int depth):
     cdef Py_ssize_t i
     if depth >= _MP_DEPTH_MAX:
         raise _StackError(f"msgpack data nests deeper than {_MP_DEPTH_MAX} arrays and maps")
-    # Every item takes at least one byte: a length past the buffer is refused before the list
-    # is allocated.
+    # Every item takes at least one byte. msgpack refuses more items than the whole buffer has
+    # bytes at once, and otherwise decodes until the error; so does this, without allocating
+    # a list for items that cannot all be there.
+    if n > <size_t>(r.end - r.base):
+        raise ValueError(f"an array of {n} items at offset {r.p - r.base} is longer than the "
+                         f"{r.end - r.base} bytes of msgpack data")
     if n > <size_t>(r.end - r.p):
-        return _truncated(r, n)
+        for i in range(<Py_ssize_t>n):
+            _decode(r, depth + 1)
+        return _truncated(r, 1)
     out = PyList_New(n)
     for i in range(<Py_ssize_t>n):
         item = _decode(r, depth + 1)
@@ -173,8 +179,11 @@ cdef object _map(MpReader *r, size_t n, int depth):
     cdef PyObject *interned
     if depth >= _MP_DEPTH_MAX:
         raise _StackError(f"msgpack data nests deeper than {_MP_DEPTH_MAX} arrays and maps")
-    if n > <size_t>(r.end - r.p) // 2:
-        return _truncated(r, 2 * n)
+    # A key and a value take at least two bytes; as for arrays, the dict grows only with what
+    # is there.
+    if n > <size_t>(r.end - r.base) // 2:
+        raise ValueError(f"a map of {n} pairs at offset {r.p - r.base} is longer than the "
+                         f"{r.end - r.base} bytes of msgpack data")
     out = PyDict_New()
     for i in range(n):
         key = _decode(r, depth + 1)
