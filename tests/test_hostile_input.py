@@ -320,6 +320,10 @@ exts = (st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20))
         | st.builds(msgpack.Timestamp, st.integers(0, 2**34 - 1), st.integers(0, 999_999_999)))
 any_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
                | st.text(max_size=40) | st.binary(max_size=40) | exts
+               # ASCII of every length the decoder copies directly, and past it
+               | st.text(st.characters(max_codepoint=127), min_size=2, max_size=140)
+               | st.tuples(st.text(st.characters(max_codepoint=127), max_size=130),
+                           st.characters(min_codepoint=128)).map("".join)
                # every width of str, bin and int
                | st.sampled_from([0, 31, 32, 255, 256, 65535, 65536]).map(lambda k: "é" * (k // 2))
                | st.sampled_from([0, 255, 256, 65535, 65536]).map(lambda k: b"y" * k)
@@ -512,6 +516,20 @@ def test_every_encoding_decodes_or_raises_as_with_msgpack(data: bytes) -> None:
 def test_nesting_is_bounded_where_msgpack_bounds_it(depth: int, opener: bytes, leaf: bytes) -> None:
     check_decoder(opener * depth + leaf)
     check_envelope_against_msgpack(opener * depth + leaf)
+
+
+@pytest.mark.parametrize("length", [2, 7, 8, 9, 16, 31, 32, 127, 128, 129, 300])
+def test_a_bad_utf8_byte_anywhere_in_a_str_raises_as_with_msgpack(length: int) -> None:
+    text = b"abcdefgh" * 40
+    for at in sorted({0, 1, length // 2, length - 2, length - 1}):
+        for bad in (b"\x80", b"\xff", b"\xc3", b"\xed"):
+            raw = text[:at] + bad + text[at + 1:length]
+            data = (bytes([0xa0 | length]) if length < 32 else b"\xd9" + bytes([length])
+                    if length < 256 else b"\xda" + length.to_bytes(2, "big")) + raw
+            with pytest.raises(UnicodeDecodeError):
+                msgpack.unpackb(data)
+            with pytest.raises(UnicodeDecodeError):
+                unpack_value(data)
 
 
 def test_the_deepest_nesting_fits_a_small_thread_stack() -> None:

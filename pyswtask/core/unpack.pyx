@@ -9,11 +9,12 @@ import msgpack
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from .includes.python cimport (Py_DECREF, Py_INCREF, PyBytes_FromStringAndSize, PyDict_New,
-                               PyDict_SetItem, PyFloat_FromDouble, PyList_New, PyList_SET_ITEM,
-                               PyLong_FromLong, PyLong_FromLongLong, PyLong_FromUnsignedLongLong,
-                               PyObject, PyTuple_New, PyTuple_SET_ITEM, PyUnicode_DecodeUTF8,
-                               PyUnicode_InternInPlace)
+from .includes.python cimport (Py_DECREF, Py_INCREF, PyBytes_AS_STRING, PyBytes_FromStringAndSize,
+                               PyBytes_GET_SIZE, PyDict_New, PyDict_SetItem, PyFloat_FromDouble,
+                               PyList_New, PyList_SET_ITEM, PyLong_FromLong, PyLong_FromLongLong,
+                               PyLong_FromUnsignedLongLong, PyObject, PyTuple_New,
+                               PyTuple_SET_ITEM, PyUnicode_DATA, PyUnicode_DecodeUTF8,
+                               PyUnicode_InternInPlace, PyUnicode_New)
 
 # msgpack's exception types, so that callers catching them (or ValueError) see no difference.
 cdef object _ExtraData = msgpack.ExtraData
@@ -64,7 +65,7 @@ cdef object _decode(MpReader *r, int depth):
         if n >= avail:
             return _truncated(r, n + 1)
         r.p = p + 1 + n
-        return PyUnicode_DecodeUTF8(<const char *>p + 1, n, NULL)
+        return _str(p + 1, n)
     if b >= 0x90 and b <= 0x9f:
         r.p = p + 1
         return _array(r, b & 0x0f, depth)
@@ -141,8 +142,31 @@ cdef object _decode(MpReader *r, int depth):
         return _ext(r, hdr + n)
     r.p = p + hdr + n
     if b >= 0xd9:
-        return PyUnicode_DecodeUTF8(<const char *>p + hdr, n, NULL)
+        return _str(p + hdr, n)
     return PyBytes_FromStringAndSize(<const char *>p + hdr, n)
+
+
+cdef object _str(const unsigned char *s, size_t n):
+    # Names, keys and short texts are mostly ASCII: such a str is made and filled directly, the
+    # same object PyUnicode_DecodeUTF8 makes without its layers of calls. The others, and the
+    # shortest (which CPython keeps as singletons), go through it; strict: invalid UTF-8 raises
+    # UnicodeDecodeError, as in msgpack.
+    cdef size_t i = 0
+    cdef uint64_t word, seen = 0
+    if n < 2 or n > _ASCII_FAST_MAX:
+        return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
+    while i + 8 <= n:
+        memcpy(&word, s + i, 8)
+        seen |= word
+        i += 8
+    while i < n:
+        seen |= s[i]
+        i += 1
+    if seen & 0x8080808080808080ULL:
+        return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
+    out = PyUnicode_New(n, 127)
+    memcpy(PyUnicode_DATA(out), s, n)
+    return out
 
 
 # Bytes from a type byte 0xc0 + i to the data (or to the end of a fixed-size value); 0 for the
@@ -258,7 +282,10 @@ cdef tuple mp_unpack_envelope(const char *p, Py_ssize_t n):
 def unpack_value(data):
     """The one msgpack value in data (bytes or a flat buffer), read as the core reads bodies:
     what msgpack.unpackb(data, strict_map_key=False) returns, raising where that raises."""
-    cdef const unsigned char[::1] view = data
+    cdef const unsigned char[::1] view
+    if type(data) is bytes:
+        return mp_unpack(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    view = data
     if view.shape[0] == 0:
         return mp_unpack(NULL, 0)
     return mp_unpack(<const char *>&view[0], view.shape[0])

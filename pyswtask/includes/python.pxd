@@ -13,6 +13,8 @@ cdef extern from "Python.h":
     void Py_INCREF(object o)
     void Py_DECREF(object o)
     object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
+    object PyUnicode_New(Py_ssize_t size, unsigned int maxchar)
+    void *PyUnicode_DATA(object o)
     void PyUnicode_InternInPlace(PyObject **p)
     object PyLong_FromLong(long v)
     object PyLong_FromLongLong(long long v)
