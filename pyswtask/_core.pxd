@@ -8,6 +8,7 @@
 cimport cython
 
 include "core/frame.pxd"
+include "core/unpack.pxd"
 include "core/channel.pxd"
 include "core/msgqueue.pxd"
 include "core/state.pxd"

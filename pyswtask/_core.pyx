@@ -49,7 +49,9 @@ Frame (little-endian, 20-byte header + body)
 
 Bodies are msgpack. A TASK body is the envelope ``[name, method, params, type, logid, spanid]``
 (Swoft's TaskHelper::pack fields, in that order); a RESULT body is the return value; an ERROR
-body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, data]``.
+body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, data]``. The core
+reads bodies with its own decoder (core/unpack.pyx): what msgpack.unpackb returns, without a
+copy of the body.
 
 Other formats built on frames
 -----------------------------
@@ -71,6 +73,7 @@ cimport cython
 # One extension built from included files (as uvloop's loop.pyx): one .so and no calls across
 # modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
+include "core/unpack.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"

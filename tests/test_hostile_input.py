@@ -10,6 +10,7 @@ tests/fuzz/fuzz_frames.py runs the same checks under atheris for as long as one 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -38,10 +39,12 @@ from pyswtask._core import (
     Mailbox,
     ProtocolError,
     TaskLoop,
+    brief_repr,
     pack_envelope,
     pack_frame,
     parse_frames,
     unpack_envelope,
+    unpack_value,
 )
 from pyswtask.executor import TaskExecutor
 from pyswtask.registry import get_spec, registered, resolve
@@ -313,6 +316,257 @@ def test_nasty_msgpack_is_refused_in_the_documented_type(body: bytes) -> None:
     if body == DEEP:
         error = TaskError.from_wire(msgpack.unpackb(body))
         assert str(error) == "ProtocolError: malformed error reply: [[[[[...]]]]]"
+
+
+# -- the core's msgpack decoder ---------------------------------------------------------------
+
+# Everything msgpack packs, and map keys of every hashable kind strict_map_key=False allows.
+exts = (st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20))
+        | st.builds(msgpack.Timestamp, st.integers(0, 2**34 - 1), st.integers(0, 999_999_999)))
+any_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+               | st.text(max_size=40) | st.binary(max_size=40) | exts
+               # ASCII of every length the decoder copies directly, and past it
+               | st.text(st.characters(max_codepoint=127), min_size=2, max_size=140)
+               | st.tuples(st.text(st.characters(max_codepoint=127), max_size=130),
+                           st.characters(min_codepoint=128)).map("".join)
+               # every width of str, bin and int
+               | st.sampled_from([0, 31, 32, 255, 256, 65535, 65536]).map(lambda k: "é" * (k // 2))
+               | st.sampled_from([0, 255, 256, 65535, 65536]).map(lambda k: b"y" * k)
+               | st.sampled_from([127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, -32, -33,
+                                  -128, -129, -32768, -32769, -(2**31), -(2**31) - 1]))
+keys = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+        | st.text(max_size=10) | st.binary(max_size=10) | exts)
+any_values = st.recursive(
+    any_scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.tuples(inner, inner)
+    | st.dictionaries(keys, inner, max_size=6),
+    max_leaves=30)
+
+
+def same(a: Any, b: Any) -> bool:
+    """a == b with the same types all the way down (True is not 1, a NaN equals a NaN); without
+    recursion, for values nested past Python's recursion limit."""
+    todo = [(a, b)]
+    while todo:
+        a, b = todo.pop()
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (list, dict)):
+            if len(a) != len(b):
+                return False
+            todo += zip(a, b)   # a dict's keys, in order
+            if isinstance(a, dict):
+                todo += zip(a.values(), b.values())
+        elif isinstance(a, float):
+            if not (a == b or (math.isnan(a) and math.isnan(b))):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def decoded(data: bytes) -> tuple[bool, Any]:
+    """(True, value) or (False, the exception) from unpack_value, and the same from msgpack."""
+    try:
+        return True, unpack_value(data)
+    except Exception as exc:
+        return False, exc
+
+
+def reference(data: bytes) -> tuple[bool, Any]:
+    try:
+        return True, msgpack.unpackb(data, strict_map_key=False)
+    except Exception as exc:
+        return False, exc
+
+
+def check_decoder(data: bytes) -> None:
+    """The core's decoder returns what msgpack returns, and raises exactly when it raises: a
+    ValueError (or TypeError for an unhashable map key) where msgpack raises one."""
+    ok, got = decoded(data)
+    ref_ok, want = reference(data)
+    assert ok == ref_ok, (data[:60], got, want)
+    if ok:
+        assert same(got, want), (data[:60], got, want)
+    else:
+        assert isinstance(got, (ValueError, TypeError)), repr(got)
+        if isinstance(want, TypeError):   # the unhashable key is found in the same place
+            assert type(got) is TypeError and str(got) == str(want)
+
+
+def envelope_oracle(body: bytes) -> Any:
+    """What unpack_envelope must do, from msgpack: a message prefix to raise with, or the tuple."""
+    try:
+        obj = msgpack.unpackb(body, strict_map_key=False)
+    except Exception:
+        return "task envelope is not valid msgpack: "
+    if (type(obj) is list and len(obj) == 6
+            and [type(v) for v in obj] == [str, str, list, int, str, int]):
+        return tuple(obj)
+    return f"malformed task envelope: {brief_repr(obj)}"
+
+
+def check_envelope_against_msgpack(body: bytes) -> None:
+    want = envelope_oracle(body) if body else "empty task envelope"
+    try:
+        got = unpack_envelope(body)
+    except ProtocolError as exc:
+        assert isinstance(want, str), (body[:60], exc, want)
+        assert str(exc).startswith(want) if want.endswith(": ") else str(exc) == want, (exc, want)
+    else:
+        assert isinstance(want, tuple) and same(list(got), list(want)), (body[:60], got, want)
+
+
+@FAST
+@given(any_values)
+def test_the_decoder_reads_what_msgpack_packs_as_msgpack_does(value: Any) -> None:
+    encodings = [msgpack.packb(value)]
+    try:
+        encodings.append(msgpack.packb(value, use_single_float=True))
+    except OverflowError:   # a double past float32's range
+        pass
+    for data in encodings:
+        check_decoder(data)
+        assert same(unpack_value(data), msgpack.unpackb(data, strict_map_key=False))
+        assert same(unpack_value(bytearray(data)), unpack_value(memoryview(data)))
+
+
+@FAST
+@given(any_values)
+def test_every_truncation_and_any_trailing_byte_raises(value: Any) -> None:
+    data = msgpack.packb(value)
+    for cut in range(min(len(data), 400)):
+        with pytest.raises(ValueError):
+            unpack_value(data[:cut])
+    with pytest.raises(msgpack.ExtraData):
+        unpack_value(data + b"\xc0")
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_random_bytes_decode_or_raise_as_with_msgpack(data: bytes) -> None:
+    check_decoder(data)
+    check_envelope_against_msgpack(data)
+
+
+@FAST
+@given(st.data(), any_values)
+def test_mutated_msgpack_decodes_or_raises_as_with_msgpack(data: st.DataObject, value: Any) -> None:
+    bad = data.draw(mutated(msgpack.packb(value), []))
+    check_decoder(bad)
+    check_envelope_against_msgpack(bad)
+    # The same body with a header in front: lengths claimed past it, types mixed.
+    prefix = data.draw(st.sampled_from([b"\x96", b"\x92", b"\x81", b"\xdc\x00\x06", b"\xdd\x00\x00\x00\x06",
+                                        b"\x96\xa1t\xa1m", b"\x96\xa1t\xa1m\x90\x01\xa0"]))
+    check_decoder(prefix + bad)
+    check_envelope_against_msgpack(prefix + bad)
+
+
+@FAST
+@given(st.text(), st.text(), st.lists(any_values, max_size=5), st.integers(-(2**63), 2**64 - 1),
+       st.text(max_size=40), st.integers(-(2**63), 2**64 - 1), st.data())
+def test_envelopes_of_any_params_unpack_as_msgpack_does(name: str, method: str, params: list[Any],
+                                                        type: int, logid: str, spanid: int,
+                                                        data: st.DataObject) -> None:
+    fields = [name, method, params, type, logid, spanid]
+    check_envelope_against_msgpack(msgpack.packb(fields))
+    # One field of another type, anywhere: refused with the same message as before.
+    fields[data.draw(st.integers(0, 5))] = data.draw(any_values)
+    check_envelope_against_msgpack(msgpack.packb(fields))
+
+
+# Encodings msgpack.packb never writes but msgpack.unpackb reads: every width of every type.
+WIDE = [
+    b"\xcc\x05", b"\xcd\x00\x05", b"\xce\x00\x00\x00\x05", b"\xcf" + b"\xff" * 8,
+    b"\xd0\xff", b"\xd1\x80\x00", b"\xd2\x80\x00\x00\x00", b"\xd3\x80" + b"\x00" * 7,
+    b"\xd0\x05", b"\xd3" + b"\x00" * 7 + b"\x05", b"\xca\x3f\xc0\x00\x00", b"\xca\x7f\xc0\x00\x01",
+    b"\xd9\x01a", b"\xda\x00\x01a", b"\xdb\x00\x00\x00\x01a", b"\xc4\x01a", b"\xc5\x00\x01a",
+    b"\xc6\x00\x00\x00\x01a", b"\xdc\x00\x01\xc0", b"\xdd\x00\x00\x00\x01\xc0",
+    b"\xde\x00\x01\x01\x02", b"\xdf\x00\x00\x00\x01\xa1k\xc3", b"\xdc\x00\x00", b"\xdf\x00\x00\x00\x00",
+    b"\xc7\x00\x05", b"\xc8\x00\x01\x05a", b"\xc9\x00\x00\x00\x01\x05a", b"\xd8\x05" + b"z" * 16,
+    b"\xd6\xff\x00\x00\x00\x01", b"\xd7\xff" + b"\x00" * 8, b"\xc7\x0c\xff" + b"\x00" * 12,
+    b"\xdc\x00\x06\xa1t\xa1m\x90\x01\xa0\x00", b"\xdd\x00\x00\x00\x06\xa1t\xa1m\x90\x01\xa0\x00",
+    b"\x96\xd9\x01t\xda\x00\x01m\xdc\x00\x00\xcf" + b"\x00" * 7 + b"\x01\xdb\x00\x00\x00\x00\xd0\xff",
+]
+# Refused: the unused byte, bad UTF-8 in every str width, lengths past the end in every width,
+# keys that cannot be hashed, timestamps of a length msgpack does not read.
+BAD = [
+    b"\xc7\x01\xff\x00", b"\xd5\xff\x00\x00", b"\x91\xd4\xff\x00",
+    b"\xc1", b"\x91\xc1", b"\x81\xc1\xc0", b"\xa1\xff", b"\xd9\x02\xc3\x28", b"\xda\x00\x01\x80",
+    b"\xdb\x00\x00\x00\x03\xed\xa0\x80", b"\xa2\xf0\x9f", b"\x82\xa1\xff\x01",
+    b"\xd9\xff", b"\xda\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xc4\x05ab", b"\xc5\xff\xff",
+    b"\xc6\xff\xff\xff\xff", b"\xdc\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xde\xff\xff\x01",
+    b"\xdf\xff\xff\xff\xff", b"\xc7\xff\x05", b"\xc8\xff\xff\x05", b"\xc9\xff\xff\xff\xff\x05",
+    b"\xd8\x05", b"\xcf\x00", b"\xcb\x00\x00", b"\xca", b"\x9f", b"\x8f", b"\xbf",
+    b"\x81\x90\xc0", b"\x81\x80\xc0", b"\x81\x91\x90\xc0", b"\x91\x81\x81\xc0\xc0\xc0",
+    b"\x94\x81\x90\xc0", b"\xc0\xc0", b"\x90\x00\x00",
+]
+
+
+@pytest.mark.parametrize("data", WIDE + BAD + NASTY_MSGPACK, ids=range(len(WIDE + BAD + NASTY_MSGPACK)))
+def test_every_encoding_decodes_or_raises_as_with_msgpack(data: bytes) -> None:
+    check_decoder(data)
+    check_envelope_against_msgpack(data)
+    if data in WIDE:
+        unpack_value(data)
+    elif data in BAD:
+        with pytest.raises((ValueError, TypeError)):
+            unpack_value(data)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 1023, 1024, 1025, 1026, 5000])
+@pytest.mark.parametrize("opener,leaf", [(b"\x91", b"\xc0"), (b"\x81\xc0", b"\xc0"),
+                                         (b"\x92\x01", b"\x90"), (b"\x81\xa1k", b"\x80"),
+                                         (b"\xdc\x00\x01", b"\x01"), (b"\xc7\x00\x05\x91", b"\xc0")])
+def test_nesting_is_bounded_where_msgpack_bounds_it(depth: int, opener: bytes, leaf: bytes) -> None:
+    check_decoder(opener * depth + leaf)
+    check_envelope_against_msgpack(opener * depth + leaf)
+
+
+@pytest.mark.parametrize("length", [2, 7, 8, 9, 16, 31, 32, 127, 128, 129, 300])
+def test_a_bad_utf8_byte_anywhere_in_a_str_raises_as_with_msgpack(length: int) -> None:
+    text = b"abcdefgh" * 40
+    for at in sorted({0, 1, length // 2, length - 2, length - 1}):
+        for bad in (b"\x80", b"\xff", b"\xc3", b"\xed"):
+            raw = text[:at] + bad + text[at + 1:length]
+            data = (bytes([0xa0 | length]) if length < 32 else b"\xd9" + bytes([length])
+                    if length < 256 else b"\xda" + length.to_bytes(2, "big")) + raw
+            with pytest.raises(UnicodeDecodeError):
+                msgpack.unpackb(data)
+            with pytest.raises(UnicodeDecodeError):
+                unpack_value(data)
+
+
+def test_the_deepest_nesting_fits_a_small_thread_stack() -> None:
+    """The decoder recurses once per level, up to msgpack's 1024: a thread with a 1 MiB stack
+    (Linux gives 8) decodes the deepest value and refuses the next level, and never crashes."""
+    import threading
+
+    results: list[Any] = []
+
+    def run() -> None:
+        for depth in (1024, 1025, 100_000):
+            for opener in (b"\x91", b"\x81\xc0", b"\x81\x91\xc0"):
+                data = opener * depth + b"\xc0"
+                results.append(decoded(data)[0] == reference(data)[0])
+
+    old = threading.stack_size(1 << 20)
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    finally:
+        threading.stack_size(old)
+    assert results == [True] * 9
+
+
+def test_decoded_values_are_new_objects_not_views_of_the_buffer() -> None:
+    buf = bytearray(msgpack.packb([b"bytes", "text", {"k": [1.5]}]))
+    value = unpack_value(buf)
+    buf[:] = b"\x00" * len(buf)
+    assert value == [b"bytes", "text", {"k": [1.5]}]
+    with pytest.raises(BufferError):
+        unpack_value(memoryview(msgpack.packb([1, 2]))[::-1])
 
 
 # -- the readers of real sockets, in this process --------------------------------------------

@@ -6,7 +6,7 @@ import reprlib
 
 from libc.string cimport memcpy
 
-from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from .includes.python cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 HEADER_SIZE = _HEADER_SIZE
 RECORD_MAX = _RECORD_MAX
@@ -45,7 +45,6 @@ def brief_repr(obj, Py_ssize_t limit=200):
 
 
 cdef object _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-cdef object _unpackb = msgpack.unpackb
 
 
 cdef bytes packb(object value):
@@ -53,8 +52,9 @@ cdef bytes packb(object value):
 
 
 cdef object unpackb(const char *p, Py_ssize_t n):
-    # raw=False and use_list=True are msgpack's defaults; int map keys must be allowed.
-    return _unpackb(PyBytes_FromStringAndSize(p, n), strict_map_key=False)
+    # As msgpack.unpackb(bytes, strict_map_key=False) (int map keys must be allowed), read in
+    # place by core/unpack.pyx: no copy of the body, no keyword call.
+    return mp_unpack(p, n)
 
 
 # The bytes-like arguments below are taken as C-contiguous views ([::1]): the code copies from
@@ -130,7 +130,13 @@ cdef tuple _check_envelope(obj):
 
 
 cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
+    cdef tuple envelope
     try:
+        envelope = mp_unpack_envelope(p, n)
+        if envelope is not None:
+            return envelope
+        # Not an envelope: decoded whole, as before the fast path, so that invalid msgpack
+        # further on is named as such and the message shows the value.
         obj = unpackb(p, n)
     except Exception as exc:
         raise ProtocolError(f"task envelope is not valid msgpack: {exc}") from None
@@ -139,7 +145,13 @@ cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
 
 def unpack_envelope(body):
     """(name, method, params, type, logid, spanid) from an envelope; ProtocolError if malformed."""
-    cdef const unsigned char[::1] view = body
+    cdef const unsigned char[::1] view
+    if type(body) is bytes:
+        # The common case, without the cost of acquiring a buffer view.
+        if PyBytes_GET_SIZE(body) == 0:
+            raise ProtocolError("empty task envelope")
+        return unpack_envelope_c(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+    view = body
     if view.shape[0] == 0:
         raise ProtocolError("empty task envelope")
     return unpack_envelope_c(<const char *>&view[0], view.shape[0])

@@ -1,9 +1,10 @@
 """atheris fuzz target for the wire format and the readers of real sockets.
 
-Each input is either parsed as it is (parse_frames, unpack_envelope, pipe.unpack_message), or
-turned into records (raw bytes, or frames built from the input with plausible headers so that
-reassembly and the envelope parser are reached) that are written to real SOCK_SEQPACKET sockets
-and read by the compiled readers: an inbox (Mailbox), a worker's Dispatcher and a task worker's
+Each input is either parsed as it is (parse_frames, unpack_envelope, pipe.unpack_message, and
+the core's msgpack decoder, unpack_value, against msgpack.unpackb), or turned into records (raw
+bytes, or frames built from the input with plausible headers so that reassembly and the envelope
+parser are reached) that are written to real SOCK_SEQPACKET sockets and read by the compiled
+readers: an inbox (Mailbox), a worker's Dispatcher and a task worker's
 TaskLoop. Allowed outcomes: a value, or the documented error (ProtocolError for frames and
 envelopes, ValueError for pipe messages); the readers must never raise, must count exactly the
 records that are malformed, and a TaskLoop must answer only with well-formed frames.
@@ -44,6 +45,7 @@ with atheris.instrument_imports(include=["pyswtask"]):
         pack_frame,
         parse_frames,
         unpack_envelope,
+        unpack_value,
     )
     from pyswtask.errors import TaskError, TaskWorkerLost
     from pyswtask.transport import pipe
@@ -51,6 +53,44 @@ with atheris.instrument_imports(include=["pyswtask"]):
 EPOCH = 0x5EED
 FIRST_ID = (EPOCH << 32) | 1   # the id of the one task each Dispatcher has pending
 IDS = [0, 1, 2, FIRST_ID, 2**64 - 1]
+
+
+def same(a: Any, b: Any) -> bool:
+    """a == b with the same types all the way down (True is not 1, a NaN equals a NaN); without
+    recursion, for values nested past Python's recursion limit."""
+    todo = [(a, b)]
+    while todo:
+        a, b = todo.pop()
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (list, dict)):
+            if len(a) != len(b):
+                return False
+            todo += zip(a, b)   # a dict's keys, in order
+            if isinstance(a, dict):
+                todo += zip(a.values(), b.values())
+        elif isinstance(a, float):
+            if not (a == b or (a != a and b != b)):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+@atheris.instrument_func
+def check_decoder(data: bytes) -> None:
+    """The core's msgpack decoder raises exactly when msgpack.unpackb does, and otherwise
+    returns the same value."""
+    try:
+        want = msgpack.unpackb(data, strict_map_key=False)
+    except Exception:
+        try:
+            unpack_value(data)
+        except (ValueError, TypeError):
+            return
+        raise AssertionError(f"msgpack refuses {data[:60]!r}, the core's decoder does not") from None
+    got = unpack_value(data)
+    assert same(got, want), (data[:60], got, want)
 
 
 @atheris.instrument_func
@@ -72,6 +112,7 @@ def check_parsers(data: bytes) -> None:
         assert len(str(exc)) < 1000
     else:
         assert [type(v) for v in envelope] == [str, str, list, int, str, int], envelope
+    check_decoder(data)
     try:
         mtype, _ = pipe.unpack_message(data)
     except ValueError as exc:
