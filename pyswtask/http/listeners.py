@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Bind", "Listeners", "parse_bind", "parse_binds"]
 
@@ -93,31 +94,32 @@ class Listeners:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, addr = infos[0]
         sock = socket.socket(family, kind, proto)
+        # A restarted server binds again while connections of the last one sit in TIME_WAIT.
+        options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)]
+        if family == socket.AF_INET6:
+            options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1))
+        self._listen(sock, addr, backlog, options)
+        bound_host, bound_port = sock.getsockname()[:2]
+        self.addresses.append(f"[{bound_host}]:{bound_port}" if family == socket.AF_INET6
+                              else f"{bound_host}:{bound_port}")
+
+    def _listen(self, sock: socket.socket, addr: Any, backlog: int,
+                options: list[tuple[int, int, int]]) -> None:
+        """Binds and listens, or closes the socket and raises; keeps it on success."""
         try:
-            # A restarted server binds again while connections of the last one sit in TIME_WAIT.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            for level, name, value in options:
+                sock.setsockopt(level, name, value)
             sock.bind(addr)
             sock.listen(backlog)
         except BaseException:
             sock.close()
             raise
         self.sockets.append(sock)
-        bound_host, bound_port = sock.getsockname()[:2]
-        self.addresses.append(f"[{bound_host}]:{bound_port}" if family == socket.AF_INET6
-                              else f"{bound_host}:{bound_port}")
 
     def _open_unix(self, path: str, backlog: int) -> None:
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        self.sockets.append(sock)
+        self._listen(sock, path, backlog, [])
         self.addresses.append(UNIX_PREFIX + path)
         self._unix_paths.append((path, os.stat(path).st_ino))
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .._core import Mailbox
 from ..errors import ServerNotRunning
-from .pipe import unpack_message
+from .pipe import receive_messages
 
 __all__ = ["START_PROCESS", "READY", "request_start", "announce_ready", "read_control"]
 
@@ -51,12 +51,7 @@ def read_control(mailbox: Mailbox) -> tuple[list[str], list[int]]:
     the pids of the children that said they are ready."""
     names: list[str] = []
     ready: list[int] = []
-    for src, _msg_id, body in mailbox.receive():
-        try:
-            mtype, data = unpack_message(body)
-        except ValueError as exc:
-            log.error("master: message from process %d dropped: %s", src, exc)
-            continue
+    for src, mtype, data in receive_messages(mailbox, "master: message"):
         if mtype == START_PROCESS and isinstance(data, str):
             names.append(data)
         elif mtype == READY and isinstance(data, int):

@@ -13,7 +13,7 @@ or behind a worker's loop) is the sending role's business, and the framing is th
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -21,7 +21,8 @@ from .._core import Mailbox, brief_repr
 from ..envelope import check_length, describe_unpackable
 from ..events import Event, events
 
-__all__ = ["pack_message", "unpack_message", "dispatch_messages", "describe_ids"]
+__all__ = ["pack_message", "unpack_message", "receive_messages", "dispatch_messages",
+           "describe_ids"]
 
 log = logging.getLogger("pyswtask.pipe")
 
@@ -61,17 +62,25 @@ def unpack_message(body: bytes) -> tuple[str, Any]:
     return obj[0], obj[1]
 
 
+def receive_messages(mailbox: Mailbox, what: str = "pipe message"
+                     ) -> Iterator[tuple[int, str, Any]]:
+    """(src, type, data) of every message waiting; one that is not a pipe message is logged
+    (``what`` starts the line) and skipped."""
+    for src, _msg_id, body in mailbox.receive():
+        try:
+            mtype, data = unpack_message(body)
+        except ValueError as exc:
+            log.error("%s from process %d dropped: %s", what, src, exc)
+            continue
+        yield src, mtype, data
+
+
 def dispatch_messages(mailbox: Mailbox, target: Any, intercept: Intercept | None = None) -> int:
     """Fires PIPE_MESSAGE (with ``target``, the server) for every message waiting; returns how
     many there were. intercept, when given, sees each message first and returns True to take it
     out of the event."""
     count = 0
-    for src, _msg_id, body in mailbox.receive():
-        try:
-            mtype, data = unpack_message(body)
-        except ValueError as exc:
-            log.error("pipe message from process %d dropped: %s", src, exc)
-            continue
+    for src, mtype, data in receive_messages(mailbox):
         count += 1
         if intercept is not None and intercept(mtype, data, src):
             continue
