@@ -5,13 +5,17 @@ with the LOST reports made from it."""
 from __future__ import annotations
 
 import mmap
+import os
+import select
 import struct
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import msgpack
 import pytest
+import sysv_ipc
 
 from pyswtask._core import (
     FLAG_FRAG_FIRST,
@@ -23,8 +27,10 @@ from pyswtask._core import (
     FRAME_TASK,
     HEADER_SIZE,
     RECORD_MAX,
+    QueueReader,
     ReplyAssembler,
     TaskWorkerStates,
+    hold_size,
     is_sentinel,
     pack_frame,
     parse_frames,
@@ -189,3 +195,32 @@ def test_the_core_does_not_import_numpy_until_a_numpy_view_is_asked_for() -> Non
             "assert 'numpy' not in sys.modules, 'imported by a table'\n"
             "assert t.to_numpy()['sec'][0] == 5 and 'numpy' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_queue_message_received_after_a_wrap_of_the_hold_wakes_the_idle_task_loop() -> None:
+    """The reader's hold is a ring: a message that does not fit before its end goes to the
+    start, behind a wrap marker. When the task loop had taken everything, the commit of that
+    message must still wake it, or it sleeps with a task waiting (a CO delivery gets no reply).
+    """
+    msgmax, capacity = 1024, 16384
+    hold = bytearray(hold_size(msgmax, capacity))
+    queue = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX)
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        reader = QueueReader(queue.id, 1, msgmax, wake_fd, os.getpid(), capacity, hold)
+        # An idle reader whose every record was taken and released, its tail just short of
+        # the ring's end: the next message cannot fit there.
+        pos = len(hold) - 64 - 512
+        struct.pack_into("<3Q", hold, 0, pos, pos, pos)
+        thread = threading.Thread(target=reader.run, daemon=True)
+        thread.start()
+        queue.send(b"a task", type=1)
+        assert select.select([wake_fd], [], [], 5.0)[0], "the task loop was not woken"
+        assert struct.unpack_from("<3Q", hold, 0)[2] > len(hold) - 64, "no wrap"
+        os.read(wake_fd, 8)
+        queue.send(sentinel(os.getpid()), type=1)
+        thread.join(5.0)
+        assert reader.finished and reader.error == 0
+    finally:
+        os.close(wake_fd)
+        queue.remove()

@@ -35,7 +35,8 @@ cdef class QueueReader:
     cdef uint64_t *hdr              # its header words
     cdef char *ring                 # its records
     cdef size_t cap
-    cdef size_t used                # bytes of records (and wraps) not taken by the task loop
+    cdef size_t used                # bytes of committed records not taken by the task loop
+                                    # (a wrap is not counted: a commit after one must wake it)
     cdef pthread_mutex_t mutex
     cdef uint32_t pid
     cdef readonly bint finished

@@ -364,7 +364,6 @@ cdef class QueueReader:
                 if skip:
                     (<uint32_t *>(self.ring + off))[0] = _WRAP
                     self.hdr[_H_TAIL] = tail + skip
-                    self.used += skip
                     off = 0
                 pthread_mutex_unlock(&self.mutex)
                 return self.ring + off
@@ -399,12 +398,9 @@ cdef class QueueReader:
         done = self.hdr[_H_DONE]
         n = (<uint32_t *>(self.ring + done % self.cap))[0]
         if n == _WRAP:
-            self.used -= self.cap - done % self.cap
+            # used counts committed records only: one follows the wrap.
             done += self.cap - done % self.cap
             self.hdr[_H_DONE] = done
-            if self.used == 0:
-                pthread_mutex_unlock(&self.mutex)
-                return -1
             n = (<uint32_t *>(self.ring + done % self.cap))[0]
         pthread_mutex_unlock(&self.mutex)
         text[0] = self.ring + done % self.cap + _REC_HEADER
