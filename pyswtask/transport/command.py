@@ -7,6 +7,8 @@ written behind the caller (by a helper thread as the queue drains, and at exit),
 costs one msgsnd per message, not per task. Results of ASYNC tasks go nowhere. CO deliveries
 wait for their result on a reply socket of this process (an abstract unix datagram socket
 named after the queue and the pid), after everything delivered before them has been written.
+It runs in a program outside any server and must not assume a role: it knows only the queue's key
+and the record the server published beside it.
 """
 
 from __future__ import annotations

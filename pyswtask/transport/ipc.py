@@ -12,7 +12,9 @@
   task_max_request inside a record leaves the rest of it to its successor.
 
 The master keeps every end open for the life of the server, so a respawned child inherits the
-same sockets (and what is queued in them) as the process it replaces.
+same sockets (and what is queued in them) as the process it replaces. This module makes and
+hands out the IPC; it must not read or write what travels on it, which is the roles' (through
+the core).
 """
 
 from __future__ import annotations

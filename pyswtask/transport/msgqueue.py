@@ -21,7 +21,8 @@ workers' tasks it ran whose results had not left it.
 
 A queue left by a server that died without removing it is adopted at the next start: its
 messages run, as they would under Swoole, and the log says how many. ``pyswtask queue purge``
-discards them first when that is not wanted.
+discards them first when that is not wanted. The queue's message and hold formats are the core's
+(core/msgqueue.pyx); this module owns the queue's life and never parses a message itself.
 """
 
 from __future__ import annotations
