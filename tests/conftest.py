@@ -7,6 +7,13 @@ import pytest
 from _testbase import ServerRunner
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here, not in pyproject.toml: the suite also runs from a copy of tests/ against a wheel.
+    config.addinivalue_line(
+        "markers", "slow: a test that takes seconds to a minute (the soak, a whole-minute cron "
+        "wait, 64 MiB payloads); the whole suite runs them, -m 'not slow' leaves them out")
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[ServerRunner]:
     runner = ServerRunner(tmp_path)
