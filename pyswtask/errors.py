@@ -69,6 +69,11 @@ class TaskWorkerLost(TaskError):
 class TaskTimeout(PyswtaskError, TimeoutError):
     """No result came within the timeout; a result that comes later is discarded."""
 
+    @classmethod
+    def after(cls, what: str, timeout: float) -> TaskTimeout:
+        """The error of every delivery path: ``what`` is "task Mailer.send" or "batch item 3"."""
+        return cls(f"{what} gave no result within {timeout} s")
+
 
 class DeliveryError(PyswtaskError):
     """A task cannot be delivered from this process, or to this destination."""

@@ -22,7 +22,7 @@ from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .._core import TIMEOUT, Dispatcher, Mailbox, QueueChannel
-from ..envelope import TYPE_ASYNC, check_timeout, check_type, pack_call, pack_task
+from ..envelope import TYPE_ASYNC, TYPE_CO, check_timeout, check_type, pack_call, pack_task
 from ..errors import DeliveryError, TaskError, TaskTimeout, TaskWorkerLost
 from ..events import Event, events
 from ..transport import control, relay
@@ -166,7 +166,7 @@ class Worker(ChildRole):
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
         result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
         if result is TIMEOUT:
-            raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+            raise TaskTimeout.after(f"task {name}.{method}", timeout)
         if isinstance(result, TaskError):
             raise result
         return result
@@ -175,23 +175,22 @@ class Worker(ChildRole):
                       dst_worker_id: int) -> list[Any]:
         dispatcher = self.task_dispatcher("Task.deliver_batch")
         _refuse_in_coroutine("Task.deliver_batch", "await Task.co_batch(...)")
-        limit = self.package_max_length
-        bodies = [pack_call(call, i, limit) for i, call in enumerate(calls)]
+        bodies = self._pack_calls(calls)
         results = dispatcher.call_many(bodies, dst_worker_id, check_timeout(timeout))
         for i, result in enumerate(results):
             if result is TIMEOUT:
-                results[i] = TaskTimeout(f"batch item {i} gave no result within {timeout} s")
+                results[i] = TaskTimeout.after(f"batch item {i}", timeout)
         return results
 
     async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
                  dst_worker_id: int) -> Any:
         dispatcher = self.task_dispatcher("Task.co")
-        body = pack_task(name, method, params, 1, self.package_max_length)
+        body = pack_task(name, method, params, TYPE_CO, self.package_max_length)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         task_id = dispatcher.submit_future(body, dst_worker_id, future)
         expiry = loop.call_later(check_timeout(timeout), _expire, future,
-                                 f"task {name}.{method} gave no result within {timeout} s")
+                                 TaskTimeout.after(f"task {name}.{method}", timeout))
         try:
             return await future
         finally:
@@ -201,8 +200,7 @@ class Worker(ChildRole):
     async def co_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
                        dst_worker_id: int) -> list[Any]:
         dispatcher = self.task_dispatcher("Task.co_batch")
-        limit = self.package_max_length
-        bodies = [pack_call(call, i, limit) for i, call in enumerate(calls)]
+        bodies = self._pack_calls(calls)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in bodies]
         ids = [dispatcher.submit_future(body, dst_worker_id, fut)
@@ -214,12 +212,16 @@ class Worker(ChildRole):
             if not fut.done():
                 dispatcher.forget(task_id)
                 fut.cancel()
-                outcomes.append(TaskTimeout(f"batch item {i} gave no result within {timeout} s"))
+                outcomes.append(TaskTimeout.after(f"batch item {i}", timeout))
             elif fut.exception() is not None:
                 outcomes.append(fut.exception())
             else:
                 outcomes.append(fut.result())
         return outcomes
+
+    def _pack_calls(self, calls: Iterable[Sequence[Any]]) -> list[bytes]:
+        limit = self.package_max_length
+        return [pack_call(call, i, limit) for i, call in enumerate(calls)]
 
     def deliver_by_process(self, name: str, method: str, params: Sequence[Any], timeout: float,
                            worker_id: int, type: int, callback: FinishCallback | None) -> Any:
@@ -297,9 +299,9 @@ def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _expire(future: asyncio.Future[Any], message: str) -> None:
+def _expire(future: asyncio.Future[Any], error: TaskTimeout) -> None:
     if not future.done():
-        future.set_exception(TaskTimeout(message))
+        future.set_exception(error)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

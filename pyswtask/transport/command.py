@@ -244,7 +244,7 @@ class QueueClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+                raise TaskTimeout.after(f"task {name}.{method}", timeout)
             sock.settimeout(left)
             try:
                 record = sock.recv(1 << 17)

@@ -148,7 +148,7 @@ class RelayClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.callbacks.pop(req_id, None)
-                raise TaskTimeout(f"task {name}.{method} gave no result within {timeout} s")
+                raise TaskTimeout.after(f"task {name}.{method}", timeout)
             if self.mailbox.wait(left):
                 dispatch_messages(self.mailbox, self.target, intercept)
         self.callbacks.pop(req_id, None)
