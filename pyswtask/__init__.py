@@ -26,6 +26,7 @@ from ._version import __version__
 from .cron import CronRuleError, scheduled
 from .delivery import Task
 from .errors import (
+    ClusterUnavailable,
     DeliveryError,
     ProtocolError,
     PyswtaskError,
@@ -63,6 +64,7 @@ __all__ = [
     "TaskWorkerLost",
     "DeliveryError",
     "QueueFull",
+    "ClusterUnavailable",
     "ServerNotRunning",
     "UnknownTask",
     "UnknownMethod",

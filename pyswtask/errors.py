@@ -17,6 +17,7 @@ __all__ = [
     "DeliveryError",
     "ServerNotRunning",
     "QueueFull",
+    "ClusterUnavailable",
     "TaskWorkerLost",
     "UnknownTask",
     "UnknownMethod",
@@ -85,6 +86,11 @@ class ServerNotRunning(DeliveryError):
 
 class QueueFull(DeliveryError, TimeoutError):
     """The server's message queue stayed full for the whole timeout; the task was not sent."""
+
+
+class ClusterUnavailable(DeliveryError):
+    """The cluster's Redis cannot be reached (or stalls past the timeout); the message names
+    its URL. Local tasks are not affected."""
 
 
 class UnknownTask(LookupError):

@@ -173,6 +173,33 @@ def _options(name: str, value: Any) -> Any:
     return dict(value)
 
 
+def _cluster_url(name: str, value: Any) -> Any:
+    from .cluster.connection import check_url
+
+    return None if value is None else check_url(value, f"setting {name}")
+
+
+def _optional_str(name: str, value: Any) -> Any:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"setting {name} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _queue_names(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"setting {name} must be a queue name or a list of them, not {value!r}")
+    return list(names)
+
+
+def _positive_seconds(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"setting {name} must be a positive number of seconds, not {value!r}")
+    return value
+
+
 # -- the declarations, in the order they are checked ------------------------------------------
 
 SETTINGS: tuple[Setting, ...] = (
@@ -239,6 +266,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_options", {}, _options,
             "more keyword arguments of `uvicorn.Config` (`timeout_keep_alive`, `lifespan`, `ws`, "
             "`headers`, `root_path`, ...)"),
+    # The cluster (pyswtask.cluster): only tasks declared with @task(queue=...) leave the host.
+    Setting("cluster", None, _cluster_url,
+            "Redis URL of the cluster this server joins (`redis://`, `rediss://`, `unix://`); "
+            "None: no cluster"),
+    Setting("node", None, _optional_str,
+            "this server's name in the cluster; None: `hostname:pid` of the master"),
+    Setting("cluster_queues", None, _queue_names,
+            "cluster queues this node's task workers serve; None: every queue of its registered "
+            "tasks"),
+    # At-least-once: a task pending this long on a node that stopped answering is claimed by
+    # another node and run again.
+    Setting("cluster_visibility_timeout", 30.0, _positive_seconds,
+            "seconds a cluster task may stay unacknowledged before another node claims it"),
+    Setting("cluster_max_deliveries", 5, _positive_int,
+            "deliveries of a cluster task before it goes to the dead-letter stream"),
+    Setting("cron_cluster", False, _bool,
+            "every `@scheduled` rule fires once per cluster (a lease in Redis), not once per node"),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from _redis import RedisServer
 from _testbase import ServerRunner
 
 
@@ -21,3 +22,14 @@ def servers(tmp_path: Path) -> Iterator[ServerRunner]:
         yield runner
     finally:
         runner.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on 127.0.0.1, stopped by pid at teardown."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

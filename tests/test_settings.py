@@ -38,6 +38,12 @@ BAD_VALUES: dict[str, Any] = {
     "http": "h2",
     "event_loop": "trio",
     "http_options": [("lifespan", "on")],
+    "cluster": "http://127.0.0.1:6379",
+    "node": "",
+    "cluster_queues": [3],
+    "cluster_visibility_timeout": 0,
+    "cluster_max_deliveries": 0,
+    "cron_cluster": "yes",
 }
 
 
