@@ -1,5 +1,6 @@
-"""The ``cronExec`` user process: sleeps until the next due second, claims the due rows of the
-run-time table and delivers them to the task workers through a worker.
+"""The ``cronExec`` user process: sleeps until just before the next due second (``LEAD``),
+claims the due rows of the run-time table and delivers them to the task workers through a
+worker; each run waits in its task worker for its second (``runner``).
 
 A row whose second passed while it was late is still delivered within ``cron_grace`` seconds,
 else marked skipped and logged; a row is claimed once, so it is never delivered twice. A job with
@@ -30,6 +31,11 @@ log = logging.getLogger("pyswtask.cron")
 
 EXEC_PROCESS = "cronExec"
 
+# A run is delivered this long before its second and waits in its task worker for the second
+# itself (runner.run): the hops exec -> worker -> task worker take about a millisecond, which
+# would otherwise be added to every run's start.
+LEAD = 0.002
+
 
 class CronExec:
     """What the cronExec process runs; built in the master, run after the fork."""
@@ -44,7 +50,7 @@ class CronExec:
         origin, runs = self.tables.get()
         while True:
             now = time.time()
-            due, skipped = runs.claim_due(int(now), self.grace)
+            due, skipped = runs.claim_due(int(now + LEAD), self.grace)
             for _row, job, sec in skipped:
                 log.warning("crontab: run of %s.%s due at %d skipped: more than %d s late",
                             self.jobs[job].task, self.jobs[job].method, sec, self.grace)
@@ -84,10 +90,11 @@ class CronExec:
 
     @staticmethod
     def _sleep_to_next(proc: Process, runs: RunTable) -> None:
-        """Until the next due second, or 0.5 s at most; a 'rows written' message wakes it."""
+        """Until LEAD before the next due second, or 0.5 s at most; a 'rows written' message
+        wakes it."""
         now = time.time()
         nxt = runs.next_due()
-        wake = now + 0.5 if nxt is None else min(float(nxt), now + 0.5)
+        wake = now + 0.5 if nxt is None else min(nxt - LEAD, now + 0.5)
         left = wake - now
         if left > 0.003:
             # poll() counts in whole milliseconds: sleep the last stretch with nanosleep.

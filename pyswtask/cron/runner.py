@@ -1,5 +1,5 @@
-"""The built-in task the exec process delivers (``pyswtask.cron``): in a task worker, runs one
-scheduled method and writes running / done / failed and the duration into both tables. Also
+"""The built-in task the exec process delivers (``pyswtask.cron``): in a task worker, waits for
+the run's second if it came early, runs one scheduled method and writes running / done / failed and the duration into both tables. Also
 owns ``due_second``, the context variable a scheduled method reads its due second from.
 
 It must not claim or skip rows (that is ``exec``); it finds the tables through the server's
@@ -38,6 +38,11 @@ class CronRunner:
             raise RuntimeError("the crontab is not on in this server (Server(cron=True))")
         origin, runs = crontab.tables()
         spec = crontab.jobs[job]
+        # The exec process delivers a little before the second (exec.LEAD); a run never starts
+        # before it.
+        early = sec - time.time()
+        if early > 0:
+            time.sleep(early)
         runs.set_status(row, RunStatus.RUNNING, time.time())
         started = time.monotonic()
         token = due_second.set(sec)
