@@ -28,6 +28,11 @@ cdef size_t _READ_ALWAYS = <size_t>-1
 # but no record fills (a slow stream of them). A tight burst fills records faster than that.
 cdef unsigned int _HOLD_PERIOD_US = 1000
 cdef unsigned int _HOLD_MAX_PERIODS = 5
+# After its last hold was released the watch goes on looking every period this many times before
+# it sleeps on the eventfd: a busy worker (an HTTP server holds a frame or two in most loop turns)
+# then costs it one timed wake-up per period instead of an eventfd write and two wake-ups per
+# turn, and an idle worker still leaves it asleep.
+cdef unsigned int _LINGER_PERIODS = 50
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
@@ -258,12 +263,18 @@ cdef class _FlushWatch:
     cdef int _wait(self) noexcept nogil:
         """1 once queued frames are due (see _HOLD_PERIOD_US); 0 when the dispatcher has gone."""
         cdef uint64_t one, held, sent, held0 = 0, sent0 = 0
-        cdef unsigned int stale = 0
+        cdef unsigned int stale = 0, idle = 0
         cdef bint was_held = False
         while not self.stop:
             held = self.held
             sent = self.sent
+            if held == sent and idle < _LINGER_PERIODS:
+                idle += 1
+                was_held = False
+                usleep(_HOLD_PERIOD_US)
+                continue
             if held == sent:
+                idle = 0
                 self.sleeping = 1
                 __sync_synchronize()
                 # Checked again after announcing sleep: a hold in between wrote efd, or is seen.
@@ -272,6 +283,7 @@ cdef class _FlushWatch:
                 self.sleeping = 0
                 was_held = False
                 continue
+            idle = 0
             if was_held:
                 stale = stale + 1 if sent == sent0 else 0
                 if (held == held0 and sent == sent0) or stale >= _HOLD_MAX_PERIODS:
