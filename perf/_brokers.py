@@ -200,7 +200,7 @@ def _free_port() -> int:
 
 
 def _stop_group(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, wait: float = 15.0) -> None:
-    """Stops a process started with start_new_session=True and everything it forked."""
+    """Stops a process started with preexec_fn=os.setpgrp and everything it forked."""
     try:
         os.killpg(proc.pid, sig)
         proc.wait(wait)
@@ -225,7 +225,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=os.setpgrp)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -280,12 +280,12 @@ def run(name: str, redis: RedisServer, n: int, n_co: int, strlen: int, payload: 
                PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     log = open(os.path.join(slot_dir, "worker.log"), "w+")   # closed in the finally below
     worker = subprocess.Popen(_worker_cmd(name), env=env, cwd=HERE, stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, preexec_fn=os.setpgrp)
     try:
         # Imported, not run as __main__, so that the tasks' names are the workers'.
         producer = subprocess.Popen([sys.executable, "-c", "import _brokers; _brokers.produce()"],
                                     env=env, cwd=HERE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                    stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
         try:
             out, err = producer.communicate(timeout=timeout)
         finally:

@@ -74,7 +74,7 @@ def run(script: str, *args: str, timeout: float = 300.0) -> list[dict[str, Any]]
     if version() is None:
         return []
     proc = subprocess.Popen(["php", os.path.join(HERE, script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -133,7 +133,7 @@ def pyswtask_burst(n: int, qsize: int) -> dict[str, Any]:
 
 def pool_burst(n: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", POOL, str(n)], capture_output=True, text=True,
-                         timeout=900, start_new_session=True)
+                         timeout=900, preexec_fn=os.setpgrp)
     if out.returncode != 0:
         raise RuntimeError(f"the Pool run failed: {out.stderr[-2000:]}")
     return _row("multiprocessing.Pool", n, json.loads(out.stdout.splitlines()[-1]), procs=2)

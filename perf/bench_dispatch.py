@@ -117,7 +117,7 @@ def run_script(script: str, env: dict[str, str], expected: int, timeout: float =
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(script)
     proc = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE,
-                            env=dict(os.environ, **env), start_new_session=True)
+                            env=dict(os.environ, **env), preexec_fn=os.setpgrp)
     reports: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout

@@ -97,7 +97,7 @@ class Served:
     def __init__(self, cmd: list[str], port: int, cwd: str = HERE) -> None:
         self.port = port
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
 
     def __enter__(self) -> Served:
         deadline = time.monotonic() + 60

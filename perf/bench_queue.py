@@ -124,7 +124,7 @@ def pyswtask_queue(n: int, n_co: int, mode: int, payload: int | None = None) -> 
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
         server = subprocess.Popen([sys.executable, os.path.join(tmp, "server.py")], env=env,
-                                  start_new_session=True, stderr=subprocess.DEVNULL)
+                                  preexec_fn=os.setpgrp, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while (info := read_info(key)) is None or not info.alive():

@@ -460,7 +460,7 @@ def main() -> int:
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
         server = subprocess.Popen([sys.executable, os.path.join(tmp, "server.py")], env=env,
-                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=errlog)
+                                  preexec_fn=os.setpgrp, stdout=subprocess.DEVNULL, stderr=errlog)
         deadline = time.monotonic() + 30
         while (info := read_info(queue_key)) is None or not info.alive():
             if time.monotonic() > deadline or server.poll() is not None:
@@ -468,7 +468,7 @@ def main() -> int:
             time.sleep(0.05)
         t_ready = time.time()
         command = subprocess.Popen([sys.executable, os.path.join(tmp, "command.py")], env=env,
-                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=errlog)
+                                   preexec_fn=os.setpgrp, stdout=subprocess.DEVNULL, stderr=errlog)
         t0 = time.monotonic()
         next_kill, next_sample = t0 + kill_every, t0
         last_cpu: tuple[float, dict[int, int]] | None = None
