@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -127,6 +128,7 @@ class QueueClient:
                                   activity=lambda: int(self.sender.puts))
         self.lock = self.behind.lock
         self.reply: socket.socket | None = None
+        self.reply_wait = 0.0       # the reply socket's SO_RCVTIMEO, in seconds
         self.closed = False
         atexit.register(self.close)
 
@@ -232,23 +234,32 @@ class QueueClient:
 
     def _reply_socket(self) -> socket.socket:
         if self.reply is None:
+            # A blocking socket with SO_RCVTIMEO: Python's own timeouts cost a poll() before
+            # each recv and an ioctl() to set them, two system calls of a round trip's few.
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(reply_address(self.msqid, self.pid))
             self.reply = sock
+            self.reply_wait = 0.0
         return self.reply
 
     def _wait_reply(self, sock: socket.socket, task_id: int, name: str, method: str,
                     deadline: float, timeout: float) -> Any:
         replies = ReplyAssembler(on_protocol_error=log.error,
                                  max_body=self.info.package_max_length)
+        # The first wait is the whole timeout (set again only when a call's timeout differs);
+        # any later one is what is left of it.
+        wait = timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TaskTimeout.after(f"task {name}.{method}", timeout)
-            sock.settimeout(left)
+            if wait != self.reply_wait:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait))
+                self.reply_wait = wait
+            wait = left
             try:
                 record = sock.recv(1 << 17)
-            except TimeoutError:
+            except BlockingIOError:     # SO_RCVTIMEO ran out
                 continue
             try:
                 results = replies.feed(record)
@@ -261,3 +272,9 @@ class QueueClient:
                 if not ok:
                     raise TaskError.from_wire(value)
                 return value
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO; never zero, which means "for ever"."""
+    usec = max(1, round(seconds * 1e6))
+    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
