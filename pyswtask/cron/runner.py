@@ -1,6 +1,7 @@
 """The built-in task the exec process delivers (``pyswtask.cron``): in a task worker, waits for
-the run's second if it came early, runs one scheduled method and writes running / done / failed and the duration into both tables. Also
-owns ``due_second``, the context variable a scheduled method reads its due second from.
+the run's second if it came early, runs one scheduled method and writes running / done / failed
+and the duration into both tables. Also owns ``due_second``, the context variable a scheduled
+method reads its due second from.
 
 It must not claim or skip rows (that is ``exec``); it finds the tables through the server's
 crontab, which the forked task worker inherited.
