@@ -16,7 +16,6 @@ serves; it must not write to it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -32,20 +31,7 @@ from prometheus_client.exposition import start_http_server  # type: ignore[impor
 from .counters import StatsSegment
 from .stats import snapshot
 
-__all__ = ["MetricsServer", "StatsCollector", "rss_bytes"]
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes(pid: int | None) -> int | None:
-    """The resident memory of a process, from /proc/PID/statm; None when it is gone."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
+__all__ = ["MetricsServer", "StatsCollector"]
 
 
 class StatsCollector:
@@ -117,9 +103,8 @@ class StatsCollector:
                             ("process", snap["processes"])):
             for p in procs:
                 up.add_metric([role, str(p["id"])], 1 if p["state"] == "up" else 0)
-                size = rss_bytes(p["pid"]) if p["state"] == "up" else None
-                if size is not None:
-                    rss.add_metric([role, str(p["id"])], size)
+                if p["rss"] is not None:
+                    rss.add_metric([role, str(p["id"])], p["rss"])
         yield up
         yield rss
         yield GaugeMetricFamily("pyswtask_start_time_seconds", "When the server started, Unix "

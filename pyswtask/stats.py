@@ -16,11 +16,11 @@ The snapshot's keys:
   scheduled method: ``rule``, ``task``, ``method``, ``runs``, ``failures``, ``last_status``,
   ``last_due``, ``last_duration``, ``next``)
 - ``workers``: per worker ``id``, ``pid``, ``state`` ("up"/"down"), ``started``, ``respawns``,
-  ``waiting``, ``delivered``, ``lost``, ``timed_out``
+  ``rss`` (resident bytes), ``waiting``, ``delivered``, ``lost``, ``timed_out``
 - ``task_workers``: per task worker ``id``, ``index``, ``pid``, ``state``, ``started``,
-  ``respawns``, ``idle``, ``run``, ``failed``
+  ``respawns``, ``rss``, ``idle``, ``run``, ``failed``
 - ``processes``: per user process ``id``, ``name``, ``pid``, ``state``, ``started``,
-  ``respawns``
+  ``respawns``, ``rss``
 - ``task_methods``: per ``"name.method"``: ``ok``, ``failed``, ``seconds`` (sum of run times)
   and ``buckets`` (cumulative runs at or below each of ``duration_buckets``, then all)
 - ``duration_buckets``: the histogram's upper bounds, seconds
@@ -30,6 +30,7 @@ Counters are totals over the life of the server: a respawned process's slot coun
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -39,9 +40,21 @@ from . import sysv
 from .counters import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
 from .errors import ServerNotRunning
 
-__all__ = ["read", "snapshot", "StatsUnreadable", "resolve_key"]
+__all__ = ["read", "snapshot", "StatsUnreadable", "resolve_key", "rss_bytes"]
 
 _STATES = {0: "down", 1: "up"}
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """The resident memory of a process, from /proc/PID/statm; None when it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def resolve_key(*, pid_file: str | None = None, pid: int | None = None,
@@ -104,8 +117,10 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
     load = list(seg.load)
     workers, task_workers, processes = [], [], []
     for i, s in enumerate(slots):
+        up = int(s["state"]) == 1
         common = {"id": i, "pid": int(s["pid"]) or None, "state": _STATES.get(int(s["state"]),
-                  "?"), "started": float(s["started"]) or None, "respawns": int(s["respawns"])}
+                  "?"), "started": float(s["started"]) or None, "respawns": int(s["respawns"]),
+                  "rss": rss_bytes(int(s["pid"])) if up else None}
         if i < w:
             workers.append({**common, "waiting": load[i], "delivered": int(s["delivered"]),
                             "lost": int(s["lost"]), "timed_out": int(s["timed_out"])})
