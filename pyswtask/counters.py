@@ -10,6 +10,8 @@ Layout (little-endian, fixed; ``VERSION`` changes with it)::
               start time, respawns, name, counters
     busy      uint8 per task worker (1 while it runs tasks), padded to 8 bytes
     load      uint32 per worker (its tasks without a result), padded to 8 bytes
+    sent      per worker, a uint64 per task worker: the tasks it delivered to each (in
+              task_ipc_mode 3, all in the first: the queue picks the task worker)
     rows      per task worker, TASK_ROWS ROW records (one per task method it ran: counts, the
               sum of run times, the duration histogram's buckets); its last row counts the
               methods that found no free row ("other")
@@ -49,17 +51,18 @@ DURATION_BOUNDS: tuple[float, ...] = TaskLoop.duration_bounds()
 HEADER = np.dtype({
     "names": ["magic", "version", "nslots", "worker_num", "task_worker_num", "process_num",
               "task_rows", "master_pid", "started", "queue_msqid", "cron_key", "respawns",
-              "max_request_recycles", "task_max_request_recycles", "timezone"],
+              "max_request_recycles", "task_max_request_recycles", "timezone", "task_ipc_mode"],
     "formats": ["S8", "<u4", "<u4", "<u4", "<u4", "<u4", "<u4", "<i8", "<f8", "<i8", "<i8",
-                ("<i8", (len(CAUSES),)), "<i8", "<i8", "S64"],
+                ("<i8", (len(CAUSES),)), "<i8", "<i8", "S64", "<i8"],
     "offsets": [0, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 64 + 8 * len(CAUSES),
-                72 + 8 * len(CAUSES), 192],
+                72 + 8 * len(CAUSES), 192, 256],
     "itemsize": 512})
 
-# tasks_run and tasks_failed stay side by side: the task loop counts into them as one pair.
+# tasks_run, tasks_failed and tasks_started stay side by side: the task loop counts into them
+# as one block.
 SLOT = np.dtype([("kind", "<i8"), ("pid", "<i8"), ("state", "<i8"), ("started", "<f8"),
                  ("respawns", "<i8"), ("name", "S32"), ("tasks_run", "<i8"),
-                 ("tasks_failed", "<i8"), ("delivered", "<u8"), ("lost", "<i8"),
+                 ("tasks_failed", "<i8"), ("tasks_started", "<i8"), ("lost", "<i8"),
                  ("timed_out", "<i8"), ("cron_due", "<i8"), ("cron_late", "<i8"),
                  ("cron_skipped", "<i8")])
 
@@ -84,17 +87,19 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _offsets(nslots: int, task_worker_num: int, worker_num: int) -> tuple[int, int, int, int]:
+def _offsets(nslots: int, task_worker_num: int, worker_num: int
+             ) -> tuple[int, int, int, int, int]:
     slots = HEADER.itemsize
     busy = slots + nslots * SLOT.itemsize
     load = busy + _pad8(task_worker_num)
-    rows = load + _pad8(4 * worker_num)
-    return slots, busy, load, rows
+    sent = load + _pad8(4 * worker_num)
+    rows = sent + 8 * worker_num * max(task_worker_num, 1)
+    return slots, busy, load, sent, rows
 
 
 def nbytes(nslots: int, task_worker_num: int, worker_num: int) -> int:
     """The size of a segment for that many slots, task workers and workers."""
-    return _offsets(nslots, task_worker_num, worker_num)[3] + \
+    return _offsets(nslots, task_worker_num, worker_num)[4] + \
         task_worker_num * TASK_ROWS * ROW.itemsize
 
 
@@ -117,7 +122,8 @@ class StatsSegment:
         self.worker_num = int(h["worker_num"])
         self.task_worker_num = int(h["task_worker_num"])
         self.nslots = int(h["nslots"])
-        slots, busy, load, rows = _offsets(self.nslots, self.task_worker_num, self.worker_num)
+        slots, busy, load, sent, rows = _offsets(self.nslots, self.task_worker_num,
+                                                 self.worker_num)
         if len(self.buf) < nbytes(self.nslots, self.task_worker_num, self.worker_num):
             raise StatsUnreadable("the segment is smaller than its header says")
         self._slots_at = slots
@@ -125,6 +131,9 @@ class StatsSegment:
         self.busy = self.buf[busy:busy + max(self.task_worker_num, 1)]
         self.load_bytes = self.buf[load:load + 4 * self.worker_num]
         self.load = self.load_bytes.cast("I")
+        self._sent_at = sent
+        self.sent = np.frombuffer(self.buf, "<u8", self.worker_num * max(self.task_worker_num, 1),
+                                  sent).reshape(self.worker_num, max(self.task_worker_num, 1))
         self._rows_at = rows
         self.rows = np.frombuffer(self.buf, ROW, self.task_worker_num * TASK_ROWS, rows).reshape(
             self.task_worker_num, TASK_ROWS) if self.task_worker_num else np.zeros((0, 0), ROW)
@@ -167,9 +176,11 @@ class StatsSegment:
         return seg
 
     def describe(self, *, queue_msqid: int | None = None, cron_key: int | None = None,
-                 timezone: str | None = None) -> None:
-        """Records where the message queue and the crontab's tables are, and the zone of the
-        cron rules (the master)."""
+                 timezone: str | None = None, task_ipc_mode: int | None = None) -> None:
+        """Records where the message queue and the crontab's tables are, the zone of the
+        cron rules and the ipc mode (the master)."""
+        if task_ipc_mode is not None:
+            self.header["task_ipc_mode"] = task_ipc_mode
         if timezone is not None:
             self.header["timezone"] = timezone.encode()[:64]
         if queue_msqid is not None:
@@ -198,7 +209,7 @@ class StatsSegment:
 
     def close(self) -> None:
         """Detaches; the creator also removes the segment."""
-        for name in ("header", "slots", "rows", "busy", "load", "load_bytes"):
+        for name in ("header", "slots", "rows", "busy", "load", "load_bytes", "sent"):
             self.__dict__.pop(name, None)
         try:
             self.buf.release()
@@ -213,9 +224,11 @@ class StatsSegment:
 
     # -- the children -----------------------------------------------------------------------
 
-    def slot_field(self, slot: int, field: str) -> memoryview:
-        """The bytes of one slot field, for the core to count into."""
-        return self._slot_bytes(slot, field, _field(SLOT, field)[1])
+    def sent_row(self, worker: int) -> memoryview:
+        """A worker's deliveries per task worker, for its dispatcher to count into."""
+        width = 8 * max(self.task_worker_num, 1)
+        at = self._sent_at + worker * width
+        return self.buf[at:at + width]
 
     def _slot_bytes(self, slot: int, field: str, size: int) -> memoryview:
         at = self._slots_at + slot * SLOT.itemsize + _field(SLOT, field)[0]
@@ -228,10 +241,10 @@ class StatsSegment:
     def task_worker_counting(self, index: int, slot: int
                              ) -> tuple[memoryview, memoryview, dict[tuple[str, str], int],
                                         Callable[[str, str], int]]:
-        """What TaskLoop.count_into takes for task worker index: its tasks_run/tasks_failed
-        pair, its rows, the methods that have a row already (a predecessor's), and the
+        """What TaskLoop.count_into takes for task worker index: its tasks_run, tasks_failed
+        and tasks_started, its rows, the methods that have a row already (a predecessor's), and the
         function that gives a new method a row."""
-        counts = self._slot_bytes(slot, "tasks_run", 16)
+        counts = self._slot_bytes(slot, "tasks_run", 24)
         start = self._rows_at + index * TASK_ROWS * ROW.itemsize
         rows_buf = self.buf[start:start + TASK_ROWS * ROW.itemsize]
         rows = self.rows[index]

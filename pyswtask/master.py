@@ -102,6 +102,7 @@ class Master:
         stats = self.stats = server.stats_segment = StatsSegment.create(
             key, worker_num=server.worker_num, task_worker_num=server.task_worker_num,
             process_names=[spec.name for spec in self.processes], master_pid=os.getpid())
+        stats.describe(task_ipc_mode=self.settings["task_ipc_mode"])
         self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes),
                              busy=stats.busy, load=stats.load_bytes)
         server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}

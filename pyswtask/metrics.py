@@ -4,11 +4,12 @@ in a process's memory and no multiprocess directory is needed.
 
 Metric names (all prefixed ``pyswtask_``): ``tasks_total{task,status}`` (status ``ok`` or
 ``failed``), ``task_duration_seconds{task}`` (histogram), ``task_worker_tasks_total
-{task_worker,status}``, ``task_workers_idle``, ``tasks_waiting{worker}``,
-``deliveries_total{worker}``, ``tasks_lost_total{worker}``, ``tasks_timed_out_total{worker}``,
-``respawns_total{cause}``, ``recycles_total{setting}``, ``queue_messages``, ``queue_bytes``,
-``cron_runs_total{outcome}`` (``due``, ``run``, ``late``, ``skipped``, ``failed``),
-``process_up{role,id}``, ``process_resident_memory_bytes{role,id}``, ``start_time_seconds``.
+{task_worker,status}``, ``task_worker_tasks_waiting{task_worker}``, ``task_workers_idle``,
+``tasks_waiting{worker}``, ``deliveries_total{worker}``, ``tasks_lost_total{worker}``,
+``tasks_timed_out_total{worker}``, ``respawns_total{cause}``, ``recycles_total{setting}``,
+``queue_messages``, ``queue_bytes``, ``cron_runs_total{outcome}`` (``due``, ``run``, ``late``,
+``skipped``, ``failed``), ``process_up{role,id}``, ``process_resident_memory_bytes{role,id}``,
+``start_time_seconds``.
 
 Needs prometheus-client (``pip install 'pyswtask[metrics]'``). It reads the segment and
 serves; it must not write to it.
@@ -60,6 +61,13 @@ class StatsCollector:
             per_tw.add_metric([str(tw["id"]), "ok"], tw["run"] - tw["failed"])
             per_tw.add_metric([str(tw["id"]), "failed"], tw["failed"])
         yield per_tw
+        waiting = GaugeMetricFamily("pyswtask_task_worker_tasks_waiting",
+                                    "Tasks sent to each task worker and not started yet",
+                                    labels=["task_worker"])
+        for tw in snap["task_workers"]:
+            if tw["waiting"] is not None:
+                waiting.add_metric([str(tw["id"])], tw["waiting"])
+        yield waiting
         yield GaugeMetricFamily("pyswtask_task_workers_idle", "Task workers waiting for a task",
                                 value=snap["idle_task_workers"])
         for metric, key, text in (

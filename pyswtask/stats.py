@@ -18,7 +18,8 @@ The snapshot's keys:
 - ``workers``: per worker ``id``, ``pid``, ``state`` ("up"/"down"), ``started``, ``respawns``,
   ``rss`` (resident bytes), ``waiting``, ``delivered``, ``lost``, ``timed_out``
 - ``task_workers``: per task worker ``id``, ``index``, ``pid``, ``state``, ``started``,
-  ``respawns``, ``rss``, ``idle``, ``run``, ``failed``
+  ``respawns``, ``rss``, ``idle``, ``run``, ``failed``, ``waiting`` (tasks the workers sent
+  it that it has not started; None in ``task_ipc_mode`` 3, where the queue picks)
 - ``processes``: per user process ``id``, ``name``, ``pid``, ``state``, ``started``,
   ``respawns``, ``rss``
 - ``task_methods``: per ``"name.method"``: ``ok``, ``failed``, ``seconds`` (sum of run times)
@@ -115,6 +116,9 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
     slots = seg.slots.copy()    # one pass over the shared memory, then read at leisure
     busy = bytes(seg.busy[:t])
     load = list(seg.load)
+    sent = seg.sent.copy()
+    # In mode 3 the queue picks the task worker: what waits for which one is not known.
+    per_tw = int(h["task_ipc_mode"]) != 3
     workers, task_workers, processes = [], [], []
     for i, s in enumerate(slots):
         up = int(s["state"]) == 1
@@ -122,11 +126,15 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
                   "?"), "started": float(s["started"]) or None, "respawns": int(s["respawns"]),
                   "rss": rss_bytes(int(s["pid"])) if up else None}
         if i < w:
-            workers.append({**common, "waiting": load[i], "delivered": int(s["delivered"]),
+            workers.append({**common, "waiting": load[i], "delivered": int(sent[i].sum()),
                             "lost": int(s["lost"]), "timed_out": int(s["timed_out"])})
         elif i < w + t:
+            # Sent to it, less started by it (tasks sent again after a death count once).
+            waiting = max(0, int(sent[:, i - w].sum()) - int(s["tasks_started"])) \
+                if per_tw else None
             task_workers.append({**common, "index": i - w, "idle": busy[i - w] == 0,
-                                 "run": int(s["tasks_run"]), "failed": int(s["tasks_failed"])})
+                                 "run": int(s["tasks_run"]), "failed": int(s["tasks_failed"]),
+                                 "waiting": waiting})
         else:
             processes.append({**common, "name": bytes(s["name"]).decode(errors="replace")})
     return {
@@ -139,7 +147,7 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
         "idle_task_workers": sum(1 for tw in task_workers if tw["idle"] and tw["state"] == "up"),
         "tasks": {"run": int(slots["tasks_run"].sum()), "failed": int(slots["tasks_failed"].sum()),
                   "lost": int(slots["lost"].sum()), "timed_out": int(slots["timed_out"].sum())},
-        "delivered": int(slots["delivered"].sum()),
+        "delivered": int(sent.sum()),
         "waiting": sum(load),
         "respawns": {cause: int(n) for cause, n in zip(CAUSES, h["respawns"])},
         "max_request_recycles": int(h["max_request_recycles"]),

@@ -54,7 +54,8 @@ def render(snap: Snapshot, prev: Snapshot | None = None, dt: float = 1.0) -> Gro
     for i, tw in enumerate(snap["task_workers"]):
         state = tw["state"] if tw["state"] != "up" else "idle" if tw["idle"] else "busy"
         procs.add_row(str(tw["id"]), "task worker", str(tw["pid"] or "-"), state,
-                      _mib(tw["rss"]), rate("task_workers", i, "run"), "-", str(tw["run"]),
+                      _mib(tw["rss"]), rate("task_workers", i, "run"),
+                      "-" if tw["waiting"] is None else str(tw["waiting"]), str(tw["run"]),
                       str(tw["failed"]), str(tw["respawns"]))
     for p in snap["processes"]:
         procs.add_row(str(p["id"]), f"process {p['name']}", str(p["pid"] or "-"), p["state"],

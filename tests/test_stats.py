@@ -94,8 +94,9 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
     assert any(r["event"] == "timed_out" for r in recs)
 
     # From outside, by the master's pid; the timed-out sleep has finished by now or soon.
+    # (A task is counted as run just before its task worker turns idle: wait for both.)
     snap = wait_for(lambda: (s := stats.read(pid=srv.pid))["tasks"]["run"] == 82
-                    and s["task_workers"][1]["state"] == "up"
+                    and s["idle_task_workers"] == 2 and s["task_workers"][1]["state"] == "up"
                     and s["task_workers"][1]["pid"] != tw1 and s, timeout=20)
     assert snap["master_pid"] == srv.pid and snap["running"]
     assert (snap["worker_num"], snap["task_worker_num"]) == (1, 2)
@@ -125,7 +126,9 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
     assert methods["Demo.echo"]["buckets"][-1] == 75
     assert all(a <= b for a, b in zip(methods["Demo.echo"]["buckets"],
                                        methods["Demo.echo"]["buckets"][1:]))
-    assert snap["idle_task_workers"] == 2 and snap["waiting"] == 0
+    assert snap["waiting"] == 0
+    # Every task sent to a task worker was started (the killed one's by it, before it died).
+    assert [tw["waiting"] for tw in snap["task_workers"]] == [0, 0]
     assert snap["queue"] is None and snap["cron"] is None
     assert all(p["rss"] and p["rss"] > 1 << 20 for p in snap["workers"] + snap["task_workers"])
 
@@ -154,6 +157,7 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
     assert m["pyswtask_tasks_timed_out_total", (("worker", "0"),)] == 1
     assert m["pyswtask_task_worker_tasks_total", (("status", "failed"), ("task_worker", "1"))] == 5
     assert m["pyswtask_task_workers_idle", ()] == 2
+    assert m["pyswtask_task_worker_tasks_waiting", (("task_worker", "1"),)] == 0
     assert m["pyswtask_process_up", (("id", "2"), ("role", "task_worker"))] == 1
     assert m["pyswtask_process_resident_memory_bytes", (("id", "0"), ("role", "worker"))] > 1 << 20
 
@@ -169,6 +173,34 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
         sysv_ipc.SharedMemory(sysv.stats_key(master))
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{phase1['metrics']}/metrics", timeout=5)
+
+
+def test_waiting_tasks_per_worker_and_per_task_worker_while_one_runs(
+        servers: ServerRunner) -> None:
+    srv = servers.start('''
+        server = Server(worker_num=1, task_worker_num=1)
+
+        def go(server, wid):
+            # One loop turn: the sleep and five echoes leave together.
+            Task.deliver("Demo", "sleep", [3.0], Task.TYPE_ASYNC)
+            for i in range(5):
+                Task.deliver("Demo", "echo", [i], Task.TYPE_ASYNC)
+            emit(event="sent")
+        server.on("worker_start", go)
+        sys.exit(server.start())
+    ''')
+    read_records(srv, lambda r: any(x["event"] == "sent" for x in r), timeout=30)
+    busy = wait_for(lambda: (s := stats.read(pid=srv.pid))["task_workers"][0]["run"] == 0
+                    and not s["task_workers"][0]["idle"] and s, timeout=10)
+    # While the sleep runs: six without a result for the worker, five not started yet.
+    assert busy["idle_task_workers"] == 0
+    assert busy["workers"][0]["waiting"] == 6 and busy["waiting"] == 6
+    assert busy["task_workers"][0]["waiting"] == 5 and busy["delivered"] == 6
+    done = wait_for(lambda: (s := stats.read(pid=srv.pid))["tasks"]["run"] == 6
+                    and s["idle_task_workers"] == 1 and s, timeout=20)
+    assert done["waiting"] == 0 and done["task_workers"][0]["waiting"] == 0
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(30) == 0, srv.err
 
 
 def test_max_request_recycles_and_deliveries_count_on_across_respawns(

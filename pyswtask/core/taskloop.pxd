@@ -45,7 +45,7 @@ cdef class TaskLoop(RecordReader):
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
     cdef size_t body_max            # package_max_length (0: none): tasks and results above it
-    cdef int64_t *stat_counts       # [tasks run, tasks failed] in the stats segment, or NULL
+    cdef int64_t *stat_counts       # [run, failed, started from workers] in the stats segment
     cdef TaskStatRow *stat_rows     # this task worker's rows there
     cdef dict stat_index            # (name, method) -> its row
     cdef object stat_new_row        # stat_new_row(name, method) -> row for a method not seen yet

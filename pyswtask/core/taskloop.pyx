@@ -122,13 +122,13 @@ cdef class TaskLoop(RecordReader):
         return sizeof(TaskStatRow)
 
     def count_into(self, counts, rows, dict index, new_row):
-        """Counts every task from now on in shared memory: counts (16 bytes, two int64: tasks
-        run, tasks failed) and rows (TaskStatRow records, one per task method: index maps
+        """Counts every task from now on in shared memory: counts (24 bytes, three int64: tasks
+        run, tasks failed, tasks from workers started) and rows (TaskStatRow records, one per task method: index maps
         (name, method) to a row; new_row(name, method) gives the row of one not in it yet, and
         writes its name there). Increments only, so a successor in the same slot counts on."""
         cdef unsigned char[:] c = counts
         cdef unsigned char[:] r = rows
-        if c.shape[0] < 16 or r.shape[0] < <Py_ssize_t>sizeof(TaskStatRow):
+        if c.shape[0] < 24 or r.shape[0] < <Py_ssize_t>sizeof(TaskStatRow):
             raise ValueError("stats buffers too small")
         self.stat_views = (c, r)
         self.stat_counts = <int64_t *>&c[0]
@@ -350,6 +350,9 @@ cdef class TaskLoop(RecordReader):
         cdef object expected
         cdef object envelope = None
         cdef uint64_t fpos = 0
+        if self.stat_counts != NULL and not (h.flags & _FLAG_COMMAND):
+            # Started, before it runs: what the workers sent less this is what waits for it.
+            self.stat_counts[2] += 1
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:

@@ -62,8 +62,7 @@ class Worker(ChildRole):
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
             self.dispatcher = dispatcher
             if self.server.stats_segment is not None:
-                dispatcher.count_into(self.server.stats_segment.slot_field(self.worker_id,
-                                                                           "delivered"))
+                dispatcher.count_into(self.server.stats_segment.sent_row(self.index))
         self.writers: set[int] = set()      # inboxes this worker waits to finish writing to
         loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox, self.server, self._relay)
         self.stopping: asyncio.Future[None] = loop.create_future()
