@@ -203,6 +203,31 @@ def test_waiting_tasks_per_worker_and_per_task_worker_while_one_runs(
     assert srv.wait(30) == 0, srv.err
 
 
+def test_queue_depth_and_no_per_task_worker_waiting_in_contention_mode(
+        servers: ServerRunner) -> None:
+    key = 0x7A200000 + (os.getpid() & 0xFFFF)
+    srv = servers.start(f'''
+        server = Server(worker_num=1, task_worker_num=2, task_ipc_mode=3,
+                        message_queue_key={key})
+        server.on("worker_start", lambda s, w: emit(event="ready",
+                  got=Task.deliver("Demo", "echo", [7], Task.TYPE_CO, 10)))
+        sys.exit(server.start())
+    ''')
+    assert read_records(srv, lambda r: any(x["event"] == "ready" for x in r))[0]["got"] == 7
+    snap = stats.read(pid=srv.pid)
+    queue = sysv_ipc.MessageQueue(key)
+    assert snap["queue"] == {"msqid": queue.id, "messages": 0, "bytes": 0}
+    assert [tw["waiting"] for tw in snap["task_workers"]] == [None, None]
+    assert snap["delivered"] == 1 and snap["tasks"]["run"] == 1
+    # Two messages of a type no reader of the server takes: they stay, and are counted.
+    queue.send(b"abc", type=0x7FFF0000)
+    queue.send(b"defgh", type=0x7FFF0000)
+    snap = stats.read(pid=srv.pid)
+    assert snap["queue"] == {"msqid": queue.id, "messages": 2, "bytes": 8}
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(30) == 0, srv.err
+
+
 def test_max_request_recycles_and_deliveries_count_on_across_respawns(
         servers: ServerRunner, tmp_path: Any) -> None:
     marker = tmp_path / "lives"
