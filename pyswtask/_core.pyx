@@ -66,6 +66,8 @@ Each is defined, with its layout, in the file that alone builds and reads it:
 - Task-worker state (core/state.pyx): per task worker, uint64 slots [running task, its worker,
   last task id read from each worker] in shared memory, and the LOST frames the master makes
   from them (``TaskWorkerStates``).
+- Task counters (core/taskloop.pxd ``TaskStatRow``): a task worker's per-method counts and
+  duration buckets in the stats segment, whose whole layout pyswtask/counters.py draws.
 """
 
 cimport cython

@@ -1,5 +1,5 @@
 """The ``pyswtask`` command: run a server, serve an ASGI app in the workers of one, deliver a
-task to one, inspect its crontab and its message queue.
+task to one, inspect its crontab, its message queue and its stats (``status``).
 
 It parses arguments and prints; what it runs or reads belongs to the server, the cron package
 and the transports, which it only calls. Nothing imports this module but ``__main__``."""
@@ -166,6 +166,38 @@ def queue_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_command(args: argparse.Namespace) -> int:
+    """Prints one snapshot as JSON (--json), or redraws a view of it every second until ^C.
+    Exit code 1: no server running there; 2: its stats cannot be read."""
+    from . import stats
+    from .errors import ServerNotRunning
+
+    def take() -> dict[str, object]:
+        return stats.read(pid_file=args.pid_file, pid=args.pid, key=args.key)
+
+    try:
+        snap = take()
+        if args.json:
+            print(json.dumps(snap, indent=2))
+            return 0
+        try:
+            from .status_view import live
+        except ImportError:
+            print("pyswtask: the live view needs rich: pip install 'pyswtask[status]' (or use "
+                  "--json)", file=sys.stderr)
+            return 2
+        live(take, snap, args.interval)
+    except ServerNotRunning as exc:
+        print(f"pyswtask: not running: {exc}", file=sys.stderr)
+        return 1
+    except stats.StatsUnreadable as exc:
+        print(f"pyswtask: cannot read the server's stats: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyswtask", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyswtask {__version__}")
@@ -223,7 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("purge", "discard every message waiting in the queue")):
         q = queue_sub.add_parser(name, help=text)
         q.add_argument("--key", type=_key, required=True, help="the message_queue_key")
+    st = sub.add_parser("status", help="a running server's processes, queues and crontab, "
+                        "redrawn every second (--json: one snapshot)")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pid-file", help="the server's pid_file")
+    where.add_argument("--pid", type=int, help="the master's pid")
+    where.add_argument("--key", type=lambda v: int(v, 0), help="the stats_shm_key setting")
+    st.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        return status_command(args)
     if args.command == "cron":
         return cron_command(args)
     if args.command == "deliver":

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import roles, sysv
 from ._core import Mailbox
+from .counters import StatsSegment
 from .cron import Crontab
 from .http import HttpService
 from .roles import EXIT_BOOT_ERROR, ChildRole, ServerHandle, TaskWorker, UserProcess, Worker
@@ -88,12 +89,22 @@ class Master:
         self.reloads: collections.deque[Child] = collections.deque()
         self.reloading: tuple[Child, int] | None = None
         self.ready_pids: set[int] = set()
+        self.stats: StatsSegment | None = None
+        self.metrics: Any = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def run(self) -> int:
         server = self.server
-        self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes))
+        # First: the IPC keeps its busy flags and loads in it. A leftover on the key from a
+        # dead server is replaced; sysv.sweep leaves this one alone (it is attached).
+        key = self.settings["stats_shm_key"] or sysv.stats_key(os.getpid())
+        stats = self.stats = server.stats_segment = StatsSegment.create(
+            key, worker_num=server.worker_num, task_worker_num=server.task_worker_num,
+            process_names=[spec.name for spec in self.processes], master_pid=os.getpid())
+        stats.describe(task_ipc_mode=self.settings["task_ipc_mode"])
+        self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes),
+                             busy=stats.busy, load=stats.load_bytes)
         server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}
         server.master_id = self.ipc.master_id
         inbox_fd, out_fds = self.ipc.master_inbox()
@@ -114,6 +125,7 @@ class Master:
             if self.crontab is not None:
                 self.crontab.open(os.getpid())
                 server.crontab = self.crontab
+                stats.describe(cron_key=self.crontab.key, timezone=self.settings["timezone"])
             if server.uses_queue():
                 self.queue = ServerQueue(
                     self.settings["message_queue_key"], self.settings["task_ipc_mode"],
@@ -121,12 +133,20 @@ class Master:
                     self.settings["package_max_length"])
                 self.queue.open(os.getpid())
                 server.queue = self.queue
+                stats.describe(queue_msqid=self.queue.msqid)
             if self.settings["app"] is not None:
                 # Before the fork: the workers inherit the sockets, and the port stays open in
                 # this process while any of them stops, dies or is reloaded.
                 self.http = server.http = HttpService.prepare(self.settings)
                 log.info("master %d listening on %s", os.getpid(),
                          ", ".join(self.http.listeners.urls()))
+            if self.settings["metrics_bind"] is not None:
+                from .metrics import MetricsServer
+
+                self.metrics = MetricsServer.start(self.settings["metrics_bind"], stats)
+                server.metrics_address = self.metrics.address
+                log.info("master %d serving metrics on http://%s/metrics", os.getpid(),
+                         self.metrics.address)
             for child in self.children:
                 if child.kind != PROCESS or self.processes[child.index].boot:
                     self._spawn(child)
@@ -143,6 +163,9 @@ class Master:
                     self.queue.send_backlog()
         finally:
             self._stop_children()
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = server.metrics_address = None
             if self.http is not None:
                 self.http.close()
                 server.http = self.http = None
@@ -156,6 +179,8 @@ class Master:
             if self.crontab is not None:
                 self.crontab.close()
                 server.crontab = None
+            server.stats_segment = self.stats = None
+            stats.close()
             if pid_file:
                 try:
                     os.unlink(pid_file)
@@ -242,6 +267,8 @@ class Master:
             child.pid = pid
             child.started = time.monotonic()
             self.by_pid[pid] = child
+            if self.stats is not None:
+                self.stats.spawned(child.worker_id, pid)
             return
         child.pid = os.getpid()
         code = 1
@@ -272,6 +299,8 @@ class Master:
             os.close(fd)
         if self.http is not None and child.kind != WORKER:
             self.http.close_copies()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
         assert self.ipc is not None
         ipc = self.ipc.for_child(child.kind, child.worker_id, child.index)
         role: ChildRole
@@ -296,6 +325,8 @@ class Master:
             if child is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            if self.stats is not None:
+                self.stats.exited(child.worker_id)
             if not self.stopping:
                 self._handle_death(child, code, served)
             child.pid = 0
@@ -320,6 +351,8 @@ class Master:
         delay = 0.0 if child.failures == 0 else min(
             0.1 * 2 ** (child.failures - 1), self.settings["respawn_backoff_max"])
         child.respawn_at = time.monotonic() + delay
+        if self.stats is not None:
+            self.stats.respawning(child.worker_id, *self._cause(child, code, served))
         if planned:
             log.info("%s recycled itself; respawning", child)
         else:
@@ -331,6 +364,21 @@ class Master:
                 ipc, index = self.ipc, child.index
                 self.queue.take_back(index, child.worker_id, reason,
                                      lambda w, frame: ipc.send_lost(w, index, frame))
+
+    def _cause(self, child: Child, code: int, served: bool) -> tuple[str, str | None]:
+        """Why the child is respawned (counters.CAUSES), and which recycling setting it
+        reached, if any."""
+        if code < 0:
+            return "signal", None
+        if code != 0:
+            return "exit_code", None
+        if self.reloading is not None and self.reloading[0] is child:
+            return "reload", None
+        if served and child.kind == WORKER:
+            return "recycled", "max_request"
+        if served and child.kind == TASK_WORKER:
+            return "recycled", "task_max_request"
+        return "exited", None
 
     def _reload_step(self) -> None:
         """Restarts the children queued by SIGUSR1/SIGUSR2 one at a time: the next is asked

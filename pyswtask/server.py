@@ -25,6 +25,7 @@ from .transport import control
 from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
+    from .counters import StatsSegment
     from .cron import Crontab
     from .http import HttpService
 
@@ -71,6 +72,8 @@ class Server:
         self.master_id: int | None = None       # the master's inbox, for control messages
         self.queue: ServerQueue | None = None
         self.http: HttpService | None = None
+        self.stats_segment: StatsSegment | None = None
+        self.metrics_address: str | None = None
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""
@@ -150,6 +153,18 @@ class Server:
         if self.master_pid is None:
             raise RuntimeError("the server is not running")
         os.kill(self.master_pid, signal.SIGTERM)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters and state, from any of its processes (the master from the
+        ``start`` hook on), read from shared memory: a plain dict whose keys
+        ``pyswtask.stats`` documents. ServerNotRunning when the server is not running."""
+        from .errors import ServerNotRunning
+        from .stats import snapshot
+
+        if self.stats_segment is None:
+            raise ServerNotRunning("server.stats() works while the server runs, in its "
+                                   "processes; from elsewhere: pyswtask.stats.read(pid=...)")
+        return snapshot(self.stats_segment)
 
     @property
     def addresses(self) -> list[str]:

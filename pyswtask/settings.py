@@ -147,6 +147,21 @@ def _bind(name: str, value: Any) -> Any:
     return value if isinstance(value, str) else list(value)
 
 
+def _metrics_bind(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"setting {name} must be \"host:port\" (port 0: the kernel picks) or "
+                         f"None, not {value!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ValueError(f"setting {name}: prometheus-client is not installed "
+                         "(pip install 'pyswtask[metrics]')")
+    return value
+
+
 def _optional_positive_int(name: str, value: Any) -> Any:
     return None if value is None else _positive_int(name, value)
 
@@ -226,6 +241,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cron_shm_key", None, _shm_key,
             "SysV key of the origin table (the run-time table's is one more); None: derived "
             "from the master's pid"),
+    Setting("stats_shm_key", None, _shm_key,
+            "SysV key of the stats segment (`server.stats()`, `pyswtask status`, metrics); "
+            "None: derived from the master's pid"),
+    # Served by a thread of the master, from the stats segment at each scrape.
+    Setting("metrics_bind", None, _metrics_bind,
+            "`\"host:port\"` where the master serves Prometheus `/metrics` (needs "
+            "`pyswtask[metrics]`; port 0: the kernel picks, `server.metrics_address` tells); "
+            "None: no metrics"),
     # As in Swoole; separate programs deliver through the queue in every mode.
     Setting("task_ipc_mode", 1, _ipc_mode,
             "workers -> task workers: 1 unix sockets, 2 message queue by type, 3 message queue "

@@ -1,10 +1,10 @@
 """pyswtask's SysV IPC namespace: its key ranges, the pid check, and the sweep of what dead
 servers left behind.
 
-Owns the two default key ranges (the crontab's shared-memory tables, the message queue's
-private queue and record), both derived from the master's pid so that a server killed outright
-(SIGKILL, a crash) leaves objects the next master can attribute and remove. Also owns the
-"create a segment, removing one left by a dead server" step.
+Owns the default key ranges (the crontab's shared-memory tables, the message queue's
+private queue and record, the stats segment), all derived from the master's pid so that a
+server killed outright (SIGKILL, a crash) leaves objects the next master can attribute and
+remove. Also owns the "create a segment, removing one left by a dead server" step.
 
 It must not import ``cron`` or ``msgqueue``: they import their keys from here, not the other way
 round. It knows the objects only by key range, never their layout.
@@ -18,8 +18,8 @@ from typing import Any
 
 import sysv_ipc  # type: ignore[import-not-found]
 
-__all__ = ["DEFAULT_KEY_BASE", "PRIVATE_KEY_BASE", "default_key", "private_queue_key", "pid_alive",
-           "create_segment", "sweep"]
+__all__ = ["DEFAULT_KEY_BASE", "PRIVATE_KEY_BASE", "STATS_KEY_BASE", "default_key",
+           "private_queue_key", "stats_key", "pid_alive", "create_segment", "sweep"]
 
 # Both the sweep and create_segment run in the master at start-up.
 log = logging.getLogger("pyswtask.master")
@@ -31,6 +31,9 @@ _CRON_SPAN = 0x10000
 # left by a killed server can be found and removed (sweep); no program delivers there.
 PRIVATE_KEY_BASE = 0x70040000
 _QUEUE_SPAN = 0x8000
+# The stats segment (pyswtask.counters) without stats_shm_key: one key per master pid.
+STATS_KEY_BASE = 0x70050000
+_STATS_SPAN = 0x8000
 
 
 def default_key(master_pid: int) -> int:
@@ -41,6 +44,11 @@ def default_key(master_pid: int) -> int:
 def private_queue_key(master_pid: int) -> int:
     """The SysV key of a server's message queue and its record when no key is set."""
     return PRIVATE_KEY_BASE + master_pid % _QUEUE_SPAN
+
+
+def stats_key(master_pid: int) -> int:
+    """The SysV key of a server's stats segment when no stats_shm_key is set."""
+    return STATS_KEY_BASE + master_pid % _STATS_SPAN
 
 
 def pid_alive(pid: int) -> bool:
@@ -95,6 +103,7 @@ def sweep() -> int:
     removed = 0
     cron_lo, cron_hi = DEFAULT_KEY_BASE, DEFAULT_KEY_BASE + _CRON_SPAN
     q_lo, q_hi = PRIVATE_KEY_BASE, PRIVATE_KEY_BASE + _QUEUE_SPAN
+    s_lo, s_hi = STATS_KEY_BASE, STATS_KEY_BASE + _STATS_SPAN
     for fields in _table("/proc/sysvipc/shm"):
         try:
             key, shmid, cpid, nattch, owner = (int(fields[0]), int(fields[1]), int(fields[4]),
@@ -108,6 +117,8 @@ def sweep() -> int:
         elif q_lo <= key < q_hi:
             what = "message queue record"
             removed += _remove_queue(key)
+        elif s_lo <= key < s_hi:
+            what = "stats segment"
         else:
             continue
         try:

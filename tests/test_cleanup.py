@@ -35,7 +35,7 @@ def sysv_keys() -> set[int]:
 
 def left_by(pid: int) -> set[int]:
     cron_key = sysv.default_key(pid)
-    return {cron_key, cron_key + 1, sysv.private_queue_key(pid)} & sysv_keys()
+    return {cron_key, cron_key + 1, sysv.private_queue_key(pid), sysv.stats_key(pid)} & sysv_keys()
 
 
 def test_twenty_start_kill_cycles_leave_nothing_behind(servers: ServerRunner) -> None:

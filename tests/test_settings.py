@@ -24,6 +24,8 @@ BAD_VALUES: dict[str, Any] = {
     "cron_run_capacity": 2**31,
     "cron_grace": -0.5,
     "cron_shm_key": 2**31 - 1,
+    "stats_shm_key": 0,
+    "metrics_bind": "localhost",
     "task_ipc_mode": 4,
     "message_queue_key": "zz",
     "task_max_request": -1,

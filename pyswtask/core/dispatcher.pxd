@@ -93,6 +93,8 @@ cdef class Dispatcher(RecordReader):
     cdef bint holding               # frames wait for the scheduled flush (the watch knows)
     cdef _FlushWatch watch          # None until frames first wait
     cdef readonly uint64_t delivered
+    cdef uint64_t *stat_sent        # this worker's deliveries per out channel (stats), or NULL
+    cdef object stat_view           # the buffer it points into, kept alive
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water

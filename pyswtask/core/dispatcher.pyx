@@ -429,6 +429,8 @@ cdef class Dispatcher(RecordReader):
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         task_id = self.table.new_id()
         self.delivered += 1
+        if self.stat_sent != NULL:
+            self.stat_sent[j] += 1
         if ch.queued() and ch.queued() + _HEADER_SIZE + <size_t>PyBytes_GET_SIZE(body) > _RECORD_MAX:
             # A full record goes now, before the frame that would overflow it: one send per
             # record, where flushing after the put also sent that one frame alone.
@@ -528,6 +530,16 @@ cdef class Dispatcher(RecordReader):
             finally:
                 self.in_wait_callbacks = False
         return self._schedule_deferred()
+
+    def count_into(self, counters):
+        """Counts every delivery from now on in counters (shared memory: a uint64 per out
+        channel, the task worker's index in modes 1 and 2), which a successor in the same slot
+        goes on raising."""
+        cdef unsigned char[:] c = counters
+        if c.shape[0] < 8 * self.nout:
+            raise ValueError("stats buffer too small")
+        self.stat_view = c
+        self.stat_sent = <uint64_t *>&c[0]
 
     def forget(self, uint64_t task_id):
         """Drops a pending task (its caller gave up); a result that comes later is discarded."""

@@ -1,6 +1,19 @@
 # Declarations of core/taskloop.pyx: the task worker's loop.
 
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+
+# Buckets of the task-duration histogram: DURATION_BOUNDS finite upper bounds, then +Inf.
+cdef enum:
+    DURATION_BOUNDS = 16
+
+# One task method's counters in a task worker's area of the stats segment (pyswtask.stats
+# declares the same 256 bytes as its ROW dtype): written by that task worker only.
+cdef struct TaskStatRow:
+    char name[96]                   # "name.method", UTF-8, NUL-padded; written once
+    int64_t ok
+    int64_t failed
+    double seconds                  # sum of run times
+    int64_t buckets[DURATION_BOUNDS + 1]    # runs per bucket, not cumulative
 
 
 cdef class TaskLoop(RecordReader):
@@ -32,6 +45,11 @@ cdef class TaskLoop(RecordReader):
     cdef readonly uint64_t tasks_done
     cdef public size_t high_water
     cdef size_t body_max            # package_max_length (0: none): tasks and results above it
+    cdef int64_t *stat_counts       # [run, failed, started from workers] in the stats segment
+    cdef TaskStatRow *stat_rows     # this task worker's rows there
+    cdef dict stat_index            # (name, method) -> its row
+    cdef object stat_new_row        # stat_new_row(name, method) -> row for a method not seen yet
+    cdef tuple stat_views           # the buffers the pointers above point into, kept alive
 
     cdef int _read(self, Channel ch) except -1
     cdef int _serve(self, Channel ch, size_t n) except -1
@@ -41,3 +59,4 @@ cdef class TaskLoop(RecordReader):
     cdef int _release_queue(self) except -1
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1
+    cdef int _count(self, object key, bint ok, double seconds) except -1

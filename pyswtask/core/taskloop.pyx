@@ -29,6 +29,11 @@ cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
 # it starts, so a fast task's result never waits behind a slow one that shared its record.
 cdef double _SLOW_TASK = 0.0002
 
+# Upper bounds (seconds) of the task-duration histogram's buckets; +Inf follows.
+cdef double _DURATION_BOUND[DURATION_BOUNDS]
+_DURATION_BOUND[:] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
 
 cdef class TaskLoop(RecordReader):
     """Serves task frames from every worker's channel until a stop signal arrives.
@@ -105,6 +110,31 @@ cdef class TaskLoop(RecordReader):
     def __dealloc__(self):
         if self.epfd >= 0:
             close(self.epfd)
+
+    @staticmethod
+    def duration_bounds():
+        """The finite upper bounds (seconds) of the task-duration histogram's buckets."""
+        return tuple(_DURATION_BOUND[i] for i in range(DURATION_BOUNDS))
+
+    @staticmethod
+    def stat_row_nbytes():
+        """The size of one task method's counters (TaskStatRow)."""
+        return sizeof(TaskStatRow)
+
+    def count_into(self, counts, rows, dict index, new_row):
+        """Counts every task from now on in shared memory: counts (24 bytes, three int64: tasks
+        run, tasks failed, tasks from workers started) and rows (TaskStatRow records, one per task method: index maps
+        (name, method) to a row; new_row(name, method) gives the row of one not in it yet, and
+        writes its name there). Increments only, so a successor in the same slot counts on."""
+        cdef unsigned char[:] c = counts
+        cdef unsigned char[:] r = rows
+        if c.shape[0] < 24 or r.shape[0] < <Py_ssize_t>sizeof(TaskStatRow):
+            raise ValueError("stats buffers too small")
+        self.stat_views = (c, r)
+        self.stat_counts = <int64_t *>&c[0]
+        self.stat_rows = <TaskStatRow *>&r[0]
+        self.stat_index = index
+        self.stat_new_row = new_row
 
     def run(self, double max_wait):
         """Serves until on_signal says stop (1: drain what the workers already sent, for at
@@ -320,12 +350,17 @@ cdef class TaskLoop(RecordReader):
         cdef object expected
         cdef object envelope = None
         cdef uint64_t fpos = 0
+        if self.stat_counts != NULL and not (h.flags & _FLAG_COMMAND):
+            # Started, before it runs: what the workers sent less this is what waits for it.
+            self.stat_counts[2] += 1
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
             self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} on channel "
                                    f"{ch.peer} refused: {exc}")
             ok, value = False, ["ProtocolError", str(exc), ""]
+            if self.stat_counts != NULL:
+                self._count(None, False, 0.0)
         else:
             key = (envelope[0], envelope[1])
             expected = self.durations.get(key)
@@ -339,6 +374,8 @@ cdef class TaskLoop(RecordReader):
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
             started = monotonic() - started
+            if self.stat_counts != NULL:
+                self._count(key, ok, started)
             if ch is self.qchan:
                 self.reader.ran(fpos)
             if expected is None:
@@ -348,6 +385,8 @@ cdef class TaskLoop(RecordReader):
             else:
                 self.durations[key] = <double>expected * 0.8 + started * 0.2
         self.tasks_done += 1
+        if self.stat_counts != NULL:
+            self.stat_counts[0] += 1
         if ch is self.qchan and (h.flags & _FLAG_COMMAND) and (h.flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
         if ok:
@@ -377,4 +416,26 @@ cdef class TaskLoop(RecordReader):
             ch = <Channel>self.channels[src]
         ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
                PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
+        return 0
+
+    cdef int _count(self, object key, bint ok, double seconds) except -1:
+        cdef TaskStatRow *r
+        cdef int b = 0
+        cdef object row
+        if not ok:
+            self.stat_counts[1] += 1
+        if key is None:
+            return 0
+        row = self.stat_index.get(key)
+        if row is None:
+            row = self.stat_index[key] = self.stat_new_row(key[0], key[1])
+        r = self.stat_rows + <Py_ssize_t>row
+        if ok:
+            r.ok += 1
+        else:
+            r.failed += 1
+        r.seconds += seconds
+        while b < DURATION_BOUNDS and seconds > _DURATION_BOUND[b]:
+            b += 1
+        r.buckets[b] += 1
         return 0

@@ -71,6 +71,11 @@ class Crontab:
         """Creates both tables (mode 0600) before the fork and fills the origin table."""
         self._tables.open(master_pid)
 
+    @property
+    def key(self) -> int:
+        """The SysV key of the origin table (the run-time table's is one more), once open."""
+        return self._tables.key
+
     def close(self) -> None:
         """Removes both tables (the master, at stop)."""
         self._tables.close()

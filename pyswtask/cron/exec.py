@@ -23,6 +23,7 @@ from .runner import CRON_TASK
 from .tables import CronTables
 
 if TYPE_CHECKING:
+    from ..counters import StatsSegment
     from ..roles import Process, ServerHandle
 
 __all__ = ["EXEC_PROCESS", "CronExec"]
@@ -48,18 +49,24 @@ class CronExec:
     def main(self, server: ServerHandle, proc: Process) -> None:
         """The process body: claims and delivers due rows until the server stops it."""
         origin, runs = self.tables.get()
+        stats, slot = server.stats_segment, roles.current().worker_id
         while True:
             now = time.time()
             due, skipped = runs.claim_due(int(now + LEAD), self.grace)
             for _row, job, sec in skipped:
                 log.warning("crontab: run of %s.%s due at %d skipped: more than %d s late",
                             self.jobs[job].task, self.jobs[job].method, sec, self.grace)
+            if stats is not None and (due or skipped):
+                # Late: claimed a whole second or more after its due second.
+                stats.add(slot, "cron_due", len(due) + len(skipped))
+                stats.add(slot, "cron_late", sum(1 for _r, _j, sec in due if now - sec >= 1.0))
+                stats.add(slot, "cron_skipped", len(skipped))
             if due:
-                self._deliver(origin, runs, due)
+                self._deliver(origin, runs, due, stats, slot)
             self._sleep_to_next(proc, runs)
 
-    def _deliver(self, origin: OriginTable, runs: RunTable,
-                 due: list[tuple[int, int, int]]) -> None:
+    def _deliver(self, origin: OriginTable, runs: RunTable, due: list[tuple[int, int, int]],
+                 stats: StatsSegment | None = None, slot: int = -1) -> None:
         """Delivers the runs due together in one pipe message, so that they leave the worker
         together and the last of them does not wait for a hop per run before it."""
         going = []
@@ -68,6 +75,8 @@ class CronExec:
                 going.append((row, job, sec))
             else:
                 runs.set_status(row, RunStatus.SKIPPED)
+                if stats is not None:
+                    stats.add(slot, "cron_skipped")
                 log.info("crontab: run of %s.%s due at %d skipped: the previous one is still "
                          "running (overlap=False)", self.jobs[job].task, self.jobs[job].method, sec)
         if not going:

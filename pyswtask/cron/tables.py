@@ -38,11 +38,12 @@ class CronTables:
         self.run_capacity = run_capacity
         self.key_base = key_base
         self.segments: list[Any] = []
+        self.key = -1                   # the origin table's, once open
         self._tables: tuple[OriginTable, RunTable] | None = None
 
     def open(self, master_pid: int) -> None:
         """Creates both tables before the fork and fills the origin table."""
-        base = self.key_base if self.key_base is not None else default_key(master_pid)
+        base = self.key = self.key_base if self.key_base is not None else default_key(master_pid)
         origin_shm = create_segment(base, OriginTable.nbytes(self.task_capacity),
                                     setting="cron_shm_key", what="crontab", logger=log)
         self.segments.append(origin_shm)

@@ -29,6 +29,7 @@ from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
 
 if TYPE_CHECKING:
+    from ..counters import StatsSegment
     from ..http import HttpService
     from ..process import ProcessSpec
     from ..transport.ipc import ChildIpc
@@ -60,6 +61,8 @@ class ServerHandle(Protocol):
     queue: ServerQueue | None
     crontab: Any
     http: HttpService | None        # the app and the listening sockets, when it serves HTTP
+    stats_segment: StatsSegment | None  # the counters every process raises (pyswtask.counters)
+    metrics_address: str | None
 
     @property
     def worker_id(self) -> int: ...

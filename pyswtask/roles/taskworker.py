@@ -47,6 +47,9 @@ class TaskWorker(ChildRole):
             inbox_fd=mailbox.fileno(), on_inbox=lambda: dispatch_messages(mailbox, server),
             state=self.ipc.tw_state, max_tasks=server.settings["task_max_request"],
             max_body=self.package_max_length, **self.queue)
+        if server.stats_segment is not None:
+            self.task_loop.count_into(*server.stats_segment.task_worker_counting(
+                self.index, self.worker_id))
 
     def run(self) -> int:
         server = self.server

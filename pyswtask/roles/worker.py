@@ -53,7 +53,7 @@ class Worker(ChildRole):
         if self.ipc.task_fds:
             dispatcher = Dispatcher(
                 self.worker_id, self.ipc.task_fds, self.ipc.busy, on_finish=fire_finish,
-                make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                make_error=TaskError.from_wire, make_lost=self._lost,
                 on_protocol_error=log.error, epoch=os.getpid(),
                 spin=settings["task_wait_spin"], load=self.ipc.load, outs=self._queue_outs(),
                 max_pending=settings["task_queue_size"], max_body=self.package_max_length)
@@ -61,6 +61,8 @@ class Worker(ChildRole):
                                      lambda callback: loop.call_later(0.0005, callback))
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
             self.dispatcher = dispatcher
+            if self.server.stats_segment is not None:
+                dispatcher.count_into(self.server.stats_segment.sent_row(self.index))
         self.writers: set[int] = set()      # inboxes this worker waits to finish writing to
         loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox, self.server, self._relay)
         self.stopping: asyncio.Future[None] = loop.create_future()
@@ -166,6 +168,7 @@ class Worker(ChildRole):
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
         result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
         if result is TIMEOUT:
+            self._count("timed_out")
             raise TaskTimeout.after(f"task {name}.{method}", timeout)
         if isinstance(result, TaskError):
             raise result
@@ -179,6 +182,7 @@ class Worker(ChildRole):
         results = dispatcher.call_many(bodies, dst_worker_id, check_timeout(timeout))
         for i, result in enumerate(results):
             if result is TIMEOUT:
+                self._count("timed_out")
                 results[i] = TaskTimeout.after(f"batch item {i}", timeout)
         return results
 
@@ -193,6 +197,9 @@ class Worker(ChildRole):
                                  TaskTimeout.after(f"task {name}.{method}", timeout))
         try:
             return await future
+        except TaskTimeout:
+            self._count("timed_out")
+            raise
         finally:
             expiry.cancel()
             dispatcher.forget(task_id)
@@ -210,6 +217,7 @@ class Worker(ChildRole):
         outcomes: list[Any] = []
         for i, (task_id, fut) in enumerate(zip(ids, futures)):
             if not fut.done():
+                self._count("timed_out")
                 dispatcher.forget(task_id)
                 fut.cancel()
                 outcomes.append(TaskTimeout.after(f"batch item {i}", timeout))
@@ -218,6 +226,15 @@ class Worker(ChildRole):
             else:
                 outcomes.append(fut.result())
         return outcomes
+
+    def _count(self, field: str) -> None:
+        # Off the per-task path: only timeouts and lost tasks are counted here.
+        if self.server.stats_segment is not None:
+            self.server.stats_segment.add(self.worker_id, field)
+
+    def _lost(self, message: str) -> TaskWorkerLost:
+        self._count("lost")
+        return TaskWorkerLost.lost(message)
 
     def _pack_calls(self, calls: Iterable[Sequence[Any]]) -> list[bytes]:
         limit = self.package_max_length

@@ -33,7 +33,7 @@ class ChildIpc(NamedTuple):
     """What one child keeps. Ids are global: workers, then task workers, then user processes."""
 
     task_fds: list[int]         # worker: to each task worker; task worker: from each worker
-    busy: mmap.mmap
+    busy: mmap.mmap | memoryview
     load: memoryview            # uint32 per worker
     inbox_fd: int
     out_fds: list[int]          # the write end of every inbox, by global id
@@ -41,7 +41,8 @@ class ChildIpc(NamedTuple):
 
 
 class ServerIpc:
-    def __init__(self, worker_num: int, task_worker_num: int, process_num: int) -> None:
+    def __init__(self, worker_num: int, task_worker_num: int, process_num: int,
+                 busy: memoryview | None = None, load: memoryview | None = None) -> None:
         self.worker_num = worker_num
         self.task_worker_num = task_worker_num
         # Blocking at the file level: the core passes MSG_DONTWAIT on every call that must not
@@ -52,8 +53,11 @@ class ServerIpc:
         self.master_id = worker_num + task_worker_num + process_num
         self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                         for _ in range(self.master_id + 1)]
-        self.busy = mmap.mmap(-1, max(task_worker_num, 1))
-        self._load = mmap.mmap(-1, 4 * worker_num)
+        self._own = busy is None
+        self.busy: mmap.mmap | memoryview = mmap.mmap(-1, max(task_worker_num, 1)) \
+            if busy is None else busy
+        self._load: mmap.mmap | memoryview = mmap.mmap(-1, 4 * worker_num) if load is None \
+            else load
         self._tw_state = mmap.mmap(-1, TaskWorkerStates.nbytes(worker_num, task_worker_num))
         self._tw_handover = mmap.mmap(-1, TaskWorkerStates.handover_nbytes(task_worker_num))
         self.tw_state = TaskWorkerStates(self._tw_state, worker_num, task_worker_num,
@@ -72,7 +76,8 @@ class ServerIpc:
         for s in self._sockets():
             if s.fileno() not in keep:
                 s.close()
-        return ChildIpc([s.fileno() for s in task], self.busy, memoryview(self._load).cast("I"),
+        load = self._load if isinstance(self._load, memoryview) else memoryview(self._load)
+        return ChildIpc([s.fileno() for s in task], self.busy, load.cast("I"),
                         self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes],
                         self.tw_state)
 
@@ -101,8 +106,9 @@ class ServerIpc:
     def close(self) -> None:
         for s in self._sockets():
             s.close()
-        self.busy.close()
-        self._load.close()
+        if self._own:
+            self.busy.close()      # type: ignore[union-attr]
+            self._load.close()     # type: ignore[union-attr]
         self.tw_state.release()
         self._tw_state.close()
         self._tw_handover.close()
