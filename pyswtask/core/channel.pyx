@@ -60,14 +60,14 @@ cdef class Channel:
         return data
 
     cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
-                 const char *body, size_t n) except -1:
+                 const char *body, size_t n, uint8_t resent=0) except -1:
         """Queues one frame, split into fragments when its body exceeds one record."""
         cdef char *p
         cdef size_t off = 0, chunk
         cdef uint8_t fl
         if n <= self.frag_max:
             p = self.reserve(_HEADER_SIZE + n)
-            write_header(p, ftype, flags, task_id, src, <uint32_t>n)
+            write_header(p, ftype, flags, task_id, src, <uint32_t>n, resent)
             if n:
                 memcpy(p + _HEADER_SIZE, body, n)
             return 0
@@ -78,7 +78,7 @@ cdef class Channel:
                 chunk = self.frag_max
             fl |= _FLAG_FRAG_MORE if off + chunk < n else _FLAG_FRAG_LAST
             p = self.reserve(_HEADER_SIZE + chunk)
-            write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk)
+            write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk, resent)
             memcpy(p + _HEADER_SIZE, body + off, chunk)
             off += chunk
             fl = 0

@@ -13,6 +13,7 @@ cdef enum:
     _STOP_TAG = 0xFFFFFFFF
     _INBOX_TAG = 0xFFFFFFFE
     _QUEUE_TAG = 0xFFFFFFFD
+    _TICK_TAG = 0xFFFFFFFC
     _DURATIONS_MAX = 4096
 
 # TaskLoop.qopen when no body is open, and once an open body's parts were released.
@@ -30,6 +31,17 @@ cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
 cdef double _SLOW_TASK = 0.0002
 
 
+@cython.final
+cdef class _DeferredMarker:
+    def __repr__(self):
+        return "DEFERRED"
+
+
+# What execute returns as its value for a task whose result comes later, through finish().
+cdef object _DEFERRED = _DeferredMarker()
+DEFERRED = _DEFERRED
+
+
 cdef class TaskLoop(RecordReader):
     """Serves task frames from every worker's channel until a stop signal arrives.
 
@@ -40,6 +52,9 @@ cdef class TaskLoop(RecordReader):
     max_body (package_max_length): a task body reassembled past it is dropped, and a result
     that packs past it is answered with an error instead (the worker would drop it).
 
+    Between tasks it can run an asyncio loop in slices (set_ticker): timers, and coroutine
+    tasks whose results are sent later (execute returns (True, DEFERRED), then finish()).
+
     max_tasks (task_max_request): after that many tasks it stops, and reads no more records.
     With a hand-over area in state, it stops inside a record too, leaving the rest there for its
     successor, which runs it first; the one exception are records the queue reader already took
@@ -48,6 +63,8 @@ cdef class TaskLoop(RecordReader):
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
+        self.tick_fd = -1
+        self.cur_peer = -1
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
@@ -111,7 +128,9 @@ cdef class TaskLoop(RecordReader):
         most max_wait seconds; 2: hand over, reading nothing more from the channels, whose
         content waits for the successor) or max_tasks ran; returns the number of tasks run."""
         cdef epoll_event evs[_EVENTS_MAX]
-        cdef int n, i, timeout_ms = -1
+        cdef int n, i, timeout_ms = -1, wait_ms
+        cdef double left
+        cdef bint tick
         cdef bint stopping = False
         cdef bint recycling = False
         cdef double deadline = 0.0
@@ -125,29 +144,40 @@ cdef class TaskLoop(RecordReader):
                 # Recycled (task_max_request): read nothing more from the channels (what is
                 # there waits for the task worker that replaces this one), send the replies,
                 # finish what the queue reader took, then exit.
-                stopping = recycling = True
+                stopping = recycling = self.recycling = True
                 deadline = monotonic() + max_wait
                 timeout_ms = 20
                 for ch in self.channels:
                     ch.update_interest(self.epfd, 0)
                 if self.on_stopping is not None:
                     self.on_stopping()
-            self.busy[self.index] = 0
+            wait_ms = timeout_ms
+            if self.on_tick is not None:
+                if self.tick_due:
+                    self._tick()
+                if self.next_due > 0:
+                    left = (self.next_due - monotonic()) * 1000.0
+                    left = 0 if left <= 0 else left + 1
+                    if wait_ms < 0 or left < wait_ms:
+                        wait_ms = <int>left
+            # At task_max_concurrency it counts as busy: dispatchers prefer another.
+            self.busy[self.index] = self.paused
             with nogil:
-                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, timeout_ms)
+                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, wait_ms)
             if n < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
                     continue
                 raise OSError(errno, "epoll_wait failed")
             self.busy[self.index] = 1
+            tick = False
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
                     r = read(self.stop_fd, sigbuf, sizeof(sigbuf))
                     how = self.on_signal(sigbuf[:r]) if r > 0 and not stopping else 0
                     if how:
                         stopping = True
-                        recycling = how == 2
+                        recycling = self.recycling = how == 2
                         if not recycling:
                             # No successor comes to take a rest: run all the workers sent.
                             self.limit = 0
@@ -168,16 +198,22 @@ cdef class TaskLoop(RecordReader):
                     read(self.queue_fd, sigbuf, 8)
                     self._read_queue()
                     continue
+                if evs[i].data.u32 == _TICK_TAG:
+                    tick = True
+                    continue
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:
                     ch.flush()
                 if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not recycling:
                     self._read(ch)
-                ch.update_interest(self.epfd, 0 if recycling else self.high_water)
+                ch.update_interest(self.epfd, self._interest())
+            if self.on_tick is not None and (tick or self.tick_due or (
+                    self.next_due > 0 and monotonic() >= self.next_due)):
+                self._tick()
             if stopping:
                 if monotonic() >= deadline:
                     break
-                if n == 0 and not any_queued(self.channels) and (
+                if n == 0 and self.pending == 0 and not any_queued(self.channels) and (
                         self.reader is None or (self.reader.finished and self.reader.used == 0)):
                     break
         self.busy[self.index] = 0
@@ -228,7 +264,7 @@ cdef class TaskLoop(RecordReader):
         self._serve(ch, n)
         self.busy[self.index] = 0
         ch.flush()
-        ch.update_interest(self.epfd, self.high_water)
+        ch.update_interest(self.epfd, self._interest())
         return 0
 
     cdef int _read_queue(self) except -1:
@@ -260,7 +296,7 @@ cdef class TaskLoop(RecordReader):
         for ch in self.channels:
             if ch.queued():
                 ch.flush()
-                ch.update_interest(self.epfd, self.high_water)
+                ch.update_interest(self.epfd, self._interest())
         self._release_queue()
         return 0
 
@@ -315,7 +351,6 @@ cdef class TaskLoop(RecordReader):
         cdef uint64_t task_id = h.task_id
         cdef uint16_t src = h.src_worker
         cdef bint ok
-        cdef bytes out
         cdef double started
         cdef object expected
         cdef object envelope = None
@@ -336,8 +371,15 @@ cdef class TaskLoop(RecordReader):
             if ch is self.qchan:
                 fpos = self._frame_pos(h, p)
                 self.reader.running(fpos)
+            self.cur_envelope = envelope
+            self.cur_id = task_id
+            self.cur_src = src
+            self.cur_flags = h.flags
+            self.cur_resent = h.resent
+            self.cur_peer = -1 if ch is self.qchan else ch.peer
             started = monotonic()
             ok, value = self.execute(envelope, task_id, src)
+            self.cur_envelope = None
             started = monotonic() - started
             if ch is self.qchan:
                 self.reader.ran(fpos)
@@ -348,7 +390,17 @@ cdef class TaskLoop(RecordReader):
             else:
                 self.durations[key] = <double>expected * 0.8 + started * 0.2
         self.tasks_done += 1
-        if ch is self.qchan and (h.flags & _FLAG_COMMAND) and (h.flags & _FLAG_ASYNC):
+        if value is _DEFERRED:
+            self.pending += 1
+            if self.pending_max and self.pending >= self.pending_max and not self.paused:
+                self._pause(True)
+            return 0
+        return self._reply(ch, task_id, h.flags, src, ok, value, envelope)
+
+    cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
+                    object value, object envelope) except -1:
+        cdef bytes out
+        if ch is self.qchan and (flags & _FLAG_COMMAND) and (flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
         if ok:
             try:
@@ -366,8 +418,8 @@ cdef class TaskLoop(RecordReader):
         if ch is self.qchan:
             # From the queue: a command's task answers to the command (unless ASYNC); a
             # worker's (ipc modes 2 and 3) on the channel back to that worker.
-            if h.flags & _FLAG_COMMAND:
-                if not (h.flags & _FLAG_ASYNC) and self.on_reply is not None:
+            if flags & _FLAG_COMMAND:
+                if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
                     self.on_reply(task_id, ok, out)
                 return 0
             if src >= len(self.channels):
@@ -378,3 +430,65 @@ cdef class TaskLoop(RecordReader):
         ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
                PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
         return 0
+
+    # -- between tasks: the slices of an asyncio loop -------------------------------------------
+
+    def set_ticker(self, on_tick, int fd, Py_ssize_t max_pending=0):
+        """Runs on_tick() between tasks: when fd is readable, when the time it returned last
+        (seconds from then; < 0: none) has come, and when tick_due was set. max_pending
+        (task_max_concurrency): at that many deferred tasks the channels are not read until one
+        finishes, and this task worker counts as busy."""
+        cdef epoll_event ev
+        if self.on_tick is not None:
+            raise RuntimeError("the task loop already has a ticker")
+        if fd >= 0:
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            ev.data.u32 = _TICK_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on the ticker's descriptor")
+        self.tick_fd = fd
+        self.on_tick = on_tick
+        self.pending_max = max_pending
+        self.tick_due = True
+
+    cdef int _tick(self) except -1:
+        cdef double due
+        cdef Channel ch
+        self.tick_due = False
+        due = self.on_tick()
+        self.next_due = monotonic() + due if due >= 0 else 0.0
+        for ch in self.channels:
+            if ch.queued():
+                ch.flush()
+                ch.update_interest(self.epfd, self._interest())
+        return 0
+
+    def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None):
+        """The result of a task execute deferred, for the channel it came on (peer): sent with
+        the next flush (after the current slice). ok False: value is [type, message, traceback]."""
+        if not 0 <= peer < len(self.channels):
+            raise ValueError(f"no channel {peer}")
+        if self.pending > 0:
+            self.pending -= 1
+        if self.paused and self.pending < self.pending_max:
+            self._pause(False)
+        self._reply(<Channel>self.channels[peer], task_id, 0, <uint16_t>peer, ok, value, envelope)
+
+    cdef int _pause(self, bint on) except -1:
+        cdef Channel ch
+        self.paused = on
+        for ch in self.channels:
+            ch.update_interest(self.epfd, self._interest())
+        return 0
+
+    cdef size_t _interest(self) noexcept:
+        return 0 if self.paused or self.recycling else self.high_water
+
+    def current(self):
+        """(envelope, task id, source worker, flags, times resent, channel) of the task running
+        now; None between tasks."""
+        if self.cur_envelope is None:
+            return None
+        return (self.cur_envelope, self.cur_id, self.cur_src, self.cur_flags, self.cur_resent,
+                self.cur_peer)
