@@ -23,10 +23,12 @@ if sys.byteorder != "little":
 
 from ._core import TableFull
 from ._version import __version__
+from .context import TaskContext, TaskOrigin
 from .cron import CronRuleError, scheduled
 from .delivery import Task
 from .errors import (
     DeliveryError,
+    NoTaskRunning,
     ProtocolError,
     PyswtaskError,
     QueueFull,
@@ -47,6 +49,8 @@ __all__ = [
     "__version__",
     "Server",
     "Task",
+    "TaskContext",
+    "TaskOrigin",
     "task",
     "process",
     "Process",
@@ -62,6 +66,7 @@ __all__ = [
     "TaskTimeout",
     "TaskWorkerLost",
     "DeliveryError",
+    "NoTaskRunning",
     "QueueFull",
     "ServerNotRunning",
     "UnknownTask",

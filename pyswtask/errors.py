@@ -12,6 +12,7 @@ from ._core import ProtocolError, brief_repr
 
 __all__ = [
     "PyswtaskError",
+    "NoTaskRunning",
     "TaskError",
     "TaskTimeout",
     "DeliveryError",
@@ -85,6 +86,10 @@ class ServerNotRunning(DeliveryError):
 
 class QueueFull(DeliveryError, TimeoutError):
     """The server's message queue stayed full for the whole timeout; the task was not sent."""
+
+
+class NoTaskRunning(PyswtaskError, RuntimeError):
+    """``Task.current()`` outside a task method: no task runs in this process now."""
 
 
 class UnknownTask(LookupError):

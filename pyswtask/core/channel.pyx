@@ -6,7 +6,8 @@ from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
-from .includes.epoll cimport EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl, epoll_event
+from .includes.epoll cimport (EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl,
+                              epoll_event)
 from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, send,
                               setsockopt)
 from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
@@ -130,7 +131,10 @@ cdef class Channel:
             ev.events = mask
             ev.data.u64 = 0
             ev.data.u32 = <uint32_t>self.peer
-            if epoll_ctl(epfd, EPOLL_CTL_MOD if self.mask else EPOLL_CTL_ADD, self.fd, &ev) < 0:
+            # No interest at all: out of the set, so that mask 0 always means "not in it" and
+            # interest that comes back is added again.
+            if epoll_ctl(epfd, EPOLL_CTL_DEL if not mask else
+                         EPOLL_CTL_MOD if self.mask else EPOLL_CTL_ADD, self.fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed")
             self.mask = mask
         return 0

@@ -485,6 +485,14 @@ cdef class TaskLoop(RecordReader):
     cdef size_t _interest(self) noexcept:
         return 0 if self.paused or self.recycling else self.high_water
 
+    def flush(self):
+        """Sends what the channels hold (results finished after run returned), as far as the
+        sockets take it now."""
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                ch.flush()
+
     def current(self):
         """(envelope, task id, source worker, flags, times resent, channel) of the task running
         now; None between tasks."""

@@ -22,8 +22,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from .._core import Dispatcher, Mailbox
-from ..envelope import check_timeout, check_type, pack_task
-from ..errors import DeliveryError, ServerNotRunning
+from ..context import TaskContext
+from ..envelope import ORIGIN_USER_PROCESS, TYPE_CO, check_timeout, check_type, deadline_after, pack_task
+from ..errors import DeliveryError, NoTaskRunning, ServerNotRunning
 from ..titles import set_title
 from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
@@ -131,9 +132,18 @@ class Role:
                             "server (server.add_process or @process)")
 
     def deliver_many_by_process(self, calls: list[tuple[str, str, Sequence[Any]]],
-                                worker_id: int = -1, timeout: float = 3.0) -> None:
-        """ASYNC delivery of many tasks in one pipe message (a user process's, the crontab's)."""
+                                worker_id: int = -1, timeout: float = 3.0,
+                                origin_role: int = ORIGIN_USER_PROCESS) -> None:
+        """ASYNC delivery of many tasks in one pipe message (a user process's, the crontab's:
+        ``origin_role`` is what the tasks see as their origin's role, an ORIGIN_* value)."""
         raise DeliveryError("deliver_many_by_process works in the user processes of a server")
+
+    def task_context(self) -> TaskContext:
+        """Task.current() in this process: only a task worker running a task has one."""
+        what = {"outside": "a program outside any server", "master": "the master",
+                "process": "a user process"}.get(self.kind, f"a {self.kind}")
+        raise NoTaskRunning(f"Task.current() works inside a task method, in a task worker; "
+                            f"this process is {what}")
 
     # -- pipe messages --------------------------------------------------------------------------
 
@@ -188,8 +198,9 @@ class Outside(Role):
         if queue is None:
             return super().deliver(name, method, params, type, timeout, callback, dst_worker_id)
         check_type(type)
-        return queue.deliver(name, method, pack_task(name, method, params, type, 0), type,
-                             check_timeout(timeout), dst_worker_id)
+        body = pack_task(name, method, params, type, 0,
+                         deadline_after(timeout) if type == TYPE_CO else None)
+        return queue.deliver(name, method, body, type, check_timeout(timeout), dst_worker_id)
 
 
 class MasterRole(Role):
