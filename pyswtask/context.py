@@ -2,7 +2,8 @@
 listener knows about the origin of the task that finished.
 
 Both are built on demand from what the wire already carries: the frame header (task id, source
-worker, flags, times resent) and the envelope's optional fields (the CO deadline, the origin of
+worker, whether a separate program sent it, times resent: the core reads them) and the
+envelope's optional fields (the CO deadline, the origin of
 a task a worker delivered for another process). Nothing here is on the per-task path: the task
 loop keeps the raw pieces, and a ``TaskContext`` exists only once someone asks for it. This
 module must not import a role or a transport.
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._core import FLAG_ASYNC, FLAG_COMMAND
 from .envelope import ORIGIN_NAMES, ORIGIN_PROGRAM, ORIGIN_WORKER, TYPE_CO
 
 __all__ = ["TaskContext", "TaskOrigin", "context_from_wire"]
@@ -63,17 +63,17 @@ class TaskContext:
         return TaskOrigin(self.origin_pid, self.origin_role)
 
 
-def context_from_wire(envelope: tuple[Any, ...], task_id: int, src: int, flags: int,
-                      resent: int, task_worker_id: int) -> TaskContext:
-    """The context of a task from its envelope and frame header (TaskLoop.current())."""
-    command = bool(flags & FLAG_COMMAND)
+def context_from_wire(envelope: tuple[Any, ...], task_id: int, src: int, command: bool,
+                      attempt: int, task_worker_id: int) -> TaskContext:
+    """The context of a task from its envelope and what the core read in its frame
+    (TaskLoop.current()): ``command`` for a separate program's task. A task id's high 32 bits
+    are the delivering process's pid."""
     if len(envelope) >= 9 and envelope[7]:
         pid, role = envelope[7], ORIGIN_NAMES.get(envelope[8], "user_process")
     else:
         pid, role = task_id >> 32, ORIGIN_NAMES[ORIGIN_PROGRAM if command else ORIGIN_WORKER]
-    is_co = envelope[3] == TYPE_CO if len(envelope) > 3 else not flags & FLAG_ASYNC
     return TaskContext(
-        id=task_id, name=envelope[0], method=envelope[1], type="co" if is_co else "async",
-        origin_pid=pid, origin_role=role,
-        deadline=envelope[6] if len(envelope) >= 7 else None, attempt=1 + resent,
+        id=task_id, name=envelope[0], method=envelope[1],
+        type="co" if envelope[3] == TYPE_CO else "async", origin_pid=pid, origin_role=role,
+        deadline=envelope[6] if len(envelope) >= 7 else None, attempt=attempt,
         worker_id=None if command else src, task_worker_id=task_worker_id)

@@ -23,8 +23,8 @@ FinishCallback = Callable[[int, Any], Any]
 class Task:
     """Delivers task calls. Every method is static: ``Task.deliver("name", "method", [args])``.
 
-    ``type`` chooses how *delivery* behaves; the task itself always runs synchronously in a task
-    worker:
+    ``type`` chooses how *delivery* behaves; the task itself runs synchronously in a task
+    worker (an ``async def`` one concurrently with others under ``task_enable_coroutine``):
 
     - ``TYPE_CO`` blocks the caller until the result (Swoole's taskCo / taskwait).
     - ``TYPE_ASYNC`` returns a task id at once; the result comes back as the FINISH_TASK event

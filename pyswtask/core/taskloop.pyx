@@ -494,9 +494,10 @@ cdef class TaskLoop(RecordReader):
                 ch.flush()
 
     def current(self):
-        """(envelope, task id, source worker, flags, times resent, channel) of the task running
-        now; None between tasks."""
+        """(envelope, task id, source worker, from a separate program, attempt, channel) of the
+        task running now (the attempt is 1 + the times it was sent again; channel -1: the
+        queue); None between tasks."""
         if self.cur_envelope is None:
             return None
-        return (self.cur_envelope, self.cur_id, self.cur_src, self.cur_flags, self.cur_resent,
-                self.cur_peer)
+        return (self.cur_envelope, self.cur_id, self.cur_src,
+                (self.cur_flags & _FLAG_COMMAND) != 0, 1 + self.cur_resent, self.cur_peer)
