@@ -81,7 +81,9 @@ def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: i
         raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
     logid, spanid = trace_ids.get()
     try:
-        if origin is None:
+        if origin is None and deadline is None:
+            body = pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
+        elif origin is None:
             body = pack_envelope(name, method, params, type, logid, spanid,  # type: ignore[arg-type]
                                  deadline)
         else:

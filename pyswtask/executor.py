@@ -61,12 +61,10 @@ class TaskExecutor:
         self._limit = asyncio.Semaphore(limit)
 
     def execute(self, envelope: tuple[Any, ...], task_id: int, src_worker: int) -> tuple[bool, Any]:
-        """Runs one task; returns (True, result) or (False, [type, message, traceback]), or
-        (True, DEFERRED) for a coroutine task whose result goes back later."""
-        if len(envelope) == 6:
-            name, method, params, _type, logid, spanid = envelope
-        else:
-            name, method, params, _type, logid, spanid = envelope[:6]
+        """Runs one task (the envelope's six fields of the call); returns (True, result) or
+        (False, [type, message, traceback]), or (True, DEFERRED) for a coroutine task whose
+        result goes back later."""
+        name, method, params, _type, logid, spanid = envelope
         resolved = self._resolved.get((name, method))
         if resolved is None:
             try:

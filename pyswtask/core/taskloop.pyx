@@ -7,7 +7,8 @@ from posix.unistd cimport close, read, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
-from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals,
+                               PyTuple_GET_SIZE, PyTuple_GetSlice)
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
@@ -232,7 +233,7 @@ cdef class TaskLoop(RecordReader):
             self._serve(ch, <size_t>r)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
-            self.busy[self.index] = 0
+            self.busy[self.index] = self.paused
             # The replies to one record go out together: one send for many small results.
             ch.flush()
         return 0
@@ -292,7 +293,7 @@ cdef class TaskLoop(RecordReader):
         else:
             # More is waiting: come back after the channels had their turn.
             write(self.queue_fd, &one, 8)
-        self.busy[self.index] = 0
+        self.busy[self.index] = self.paused
         for ch in self.channels:
             if ch.queued():
                 ch.flush()
@@ -378,7 +379,9 @@ cdef class TaskLoop(RecordReader):
             self.cur_resent = h.resent
             self.cur_peer = -1 if ch is self.qchan else ch.peer
             started = monotonic()
-            ok, value = self.execute(envelope, task_id, src)
+            # execute gets the call's six fields; the extra ones are Task.current()'s.
+            ok, value = self.execute(envelope if PyTuple_GET_SIZE(envelope) == 6
+                                     else PyTuple_GetSlice(envelope, 0, 6), task_id, src)
             self.cur_envelope = None
             started = monotonic() - started
             if ch is self.qchan:

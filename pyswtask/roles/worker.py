@@ -174,11 +174,12 @@ class Worker(ChildRole):
         if type == TYPE_ASYNC:
             body = pack_task(name, method, params, type, self.package_max_length)
             return dispatcher.submit(body, dst_worker_id, callback)
-        body = pack_task(name, method, params, type, self.package_max_length,
-                         deadline_after(timeout))
         check_type(type)
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
-        result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
+        seconds = check_timeout(timeout)
+        body = pack_task(name, method, params, type, self.package_max_length,
+                         time.time() + seconds)
+        result = dispatcher.call(body, dst_worker_id, seconds)
         if result is TIMEOUT:
             raise TaskTimeout.after(f"task {name}.{method}", timeout)
         if isinstance(result, TaskError):
