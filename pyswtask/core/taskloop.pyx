@@ -474,7 +474,9 @@ cdef class TaskLoop(RecordReader):
             raise ValueError(f"no channel {peer}")
         if self.pending > 0:
             self.pending -= 1
-        if self.paused and self.pending < self.pending_max:
+        # Read again once half the room is back, not at each result: a pause and a resume
+        # cost a system call each.
+        if self.paused and self.pending <= self.pending_max // 2:
             self._pause(False)
         self._reply(<Channel>self.channels[peer], task_id, 0, <uint16_t>peer, ok, value, envelope)
 
