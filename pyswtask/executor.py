@@ -126,10 +126,14 @@ class TaskExecutor:
                                    raw[0])
             return
         events = self.events
+        if self._version != events.version:
+            self._version = events.version
+            self._hooked = any(events.has_listeners(e) for e in _TASK_EVENTS)
+        hooked = self._hooked
         ok = False
         value: Any = None
         try:
-            if events.has_listeners(Event.BEFORE_TASK):
+            if hooked and events.has_listeners(Event.BEFORE_TASK):
                 events.trigger(Event.BEFORE_TASK, None, name, method, params, task_id)
             value = fn(*params)
             if inspect.isawaitable(value):
@@ -141,9 +145,9 @@ class TaskExecutor:
             value = self._failure(exc, name, method, task_id)
         finally:
             limit.release()
-            if events.has_listeners(Event.AFTER_TASK):
+            if hooked and events.has_listeners(Event.AFTER_TASK):
                 events.trigger(Event.AFTER_TASK, None, name, method, task_id, ok)
-            if events.has_listeners(Event.RESOURCE_RELEASE):
+            if hooked and events.has_listeners(Event.RESOURCE_RELEASE):
                 events.trigger(Event.RESOURCE_RELEASE, None, name, method, task_id)
         self._task_loop.finish(raw[5], task_id, ok, value, raw[0])
 
