@@ -453,3 +453,43 @@ def test_task_max_concurrency_bounds_the_coroutines_running_at_once(servers: Ser
     assert peaks["report"]["peak"] == 7
     naps = srv.by_event("naps")[0]
     assert [r[0] for r in naps["results"]] == [i * 2 for i in range(100)]   # nothing lost
+
+
+QUEUE_ATTEMPT = '''
+    import dataclasses
+
+    @task()
+    class Ctx:
+        def who(self, tag):
+            emit(event="ctx", tag=tag, **dataclasses.asdict(Task.current()))
+            return tag
+
+        def hold(self):
+            emit(event="holding", pid=os.getpid())
+            time.sleep(30)
+
+    server = Server(worker_num=1, task_worker_num=1, message_queue_key=int(sys.argv[1]),
+                    max_wait_time=2.0)
+    server.start()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_task_put_back_after_its_task_worker_died_sees_attempt_2(
+        servers: ServerRunner) -> None:
+    key = new_key()
+    srv = servers.start(QUEUE_ATTEMPT, args=[str(key)])
+    wait_for(lambda: srv.proc.poll() is not None or queue_exists(key), timeout=20)
+    time.sleep(0.5)
+    # ASYNC tasks of a program leave many to a message: the task worker takes both at once.
+    command('''
+        Task.deliver("Ctx", "hold", [], Task.TYPE_ASYNC)
+        Task.deliver("Ctx", "who", ["put-back"], Task.TYPE_ASYNC)
+        Task.flush()
+    ''', key)
+    holding = wait_for(lambda: _line(srv, "holding"), timeout=20)
+    os.kill(holding["pid"], signal.SIGKILL)
+    wait_for(lambda: _line(srv, "ctx", tag="put-back"), timeout=20)
+    stop(srv)
+    (ctx,) = srv.by_event("ctx")
+    assert (ctx["attempt"], ctx["origin_role"], ctx["worker_id"]) == (2, "program", None)
