@@ -176,14 +176,14 @@ class Role:
         """The loop a timer of ``ms`` milliseconds runs on, and its interval in seconds."""
         if not isinstance(ms, (int, float)) or ms <= 0:
             raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
-        raise RuntimeError(f"{api}() works in worker processes: call it from a "
-                           "worker_start hook or from code running in a worker")
+        raise RuntimeError(f"{api}() works in workers and task workers: call it from a "
+                           "worker_start or task_worker_start hook, or from code running there")
 
     def spawn_coroutine(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Runs a coroutine a hook or a timer returned on this process's loop."""
         if self.loop is None:
             coro.close()
-            raise RuntimeError("coroutine hooks and timers run in worker processes only")
+            raise RuntimeError("coroutine hooks and timers run in workers and task workers only")
         task = self.loop.create_task(coro)
         task.add_done_callback(_log_task_failure)
 
