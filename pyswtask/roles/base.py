@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..transport.msgqueue import ServerQueue
 
 __all__ = ["Role", "Outside", "MasterRole", "ChildRole", "ServerHandle", "current", "enter",
-           "leave", "EXIT_BOOT_ERROR"]
+           "leave", "timer_interval", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("pyswtask.master")
 
@@ -174,8 +174,7 @@ class Role:
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
         """The loop a timer of ``ms`` milliseconds runs on, and its interval in seconds."""
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+        timer_interval(api, ms)
         raise RuntimeError(f"{api}() works in workers and task workers: call it from a "
                            "worker_start or task_worker_start hook, or from code running there")
 
@@ -279,6 +278,13 @@ class ChildRole(Role):
                 raise ServerNotRunning(f"{api}: the server this process belonged to has stopped")
             self._master_checked = now
         return mailbox
+
+
+def timer_interval(api: str, ms: float) -> float:
+    """A timer's interval in seconds, or ValueError when ``ms`` is not a positive number."""
+    if not isinstance(ms, (int, float)) or ms <= 0:
+        raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+    return ms / 1000.0
 
 
 _current: Role = Outside()

@@ -1,4 +1,5 @@
-"""The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously.
+"""The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously (with
+``task_enable_coroutine``, ``async def`` ones as coroutines, many at once).
 
 It reads tasks from every worker's channel (and from the message queue, on a thread, when the
 server has one), runs each through the executor and writes the result back. It delivers
@@ -25,7 +26,7 @@ from ..executor import TaskExecutor, running_task
 from ..transport import control
 from ..transport.msgqueue import ReplySender
 from ..transport.pipe import dispatch_messages
-from .base import ChildRole
+from .base import ChildRole, timer_interval
 from .slices import Slices
 
 __all__ = ["TaskWorker"]
@@ -118,9 +119,8 @@ class TaskWorker(ChildRole):
                 "on_stopping": on_stopping}
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
-        return self._slices().loop, ms / 1000.0
+        interval = timer_interval(api, ms)
+        return self._slices().loop, interval
 
     def task_context(self) -> TaskContext:
         raw = running_task.get() or self.task_loop.current()

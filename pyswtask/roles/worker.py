@@ -37,7 +37,7 @@ from ..events import Event, events
 from ..transport import control, relay
 from ..transport.msgqueue import IpcMode
 from ..transport.pipe import dispatch_messages
-from .base import EXIT_BOOT_ERROR, ChildRole, FinishCallback
+from .base import EXIT_BOOT_ERROR, ChildRole, FinishCallback, timer_interval
 
 if TYPE_CHECKING:
     from ..http.embed import WorkerHttp
@@ -295,10 +295,9 @@ class Worker(ChildRole):
         loop.add_writer(fd, writable)
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+        interval = timer_interval(api, ms)
         assert self.loop is not None
-        return self.loop, ms / 1000.0
+        return self.loop, interval
 
 
 def _refuse_in_coroutine(api: str, instead: str) -> None:
