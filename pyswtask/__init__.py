@@ -23,11 +23,13 @@ if sys.byteorder != "little":
 
 from ._core import TableFull
 from ._version import __version__
+from .context import TaskContext, TaskOrigin
 from .cron import CronRuleError, scheduled
 from .delivery import Task
 from .errors import (
     ClusterUnavailable,
     DeliveryError,
+    NoTaskRunning,
     ProtocolError,
     PyswtaskError,
     QueueFull,
@@ -48,6 +50,8 @@ __all__ = [
     "__version__",
     "Server",
     "Task",
+    "TaskContext",
+    "TaskOrigin",
     "task",
     "process",
     "Process",
@@ -63,6 +67,7 @@ __all__ = [
     "TaskTimeout",
     "TaskWorkerLost",
     "DeliveryError",
+    "NoTaskRunning",
     "QueueFull",
     "ClusterUnavailable",
     "ServerNotRunning",

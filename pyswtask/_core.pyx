@@ -28,8 +28,8 @@ Frame (little-endian, 20-byte header + body)
 
      0       2     3     4     5     6          8                      16          20
      +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
-     | magic | ver |type |flags| rsv | src wid  |       task id        | body len  | body
-     | "SW"  |  1  | u8  | u8  |  0  |   u16    |         u64          |    u32    | ...
+     | magic | ver |type |flags|resnt| src wid  |       task id        | body len  | body
+     | "SW"  |  1  | u8  | u8  | u8  |   u16    |         u64          |    u32    | ...
      +-------+-----+-----+-----+-----+----------+----------------------+-----------+-------
 
 - type: 1 TASK (worker -> task worker), 2 RESULT, 3 ERROR (task worker -> worker), 4 PIPE (a
@@ -41,6 +41,10 @@ Frame (little-endian, 20-byte header + body)
   FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last. 0x10 COMMAND: a task from a
   separate program through the message queue; its result goes to that program's reply
   socket, not to a worker.
+- resent: how many times a TASK frame was sent again because the task worker holding it died
+  before starting it (a worker's resend, or the master putting a queue message back); 0 the
+  first time, and in every other frame. The task sees it as its attempt (1 + resent). Readers
+  from before it existed saw this byte as reserved and ignored it: the version stays 1.
 - src wid: the worker id that sent a task, or the task worker id that sent a result.
 - task id: (epoch << 32) | counter; the epoch is the delivering process's pid, so ids are not
   reused across a respawn and a stale result is recognised.
@@ -48,7 +52,10 @@ Frame (little-endian, 20-byte header + body)
   its package_max_length setting).
 
 Bodies are msgpack. A TASK body is the envelope ``[name, method, params, type, logid, spanid]``
-(Swoft's TaskHelper::pack fields, in that order); a RESULT body is the return value; an ERROR
+(Swoft's TaskHelper::pack fields, in that order), followed, only when they are not the
+defaults, by ``deadline`` (a CO delivery's, unix time as a float, or nil) and then
+``origin pid, origin role`` (the user process or cron process a worker delivers for): 6, 7 or
+9 fields, so that the common task costs no byte more than before; a RESULT body is the return value; an ERROR
 body is ``[exception type, message, traceback text]``; a PIPE body is ``[type, data]``. The core
 reads bodies with its own decoder (core/unpack.pyx): what msgpack.unpackb returns, without a
 copy of the body.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from . import roles
+from .context import TaskContext
 from .envelope import TYPE_ASYNC, TYPE_CO, check_timeout
 from .transport import command
 
@@ -22,8 +23,8 @@ FinishCallback = Callable[[int, Any], Any]
 class Task:
     """Delivers task calls. Every method is static: ``Task.deliver("name", "method", [args])``.
 
-    ``type`` chooses how *delivery* behaves; the task itself always runs synchronously in a task
-    worker:
+    ``type`` chooses how *delivery* behaves; the task itself runs synchronously in a task
+    worker (an ``async def`` one concurrently with others under ``task_enable_coroutine``):
 
     - ``TYPE_CO`` blocks the caller until the result (Swoole's taskCo / taskwait).
     - ``TYPE_ASYNC`` returns a task id at once; the result comes back as the FINISH_TASK event
@@ -51,6 +52,18 @@ class Task:
         """
         return roles.current().deliver(name, method, params, type, timeout, callback,
                                        dst_worker_id)
+
+    @staticmethod
+    def current() -> TaskContext:
+        """The task running now, inside a task method: its id, name and method, type (CO or
+        ASYNC), the process that delivered it (``origin_pid``, ``origin_role``: ``"worker"``,
+        ``"user_process"``, ``"cron"`` or ``"program"``), the CO deadline, the attempt and the
+        workers involved (``TaskContext``). In a coroutine task it is that task's own.
+
+        Outside a task method (another process, or a hook, timer or listener of a task worker
+        between tasks) it raises ``NoTaskRunning`` (a RuntimeError): code that may run either
+        way catches it."""
+        return roles.current().task_context()
 
     @staticmethod
     def configure(message_queue_key: int | str | None = None, *,

@@ -5,21 +5,36 @@ separate program's delivery all refuse the same bad input with the same words: a
 method that is not a string, a delivery type that is neither CO nor ASYNC, params msgpack cannot
 pack (naming the value and where it sits), a body above the server's ``package_max_length``.
 The bytes themselves are the core's business (``pack_envelope``); this module owns only the
-checks and the trace ids carried in every envelope. It must not import a role or a transport.
+checks and what every envelope carries besides the call: the trace ids, the deadline of a CO
+delivery, and the origin of a task a worker delivers on another process's behalf (its pid and
+one of the ``ORIGIN_*`` roles). It must not import a role or a transport.
 """
 
 from __future__ import annotations
 
 import contextvars
+import time
 from typing import Any, Sequence
 
 from ._core import pack_envelope
 
-__all__ = ["TYPE_CO", "TYPE_ASYNC", "trace_ids", "pack_task", "pack_call", "check_type",
-           "check_timeout", "check_length", "params_error", "describe_unpackable"]
+__all__ = ["TYPE_CO", "TYPE_ASYNC", "ORIGIN_WORKER", "ORIGIN_USER_PROCESS", "ORIGIN_CRON",
+           "ORIGIN_PROGRAM", "ORIGIN_NAMES", "trace_ids", "pack_task", "pack_call", "check_type",
+           "check_timeout", "check_length", "deadline_after", "params_error",
+           "describe_unpackable"]
 
 TYPE_CO = 1
 TYPE_ASYNC = 2
+
+# Who delivered a task (Task.current().origin_role): on the wire, a small int. A worker's own
+# task and a separate program's carry none (the frame tells them apart, and the task id holds
+# their pid); a worker delivering for a user process or the crontab names that process.
+ORIGIN_WORKER = 1
+ORIGIN_USER_PROCESS = 2
+ORIGIN_CRON = 3
+ORIGIN_PROGRAM = 4
+ORIGIN_NAMES = {ORIGIN_WORKER: "worker", ORIGIN_USER_PROCESS: "user_process",
+                ORIGIN_CRON: "cron", ORIGIN_PROGRAM: "program"}
 
 trace_ids: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar(
     "pyswtask_trace_ids", default=("", 0))
@@ -48,26 +63,45 @@ def check_length(what: str, size: int, limit: int) -> None:
                          f"({limit})")
 
 
-def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: int) -> bytes:
+def deadline_after(timeout: Any) -> float | None:
+    """The unix time a CO delivery with this timeout gives up; None for a timeout that is not
+    a positive number (check_timeout names it)."""
+    try:
+        return time.time() + timeout if timeout > 0 else None
+    except TypeError:
+        return None
+
+
+def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: int,
+              deadline: float | None = None, origin: tuple[int, int] | None = None) -> bytes:
     """The envelope of one call, checked: TypeError for names or params that cannot be sent,
-    ValueError above ``limit`` bytes (0: no limit)."""
+    ValueError above ``limit`` bytes (0: no limit). ``deadline``: when a CO caller gives up
+    (unix time); ``origin``: (pid, ORIGIN_*) of the process a worker delivers it for."""
     if not isinstance(name, str) or not isinstance(method, str):
         raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
     logid, spanid = trace_ids.get()
     try:
-        body = pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
+        if origin is None and deadline is None:
+            body = pack_envelope(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
+        elif origin is None:
+            body = pack_envelope(name, method, params, type, logid, spanid,  # type: ignore[arg-type]
+                                 deadline)
+        else:
+            body = pack_envelope(name, method, params, type, logid, spanid,  # type: ignore[arg-type]
+                                 deadline, origin[0], origin[1])
     except (TypeError, ValueError, OverflowError) as exc:
         raise params_error(name, method, params, exc) from None
     check_length(f"params of {name}.{method} pack", len(body), limit)
     return body
 
 
-def pack_call(call: Sequence[Any], index: int, limit: int) -> bytes:
+def pack_call(call: Sequence[Any], index: int, limit: int, deadline: float | None = None) -> bytes:
     """One item of a batch, ``(name, method)`` or ``(name, method, params)``, packed CO."""
     if isinstance(call, (str, bytes)) or not 2 <= len(call) <= 3:
         raise TypeError(f"batch item {index} must be (name, method) or (name, method, params), "
                         f"not {call!r:.100}")
-    return pack_task(call[0], call[1], call[2] if len(call) == 3 else (), TYPE_CO, limit)
+    return pack_task(call[0], call[1], call[2] if len(call) == 3 else (), TYPE_CO, limit,
+                     deadline)
 
 
 def params_error(name: str, method: str, params: Any, exc: Exception) -> TypeError:

@@ -12,6 +12,7 @@ from ._core import ProtocolError, brief_repr
 
 __all__ = [
     "PyswtaskError",
+    "NoTaskRunning",
     "TaskError",
     "TaskTimeout",
     "DeliveryError",
@@ -91,6 +92,10 @@ class QueueFull(DeliveryError, TimeoutError):
 class ClusterUnavailable(DeliveryError):
     """The cluster's Redis cannot be reached (or stalls past the timeout); the message names
     its URL. Local tasks are not affected."""
+
+
+class NoTaskRunning(PyswtaskError, RuntimeError):
+    """``Task.current()`` outside a task method: no task runs in this process now."""
 
 
 class UnknownTask(LookupError):

@@ -17,7 +17,8 @@ TASK_WORKER_STOP    task worker     (worker_id,)
 BEFORE_TASK         task worker     (task_name, method, params, task_id)
 AFTER_TASK          task worker     (task_name, method, task_id, ok)
 RESOURCE_RELEASE    task worker     (task_name, method, task_id)
-FINISH_TASK         worker          (task_id, result); result is a TaskError on failure
+FINISH_TASK         worker          (task_id, result); result is a TaskError on failure;
+                                    ``event.origin``: the delivering process (TaskOrigin)
 PIPE_MESSAGE        any child       (type, data, src_id); target: the server
 PROCESS_START       user process    (name, id)
 PROCESS_STOP        user process    (name, id)
@@ -56,14 +57,16 @@ class Event:
 
 
 class EventObject:
-    """What a listener receives: the event's name, its target and its params."""
+    """What a listener receives: the event's name, its target and its params; ``origin``, for
+    FINISH_TASK, the process the task was delivered for (else None)."""
 
-    __slots__ = ("name", "target", "params")
+    __slots__ = ("name", "target", "params", "origin")
 
-    def __init__(self, name: str, target: Any, params: tuple[Any, ...]) -> None:
+    def __init__(self, name: str, target: Any, params: tuple[Any, ...], origin: Any = None) -> None:
         self.name = name
         self.target = target
         self.params = params
+        self.origin = origin
 
     def __repr__(self) -> str:
         return f"EventObject({self.name!r}, target={self.target!r}, params={self.params!r})"
@@ -104,9 +107,10 @@ class EventManager:
     def has_listeners(self, name: str) -> bool:
         return bool(self._listeners.get(name))
 
-    def trigger(self, name: str, target: Any = None, *params: Any) -> EventObject:
+    def trigger(self, name: str, target: Any = None, *params: Any, origin: Any = None
+                ) -> EventObject:
         """Runs every listener of name with one EventObject; returns that object."""
-        event = EventObject(name, target, params)
+        event = EventObject(name, target, params, origin)
         for _, _, fn in tuple(self._listeners.get(name, ())):
             try:
                 fn(event)

@@ -182,7 +182,8 @@ class Server:
     # -- timers (worker processes) ----------------------------------------------------------
 
     def tick(self, ms: int, fn: Callable[[int], Any]) -> int:
-        """Calls ``fn(timer_id)`` every ``ms`` milliseconds in this worker; returns the id.
+        """Calls ``fn(timer_id)`` every ``ms`` milliseconds in this worker or task worker (there,
+        between tasks); returns the id.
 
         Due times are kept on a fixed grid from the first one, so the tick does not drift."""
         loop, interval = self._timer_loop("tick", ms)
@@ -202,7 +203,8 @@ class Server:
         return timer_id
 
     def after(self, ms: int, fn: Callable[[], Any]) -> int:
-        """Calls ``fn()`` once after ``ms`` milliseconds in this worker; returns the id."""
+        """Calls ``fn()`` once after ``ms`` milliseconds in this worker or task worker (there,
+        between tasks); returns the id."""
         loop, interval = self._timer_loop("after", ms)
         timer_id = next(_timer_ids)
         timers = roles.current().timers
@@ -215,7 +217,7 @@ class Server:
         return timer_id
 
     def clear_timer(self, timer_id: int) -> bool:
-        """Cancels a timer of this worker; returns whether it existed."""
+        """Cancels a timer of this worker or task worker; returns whether it existed."""
         handle = roles.current().timers.pop(timer_id, None)
         if handle is None:
             return False

@@ -261,6 +261,14 @@ SETTINGS: tuple[Setting, ...] = (
     # its place, running first the rest of the record the old one stopped in (TaskLoop).
     Setting("task_max_request", 0, _non_negative_int,
             "recycle a task worker after this many tasks (0: never)"),
+    # Swoole's task_enable_coroutine: the task worker's asyncio loop runs between its tasks
+    # (roles/slices.py), and an async def task method becomes one of its coroutines.
+    Setting("task_enable_coroutine", False, _bool,
+            "a task worker runs `async def` task methods concurrently on its own event loop "
+            "(sync methods still one at a time)"),
+    Setting("task_max_concurrency", 100, _positive_int,
+            "with `task_enable_coroutine`: async tasks a task worker runs at once; more wait, "
+            "unread, in the channels"),
     Setting("max_request", 0, _non_negative_int,
             "recycle a worker after it delivered this many tasks (0: never)"),
     # Backpressure: a worker that waits for room reads results meanwhile.

@@ -74,7 +74,7 @@ def test_timers_tick_after_and_clear(servers: ServerRunner) -> None:
 def test_timers_outside_a_worker_are_refused() -> None:
     from pyswtask import Server
 
-    with pytest.raises(RuntimeError, match=r"tick\(\) works in worker processes"):
+    with pytest.raises(RuntimeError, match=r"tick\(\) works in workers and task workers"):
         Server().tick(10, lambda t: None)
 
 

@@ -15,6 +15,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 # One refused value per checked setting; a new setting needs one here (see the test below).
 BAD_VALUES: dict[str, Any] = {
+    "task_enable_coroutine": "yes",
+    "task_max_concurrency": 0,
     "max_wait_time": -1,
     "task_wait_spin": "0.1",
     "respawn_backoff_max": None,

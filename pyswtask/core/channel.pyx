@@ -6,7 +6,8 @@ from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
-from .includes.epoll cimport EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl, epoll_event
+from .includes.epoll cimport (EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl,
+                              epoll_event)
 from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, send,
                               setsockopt)
 from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
@@ -60,14 +61,14 @@ cdef class Channel:
         return data
 
     cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
-                 const char *body, size_t n) except -1:
+                 const char *body, size_t n, uint8_t resent=0) except -1:
         """Queues one frame, split into fragments when its body exceeds one record."""
         cdef char *p
         cdef size_t off = 0, chunk
         cdef uint8_t fl
         if n <= self.frag_max:
             p = self.reserve(_HEADER_SIZE + n)
-            write_header(p, ftype, flags, task_id, src, <uint32_t>n)
+            write_header(p, ftype, flags, task_id, src, <uint32_t>n, resent)
             if n:
                 memcpy(p + _HEADER_SIZE, body, n)
             return 0
@@ -78,7 +79,7 @@ cdef class Channel:
                 chunk = self.frag_max
             fl |= _FLAG_FRAG_MORE if off + chunk < n else _FLAG_FRAG_LAST
             p = self.reserve(_HEADER_SIZE + chunk)
-            write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk)
+            write_header(p, ftype, flags | fl, task_id, src, <uint32_t>chunk, resent)
             memcpy(p + _HEADER_SIZE, body + off, chunk)
             off += chunk
             fl = 0
@@ -130,7 +131,10 @@ cdef class Channel:
             ev.events = mask
             ev.data.u64 = 0
             ev.data.u32 = <uint32_t>self.peer
-            if epoll_ctl(epfd, EPOLL_CTL_MOD if self.mask else EPOLL_CTL_ADD, self.fd, &ev) < 0:
+            # No interest at all: out of the set, so that mask 0 always means "not in it" and
+            # interest that comes back is added again.
+            if epoll_ctl(epfd, EPOLL_CTL_DEL if not mask else
+                         EPOLL_CTL_MOD if self.mask else EPOLL_CTL_ADD, self.fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed")
             self.mask = mask
         return 0

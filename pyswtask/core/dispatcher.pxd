@@ -23,6 +23,7 @@ cdef class _Pending:
     cdef Py_ssize_t index
     cdef int tw                 # the out channel it went to
     cdef bytes body             # kept to send again if a dead task worker never started it
+    cdef uint8_t resent         # how often that happened (the frame header carries it)
 
 
 @cython.final

@@ -768,8 +768,11 @@ cdef class Dispatcher(RecordReader):
         for task_id, value in again:
             entry = <_Pending>value
             out = <Channel>self.outs[entry.tw]
+            if entry.resent < 255:
+                entry.resent += 1
             out.put(_FRAME_TASK, _FLAG_ASYNC if entry.kind == _P_ASYNC else 0, task_id,
-                    self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body))
+                    self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body),
+                    entry.resent)
         if again:
             self._schedule_flush()
         return 0

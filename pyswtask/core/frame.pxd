@@ -33,7 +33,7 @@ cdef packed struct FrameHeader:
     uint8_t version
     uint8_t type
     uint8_t flags
-    uint8_t reserved
+    uint8_t resent          # times sent again since its task worker died holding it unstarted
     uint16_t src_worker
     uint64_t task_id
     uint32_t body_len
@@ -46,13 +46,13 @@ cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n)
 
 
 cdef inline void write_header(char *dst, uint8_t ftype, uint8_t flags, uint64_t task_id,
-                              uint16_t src, uint32_t body_len) noexcept nogil:
+                              uint16_t src, uint32_t body_len, uint8_t resent=0) noexcept nogil:
     cdef FrameHeader h
     h.magic = _FRAME_MAGIC
     h.version = _FRAME_VERSION
     h.type = ftype
     h.flags = flags
-    h.reserved = 0
+    h.resent = resent
     h.src_worker = src
     h.task_id = task_id
     h.body_len = body_len

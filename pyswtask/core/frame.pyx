@@ -22,8 +22,11 @@ FLAG_FRAG_MORE = _FLAG_FRAG_MORE
 FLAG_FRAG_LAST = _FLAG_FRAG_LAST
 FLAG_COMMAND = _FLAG_COMMAND
 
-# Envelope field order, as TaskHelper::pack had it: name, method, params, type, logid, spanid.
+# Envelope field order, as TaskHelper::pack had it: name, method, params, type, logid, spanid;
+# then, when they are not the defaults, the deadline of a CO delivery (unix time, float) and
+# the process a worker delivers for (its pid and its role: see ORIGIN_FIELDS).
 ENVELOPE_FIELDS = ("name", "method", "params", "type", "logid", "spanid")
+ENVELOPE_EXTRA_FIELDS = ("deadline", "origin_pid", "origin_role")
 
 
 class ProtocolError(ValueError):
@@ -112,19 +115,34 @@ def parse_frames(data):
     return frames
 
 
-def pack_envelope(str name, str method, params, int type=1, str logid="", int spanid=0):
+def pack_envelope(str name, str method, params, int type=1, str logid="", int spanid=0,
+                  deadline=None, uint32_t origin_pid=0, uint8_t origin_role=0):
     """Packs a task call. params must be a list or tuple; raises TypeError from msgpack when a
-    value cannot be packed (the facade names the value)."""
+    value cannot be packed (the facade names the value).
+
+    Six fields, as before; seven with a deadline (a float, unix time); nine when origin_pid is
+    given (the deadline then may be None): a reader of the six-field format reads the common
+    case unchanged, and the extra fields cost nothing when they are not used."""
     if not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
+    if deadline is not None:
+        deadline = float(deadline)
+    if origin_pid:
+        return packb((name, method, params, type, logid, spanid, deadline, origin_pid,
+                      origin_role))
+    if deadline is not None:
+        return packb((name, method, params, type, logid, spanid, deadline))
     return packb((name, method, params, type, logid, spanid))
 
 
 cdef tuple _check_envelope(obj):
-    if (type(obj) is not list or len(<list>obj) != 6 or type((<list>obj)[0]) is not str
+    cdef Py_ssize_t n = len(<list>obj) if type(obj) is list else 0
+    if (n not in (6, 7, 9) or type((<list>obj)[0]) is not str
             or type((<list>obj)[1]) is not str or type((<list>obj)[2]) is not list
             or type((<list>obj)[3]) is not int or type((<list>obj)[4]) is not str
-            or type((<list>obj)[5]) is not int):
+            or type((<list>obj)[5]) is not int
+            or n >= 7 and (<list>obj)[6] is not None and type((<list>obj)[6]) is not float
+            or n == 9 and (type((<list>obj)[7]) is not int or type((<list>obj)[8]) is not int)):
         raise ProtocolError(f"malformed task envelope: {brief_repr(obj)}")
     return tuple(<list>obj)
 
@@ -144,7 +162,8 @@ cdef tuple unpack_envelope_c(const char *p, Py_ssize_t n):
 
 
 def unpack_envelope(body):
-    """(name, method, params, type, logid, spanid) from an envelope; ProtocolError if malformed."""
+    """(name, method, params, type, logid, spanid[, deadline[, origin_pid, origin_role]]) from
+    an envelope, as many fields as it has; ProtocolError if malformed."""
     cdef const unsigned char[::1] view
     if type(body) is bytes:
         # The common case, without the cost of acquiring a buffer view.

@@ -611,7 +611,21 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
         if foff and (h.flags & _FLAGS_FRAG):
             open_part = part_type(h.task_id)
     memset(&view[0], 0, _HOLD_HEADER + cap)
+    for item in put_back:
+        _count_resent(<bytes>(<tuple>item)[1])
     return put_back, running, ran, gone, open_part
+
+
+cdef void _count_resent(bytes text) noexcept:
+    # Each frame of a message put back is sent again: its header counts it (saturating), so
+    # the task sees its attempt. The bytes were made above and are not shared yet.
+    cdef char *p = PyBytes_AS_STRING(text)
+    cdef size_t n = <size_t>PyBytes_GET_SIZE(text), off = 0
+    cdef FrameHeader h
+    while off < n and check_header(p + off, n - off, &h) == NULL:
+        if h.resent < 255:
+            (<FrameHeader *>(p + off)).resent = h.resent + 1
+        off += _HEADER_SIZE + h.body_len
 
 
 def is_last_part(text):

@@ -50,6 +50,23 @@ cdef class TaskLoop(RecordReader):
     cdef dict stat_index            # (name, method) -> its row
     cdef object stat_new_row        # stat_new_row(name, method) -> row for a method not seen yet
     cdef tuple stat_views           # the buffers the pointers above point into, kept alive
+    # Between tasks: an asyncio loop run in slices (timers, coroutine tasks), when set.
+    cdef object on_tick             # on_tick() -> seconds until it is due again (< 0: never)
+    cdef int tick_fd                # readable when the slices have I/O to handle
+    cdef double next_due            # monotonic time on_tick is due (0: not)
+    cdef public bint tick_due       # set from Python: on_tick runs at the next turn
+    cdef readonly Py_ssize_t pending  # tasks whose result comes later, through finish()
+    cdef Py_ssize_t pending_max     # task_max_concurrency: the channels pause at it
+    cdef bint paused
+    cdef bint recycling             # reading nothing more from the channels: a successor will
+    # The task running now, for Task.current(): its envelope (None between tasks), header, and
+    # channel (-1: the queue).
+    cdef object cur_envelope
+    cdef uint64_t cur_id
+    cdef uint16_t cur_src
+    cdef uint8_t cur_flags
+    cdef uint8_t cur_resent
+    cdef int cur_peer
 
     cdef int _read(self, Channel ch) except -1
     cdef int _serve(self, Channel ch, size_t n) except -1
@@ -60,3 +77,8 @@ cdef class TaskLoop(RecordReader):
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1
     cdef int _count(self, object key, bint ok, double seconds) except -1
+    cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
+                    object value, object envelope) except -1
+    cdef int _tick(self) except -1
+    cdef int _pause(self, bint on) except -1
+    cdef size_t _interest(self) noexcept

@@ -7,12 +7,14 @@ from posix.unistd cimport close, read, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
-from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals,
+                               PyTuple_GET_SIZE, PyTuple_GetSlice)
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
     _INBOX_TAG = 0xFFFFFFFE
     _QUEUE_TAG = 0xFFFFFFFD
+    _TICK_TAG = 0xFFFFFFFC
     _DURATIONS_MAX = 4096
 
 # TaskLoop.qopen when no body is open, and once an open body's parts were released.
@@ -35,6 +37,17 @@ _DURATION_BOUND[:] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
                       0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
+@cython.final
+cdef class _DeferredMarker:
+    def __repr__(self):
+        return "DEFERRED"
+
+
+# What execute returns as its value for a task whose result comes later, through finish().
+cdef object _DEFERRED = _DeferredMarker()
+DEFERRED = _DEFERRED
+
+
 cdef class TaskLoop(RecordReader):
     """Serves task frames from every worker's channel until a stop signal arrives.
 
@@ -45,6 +58,9 @@ cdef class TaskLoop(RecordReader):
     max_body (package_max_length): a task body reassembled past it is dropped, and a result
     that packs past it is answered with an error instead (the worker would drop it).
 
+    Between tasks it can run an asyncio loop in slices (set_ticker): timers, and coroutine
+    tasks whose results are sent later (execute returns (True, DEFERRED), then finish()).
+
     max_tasks (task_max_request): after that many tasks it stops, and reads no more records.
     With a hand-over area in state, it stops inside a record too, leaving the rest there for its
     successor, which runs it first; the one exception are records the queue reader already took
@@ -53,6 +69,8 @@ cdef class TaskLoop(RecordReader):
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
+        self.tick_fd = -1
+        self.cur_peer = -1
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
@@ -141,7 +159,9 @@ cdef class TaskLoop(RecordReader):
         most max_wait seconds; 2: hand over, reading nothing more from the channels, whose
         content waits for the successor) or max_tasks ran; returns the number of tasks run."""
         cdef epoll_event evs[_EVENTS_MAX]
-        cdef int n, i, timeout_ms = -1
+        cdef int n, i, timeout_ms = -1, wait_ms
+        cdef double left
+        cdef bint tick
         cdef bint stopping = False
         cdef bint recycling = False
         cdef double deadline = 0.0
@@ -155,29 +175,40 @@ cdef class TaskLoop(RecordReader):
                 # Recycled (task_max_request): read nothing more from the channels (what is
                 # there waits for the task worker that replaces this one), send the replies,
                 # finish what the queue reader took, then exit.
-                stopping = recycling = True
+                stopping = recycling = self.recycling = True
                 deadline = monotonic() + max_wait
                 timeout_ms = 20
                 for ch in self.channels:
                     ch.update_interest(self.epfd, 0)
                 if self.on_stopping is not None:
                     self.on_stopping()
-            self.busy[self.index] = 0
+            wait_ms = timeout_ms
+            if self.on_tick is not None:
+                if self.tick_due:
+                    self._tick()
+                if self.next_due > 0:
+                    left = (self.next_due - monotonic()) * 1000.0
+                    left = 0 if left <= 0 else left + 1
+                    if wait_ms < 0 or left < wait_ms:
+                        wait_ms = <int>left
+            # At task_max_concurrency it counts as busy: dispatchers prefer another.
+            self.busy[self.index] = self.paused
             with nogil:
-                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, timeout_ms)
+                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, wait_ms)
             if n < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
                     continue
                 raise OSError(errno, "epoll_wait failed")
             self.busy[self.index] = 1
+            tick = False
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
                     r = read(self.stop_fd, sigbuf, sizeof(sigbuf))
                     how = self.on_signal(sigbuf[:r]) if r > 0 and not stopping else 0
                     if how:
                         stopping = True
-                        recycling = how == 2
+                        recycling = self.recycling = how == 2
                         if not recycling:
                             # No successor comes to take a rest: run all the workers sent.
                             self.limit = 0
@@ -198,16 +229,22 @@ cdef class TaskLoop(RecordReader):
                     read(self.queue_fd, sigbuf, 8)
                     self._read_queue()
                     continue
+                if evs[i].data.u32 == _TICK_TAG:
+                    tick = True
+                    continue
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:
                     ch.flush()
                 if evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not recycling:
                     self._read(ch)
-                ch.update_interest(self.epfd, 0 if recycling else self.high_water)
+                ch.update_interest(self.epfd, self._interest())
+            if self.on_tick is not None and (tick or self.tick_due or (
+                    self.next_due > 0 and monotonic() >= self.next_due)):
+                self._tick()
             if stopping:
                 if monotonic() >= deadline:
                     break
-                if n == 0 and not any_queued(self.channels) and (
+                if n == 0 and self.pending == 0 and not any_queued(self.channels) and (
                         self.reader is None or (self.reader.finished and self.reader.used == 0)):
                     break
         self.busy[self.index] = 0
@@ -226,7 +263,7 @@ cdef class TaskLoop(RecordReader):
             self._serve(ch, <size_t>r)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
-            self.busy[self.index] = 0
+            self.busy[self.index] = self.paused
             # The replies to one record go out together: one send for many small results.
             ch.flush()
         return 0
@@ -258,7 +295,7 @@ cdef class TaskLoop(RecordReader):
         self._serve(ch, n)
         self.busy[self.index] = 0
         ch.flush()
-        ch.update_interest(self.epfd, self.high_water)
+        ch.update_interest(self.epfd, self._interest())
         return 0
 
     cdef int _read_queue(self) except -1:
@@ -286,11 +323,11 @@ cdef class TaskLoop(RecordReader):
         else:
             # More is waiting: come back after the channels had their turn.
             write(self.queue_fd, &one, 8)
-        self.busy[self.index] = 0
+        self.busy[self.index] = self.paused
         for ch in self.channels:
             if ch.queued():
                 ch.flush()
-                ch.update_interest(self.epfd, self.high_water)
+                ch.update_interest(self.epfd, self._interest())
         self._release_queue()
         return 0
 
@@ -345,7 +382,6 @@ cdef class TaskLoop(RecordReader):
         cdef uint64_t task_id = h.task_id
         cdef uint16_t src = h.src_worker
         cdef bint ok
-        cdef bytes out
         cdef double started
         cdef object expected
         cdef object envelope = None
@@ -371,8 +407,17 @@ cdef class TaskLoop(RecordReader):
             if ch is self.qchan:
                 fpos = self._frame_pos(h, p)
                 self.reader.running(fpos)
+            self.cur_envelope = envelope
+            self.cur_id = task_id
+            self.cur_src = src
+            self.cur_flags = h.flags
+            self.cur_resent = h.resent
+            self.cur_peer = -1 if ch is self.qchan else ch.peer
             started = monotonic()
-            ok, value = self.execute(envelope, task_id, src)
+            # execute gets the call's six fields; the extra ones are Task.current()'s.
+            ok, value = self.execute(envelope if PyTuple_GET_SIZE(envelope) == 6
+                                     else PyTuple_GetSlice(envelope, 0, 6), task_id, src)
+            self.cur_envelope = None
             started = monotonic() - started
             if self.stat_counts != NULL:
                 self._count(key, ok, started)
@@ -387,7 +432,17 @@ cdef class TaskLoop(RecordReader):
         self.tasks_done += 1
         if self.stat_counts != NULL:
             self.stat_counts[0] += 1
-        if ch is self.qchan and (h.flags & _FLAG_COMMAND) and (h.flags & _FLAG_ASYNC):
+        if value is _DEFERRED:
+            self.pending += 1
+            if self.pending_max and self.pending >= self.pending_max and not self.paused:
+                self._pause(True)
+            return 0
+        return self._reply(ch, task_id, h.flags, src, ok, value, envelope)
+
+    cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
+                    object value, object envelope) except -1:
+        cdef bytes out
+        if ch is self.qchan and (flags & _FLAG_COMMAND) and (flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
         if ok:
             try:
@@ -405,8 +460,8 @@ cdef class TaskLoop(RecordReader):
         if ch is self.qchan:
             # From the queue: a command's task answers to the command (unless ASYNC); a
             # worker's (ipc modes 2 and 3) on the channel back to that worker.
-            if h.flags & _FLAG_COMMAND:
-                if not (h.flags & _FLAG_ASYNC) and self.on_reply is not None:
+            if flags & _FLAG_COMMAND:
+                if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
                     self.on_reply(task_id, ok, out)
                 return 0
             if src >= len(self.channels):
@@ -439,3 +494,76 @@ cdef class TaskLoop(RecordReader):
             b += 1
         r.buckets[b] += 1
         return 0
+
+    # -- between tasks: the slices of an asyncio loop -------------------------------------------
+
+    def set_ticker(self, on_tick, int fd, Py_ssize_t max_pending=0):
+        """Runs on_tick() between tasks: when fd is readable, when the time it returned last
+        (seconds from then; < 0: none) has come, and when tick_due was set. max_pending
+        (task_max_concurrency): at that many deferred tasks the channels are not read until one
+        finishes, and this task worker counts as busy."""
+        cdef epoll_event ev
+        if self.on_tick is not None:
+            raise RuntimeError("the task loop already has a ticker")
+        if fd >= 0:
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            ev.data.u32 = _TICK_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on the ticker's descriptor")
+        self.tick_fd = fd
+        self.on_tick = on_tick
+        self.pending_max = max_pending
+        self.tick_due = True
+
+    cdef int _tick(self) except -1:
+        cdef double due
+        cdef Channel ch
+        self.tick_due = False
+        due = self.on_tick()
+        self.next_due = monotonic() + due if due >= 0 else 0.0
+        for ch in self.channels:
+            if ch.queued():
+                ch.flush()
+                ch.update_interest(self.epfd, self._interest())
+        return 0
+
+    def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None):
+        """The result of a task execute deferred, for the channel it came on (peer): sent with
+        the next flush (after the current slice). ok False: value is [type, message, traceback]."""
+        if not 0 <= peer < len(self.channels):
+            raise ValueError(f"no channel {peer}")
+        if self.pending > 0:
+            self.pending -= 1
+        # Read again once half the room is back, not at each result: a pause and a resume
+        # cost a system call each.
+        if self.paused and self.pending <= self.pending_max // 2:
+            self._pause(False)
+        self._reply(<Channel>self.channels[peer], task_id, 0, <uint16_t>peer, ok, value, envelope)
+
+    cdef int _pause(self, bint on) except -1:
+        cdef Channel ch
+        self.paused = on
+        for ch in self.channels:
+            ch.update_interest(self.epfd, self._interest())
+        return 0
+
+    cdef size_t _interest(self) noexcept:
+        return 0 if self.paused or self.recycling else self.high_water
+
+    def flush(self):
+        """Sends what the channels hold (results finished after run returned), as far as the
+        sockets take it now."""
+        cdef Channel ch
+        for ch in self.channels:
+            if ch.queued():
+                ch.flush()
+
+    def current(self):
+        """(envelope, task id, source worker, from a separate program, attempt, channel) of the
+        task running now (the attempt is 1 + the times it was sent again; channel -1: the
+        queue); None between tasks."""
+        if self.cur_envelope is None:
+            return None
+        return (self.cur_envelope, self.cur_id, self.cur_src,
+                (self.cur_flags & _FLAG_COMMAND) != 0, 1 + self.cur_resent, self.cur_peer)

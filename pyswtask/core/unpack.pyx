@@ -247,30 +247,40 @@ cdef object mp_unpack(const char *p, Py_ssize_t n):
 
 
 cdef tuple mp_unpack_envelope(const char *p, Py_ssize_t n):
-    """The six fields of a task envelope in p[0:n], decoded into the tuple as they come; None
-    as soon as the body is not a 6-item array or a field has another type (the body may also
-    be invalid msgpack further on: the caller decodes it whole to tell). Raises as mp_unpack."""
+    """The fields of a task envelope in p[0:n] (6, 7 or 9 of them, see frame.pyx), decoded
+    into the tuple as they come; None as soon as the body is not such an array or a field has
+    another type (the body may also be invalid msgpack further on: the caller decodes it whole
+    to tell). Raises as mp_unpack."""
     cdef MpReader r
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, count
     r.base = r.p = <const unsigned char *>p
     r.end = r.p + n
-    if n >= 1 and r.p[0] == 0x96:
+    if n >= 1 and 0x96 <= r.p[0] <= 0x99:
+        count = r.p[0] & 0x0F
         r.p += 1
-    elif n >= 3 and r.p[0] == 0xdc and _be16(r.p + 1) == 6:
+    elif n >= 3 and r.p[0] == 0xdc:
+        count = _be16(r.p + 1)
         r.p += 3
-    elif n >= 5 and r.p[0] == 0xdd and _be32(r.p + 1) == 6:
+    elif n >= 5 and r.p[0] == 0xdd:
+        count = _be32(r.p + 1)
         r.p += 5
     else:
         return None
-    out = PyTuple_New(6)
-    for i in range(6):
+    if count != 6 and count != 7 and count != 9:
+        return None
+    out = PyTuple_New(count)
+    for i in range(count):
         value = _decode(&r, 1)
-        # (name, method, params, type, logid, spanid): str, str, list, int, str, int
+        # (name, method, params, type, logid, spanid[, deadline[, origin pid, origin role]]):
+        # str, str, list, int, str, int, float or nil, int, int
         if i == 2:
             if type(value) is not list:
                 return None
-        elif i == 3 or i == 5:
+        elif i == 3 or i == 5 or i == 7 or i == 8:
             if type(value) is not int:
+                return None
+        elif i == 6:
+            if value is not None and type(value) is not float:
                 return None
         elif type(value) is not str:
             return None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import roles
 from .._core import OriginTable, RunStatus, RunTable
+from ..envelope import ORIGIN_CRON
 from .rules import Job
 from .runner import CRON_TASK
 from .tables import CronTables
@@ -88,7 +89,8 @@ class CronExec:
             runs.set_status(row, RunStatus.DELIVERED, now)
         try:
             roles.current().deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
-                                                     for row, job, sec in going])
+                                                     for row, job, sec in going],
+                                                    origin_role=ORIGIN_CRON)
         except Exception as exc:
             for row, job, sec in going:
                 log.error("crontab: run of %s.%s due at %d not delivered: %s",

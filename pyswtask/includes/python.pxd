@@ -24,5 +24,7 @@ cdef extern from "Python.h":
     void PyList_SET_ITEM(object l, Py_ssize_t i, object o)
     tuple PyTuple_New(Py_ssize_t n)
     void PyTuple_SET_ITEM(object t, Py_ssize_t i, object o)
+    Py_ssize_t PyTuple_GET_SIZE(object t)
+    tuple PyTuple_GetSlice(object t, Py_ssize_t low, Py_ssize_t high)
     dict PyDict_New()
     int PyDict_SetItem(object d, object k, object v) except -1

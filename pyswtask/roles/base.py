@@ -22,8 +22,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from .._core import Dispatcher, Mailbox
-from ..envelope import check_timeout, check_type, pack_task
-from ..errors import DeliveryError, ServerNotRunning
+from ..context import TaskContext
+from ..envelope import ORIGIN_USER_PROCESS, TYPE_CO, check_timeout, check_type, deadline_after, pack_task
+from ..errors import DeliveryError, NoTaskRunning, ServerNotRunning
 from ..titles import set_title
 from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from ..transport.msgqueue import ServerQueue
 
 __all__ = ["Role", "Outside", "MasterRole", "ChildRole", "ServerHandle", "current", "enter",
-           "leave", "EXIT_BOOT_ERROR"]
+           "leave", "timer_interval", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("pyswtask.master")
 
@@ -134,9 +135,18 @@ class Role:
                             "server (server.add_process or @process)")
 
     def deliver_many_by_process(self, calls: list[tuple[str, str, Sequence[Any]]],
-                                worker_id: int = -1, timeout: float = 3.0) -> None:
-        """ASYNC delivery of many tasks in one pipe message (a user process's, the crontab's)."""
+                                worker_id: int = -1, timeout: float = 3.0,
+                                origin_role: int = ORIGIN_USER_PROCESS) -> None:
+        """ASYNC delivery of many tasks in one pipe message (a user process's, the crontab's:
+        ``origin_role`` is what the tasks see as their origin's role, an ORIGIN_* value)."""
         raise DeliveryError("deliver_many_by_process works in the user processes of a server")
+
+    def task_context(self) -> TaskContext:
+        """Task.current() in this process: only a task worker running a task has one."""
+        what = {"outside": "a program outside any server", "master": "the master",
+                "process": "a user process"}.get(self.kind, f"a {self.kind}")
+        raise NoTaskRunning(f"Task.current() works inside a task method, in a task worker; "
+                            f"this process is {what}")
 
     # -- pipe messages --------------------------------------------------------------------------
 
@@ -167,16 +177,15 @@ class Role:
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
         """The loop a timer of ``ms`` milliseconds runs on, and its interval in seconds."""
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
-        raise RuntimeError(f"{api}() works in worker processes: call it from a "
-                           "worker_start hook or from code running in a worker")
+        timer_interval(api, ms)
+        raise RuntimeError(f"{api}() works in workers and task workers: call it from a "
+                           "worker_start or task_worker_start hook, or from code running there")
 
     def spawn_coroutine(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Runs a coroutine a hook or a timer returned on this process's loop."""
         if self.loop is None:
             coro.close()
-            raise RuntimeError("coroutine hooks and timers run in worker processes only")
+            raise RuntimeError("coroutine hooks and timers run in workers and task workers only")
         task = self.loop.create_task(coro)
         task.add_done_callback(_log_task_failure)
 
@@ -191,8 +200,9 @@ class Outside(Role):
         if queue is None:
             return super().deliver(name, method, params, type, timeout, callback, dst_worker_id)
         check_type(type)
-        return queue.deliver(name, method, pack_task(name, method, params, type, 0), type,
-                             check_timeout(timeout), dst_worker_id)
+        body = pack_task(name, method, params, type, 0,
+                         deadline_after(timeout) if type == TYPE_CO else None)
+        return queue.deliver(name, method, body, type, check_timeout(timeout), dst_worker_id)
 
 
 class MasterRole(Role):
@@ -271,6 +281,13 @@ class ChildRole(Role):
                 raise ServerNotRunning(f"{api}: the server this process belonged to has stopped")
             self._master_checked = now
         return mailbox
+
+
+def timer_interval(api: str, ms: float) -> float:
+    """A timer's interval in seconds, or ValueError when ``ms`` is not a positive number."""
+    if not isinstance(ms, (int, float)) or ms <= 0:
+        raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+    return ms / 1000.0
 
 
 _current: Role = Outside()

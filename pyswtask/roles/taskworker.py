@@ -1,13 +1,17 @@
-"""The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously.
+"""The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously (with
+``task_enable_coroutine``, ``async def`` ones as coroutines, many at once).
 
 It reads tasks from every worker's channel (and from the message queue, on a thread, when the
 server has one), runs each through the executor and writes the result back. It delivers
 nothing itself: waiting on another task from inside a task can deadlock the pool. The loop is
 the core's; this role only sets it up (signals, queue reader thread, executor) and reports.
+Its asyncio loop (``slices``) exists once a timer is started here or with
+``task_enable_coroutine``; it runs between tasks. ``Task.current()`` is answered here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -15,13 +19,15 @@ import threading
 from typing import Any
 
 from .._core import Dispatcher, Mailbox, QueueReader, TaskLoop
-from ..errors import DeliveryError
+from ..context import TaskContext, context_from_wire
+from ..errors import DeliveryError, NoTaskRunning
 from ..events import Event, events
-from ..executor import TaskExecutor
+from ..executor import TaskExecutor, running_task
 from ..transport import control
 from ..transport.msgqueue import ReplySender
 from ..transport.pipe import dispatch_messages
-from .base import ChildRole
+from .base import ChildRole, timer_interval
+from .slices import Slices
 
 __all__ = ["TaskWorker"]
 
@@ -31,6 +37,8 @@ log = logging.getLogger("pyswtask.task_worker")
 class TaskWorker(ChildRole):
     kind = "task worker"
 
+    slices: Slices | None = None
+
     def setup(self, mailbox: Mailbox) -> None:
         server = self.server
         # The loop learns of SIGTERM through this pipe; the handler itself does nothing, so a
@@ -39,7 +47,7 @@ class TaskWorker(ChildRole):
         signal.signal(signal.SIGTERM, _ignore)
         signal.signal(signal.SIGUSR1, _ignore)
         signal.set_wakeup_fd(wfd)
-        executor = TaskExecutor(events)
+        executor = self.executor = TaskExecutor(events)
         self.queue = self._queue_options()
         self.task_loop = TaskLoop(
             self.worker_id, self.index, self.ipc.task_fds, self.ipc.busy, rfd,
@@ -50,6 +58,20 @@ class TaskWorker(ChildRole):
         if server.stats_segment is not None:
             self.task_loop.count_into(*server.stats_segment.task_worker_counting(
                 self.index, self.worker_id))
+        if server.settings["task_enable_coroutine"]:
+            executor.run_concurrently(self._slices().loop, self.task_loop,
+                                      server.settings["task_max_concurrency"])
+
+    def _slices(self) -> Slices:
+        """This task worker's asyncio loop, made and attached to the task loop on first use."""
+        if self.slices is None:
+            settings = self.server.settings
+            self.slices = Slices()
+            self.slices.attach(self.task_loop, settings["task_max_concurrency"]
+                               if settings["task_enable_coroutine"] else 0)
+            self.loop = self.slices.loop
+            self.executor.use_loop(self.loop)
+        return self.slices
 
     def run(self) -> int:
         server = self.server
@@ -57,6 +79,13 @@ class TaskWorker(ChildRole):
         events.trigger(Event.TASK_WORKER_START, server, self.worker_id)
         control.announce_ready(self.send_message, server.master_id, os.getpid())
         self.task_loop.run(server.settings["max_wait_time"])
+        if self.slices is not None:
+            for handle in self.timers.values():
+                handle.cancel()
+            self.timers.clear()
+            # Coroutine tasks still running fail for their callers instead of vanishing.
+            self.slices.close(1.0)
+            self.task_loop.flush()
         reader = self.queue.get("reader")
         if reader is not None:
             if reader.error:
@@ -91,6 +120,17 @@ class TaskWorker(ChildRole):
 
         return {"reader": reader, "queue_fd": wake_fd, "on_reply": replies.send,
                 "on_stopping": on_stopping}
+
+    def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
+        interval = timer_interval(api, ms)
+        return self._slices().loop, interval
+
+    def task_context(self) -> TaskContext:
+        raw = running_task.get() or self.task_loop.current()
+        if raw is None:
+            raise NoTaskRunning("Task.current() works inside a task method: this task worker "
+                                "runs none now (a hook, timer or listener runs between tasks)")
+        return context_from_wire(raw[0], raw[1], raw[2], raw[3], raw[4], self.worker_id)
 
     def task_dispatcher(self, api: str) -> Dispatcher:
         raise DeliveryError(f"{api} cannot be called from a task worker: task workers run one "

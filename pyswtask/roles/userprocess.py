@@ -19,10 +19,11 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .._core import Mailbox
+from ..envelope import ORIGIN_USER_PROCESS
 from ..events import Event, events
 from ..process import ProcessSpec
 from ..transport.pipe import dispatch_messages
-from ..transport.relay import PIPE_TASKS, RelayClient
+from ..transport.relay import PIPE_TASKS, RelayClient, pack_tasks
 from .base import ChildRole, FinishCallback, ServerHandle
 
 if TYPE_CHECKING:
@@ -138,11 +139,12 @@ class UserProcess(ChildRole):
         return self.relay.deliver(name, method, params, timeout, worker_id, type, callback)
 
     def deliver_many_by_process(self, calls: list[tuple[str, str, Sequence[Any]]],
-                                worker_id: int = -1, timeout: float = 3.0) -> None:
+                                worker_id: int = -1, timeout: float = 3.0,
+                                origin_role: int = ORIGIN_USER_PROCESS) -> None:
         self.checked_mailbox("deliver_many_by_process")
         if worker_id == -1:
             worker_id = self.relay.least_loaded()
-        self.send_message([list(c) for c in calls], worker_id, PIPE_TASKS, timeout)
+        self.send_message(pack_tasks(calls, origin_role), worker_id, PIPE_TASKS, timeout)
 
     def _send(self, mailbox: Mailbox, dst: int, body: bytes, timeout: float) -> None:
         # Behind whatever ASYNC deliveries are queued, and never beside the flusher thread.

@@ -22,13 +22,22 @@ from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .._core import TIMEOUT, Dispatcher, Mailbox, QueueChannel
-from ..envelope import TYPE_ASYNC, TYPE_CO, check_timeout, check_type, pack_call, pack_task
+from ..context import TaskOrigin
+from ..envelope import (
+    TYPE_ASYNC,
+    TYPE_CO,
+    check_timeout,
+    check_type,
+    deadline_after,
+    pack_call,
+    pack_task,
+)
 from ..errors import DeliveryError, TaskError, TaskTimeout, TaskWorkerLost
 from ..events import Event, events
 from ..transport import control, relay
 from ..transport.msgqueue import IpcMode
 from ..transport.pipe import dispatch_messages
-from .base import EXIT_BOOT_ERROR, ChildRole, FinishCallback
+from .base import EXIT_BOOT_ERROR, ChildRole, FinishCallback, timer_interval
 
 if TYPE_CHECKING:
     from ..http.embed import WorkerHttp
@@ -44,6 +53,7 @@ class Worker(ChildRole):
 
     dispatcher: Dispatcher | None = None
     http: WorkerHttp | None = None
+    origin: TaskOrigin
 
     def setup(self, mailbox: Mailbox) -> None:
         settings = self.server.settings
@@ -51,8 +61,10 @@ class Worker(ChildRole):
         loop = self.loop = _new_event_loop(settings["event_loop"])
         asyncio.set_event_loop(loop)
         if self.ipc.task_fds:
+            # FINISH_TASK's origin for this worker's own deliveries (a relayed one names its own).
+            self.origin = TaskOrigin(os.getpid(), "worker")
             dispatcher = Dispatcher(
-                self.worker_id, self.ipc.task_fds, self.ipc.busy, on_finish=fire_finish,
+                self.worker_id, self.ipc.task_fds, self.ipc.busy, on_finish=self._finish,
                 make_error=TaskError.from_wire, make_lost=self._lost,
                 on_protocol_error=log.error, epoch=os.getpid(),
                 spin=settings["task_wait_spin"], load=self.ipc.load, outs=self._queue_outs(),
@@ -161,12 +173,15 @@ class Worker(ChildRole):
     def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
                 callback: FinishCallback | None, dst_worker_id: int) -> Any:
         dispatcher = self.task_dispatcher("Task.deliver")
-        body = pack_task(name, method, params, type, self.package_max_length)
         if type == TYPE_ASYNC:
+            body = pack_task(name, method, params, type, self.package_max_length)
             return dispatcher.submit(body, dst_worker_id, callback)
         check_type(type)
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
-        result = dispatcher.call(body, dst_worker_id, check_timeout(timeout))
+        seconds = check_timeout(timeout)
+        body = pack_task(name, method, params, type, self.package_max_length,
+                         time.time() + seconds)
+        result = dispatcher.call(body, dst_worker_id, seconds)
         if result is TIMEOUT:
             self._count("timed_out")
             raise TaskTimeout.after(f"task {name}.{method}", timeout)
@@ -178,7 +193,7 @@ class Worker(ChildRole):
                       dst_worker_id: int) -> list[Any]:
         dispatcher = self.task_dispatcher("Task.deliver_batch")
         _refuse_in_coroutine("Task.deliver_batch", "await Task.co_batch(...)")
-        bodies = self._pack_calls(calls)
+        bodies = self._pack_calls(calls, timeout)
         results = dispatcher.call_many(bodies, dst_worker_id, check_timeout(timeout))
         for i, result in enumerate(results):
             if result is TIMEOUT:
@@ -189,7 +204,8 @@ class Worker(ChildRole):
     async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
                  dst_worker_id: int) -> Any:
         dispatcher = self.task_dispatcher("Task.co")
-        body = pack_task(name, method, params, TYPE_CO, self.package_max_length)
+        body = pack_task(name, method, params, TYPE_CO, self.package_max_length,
+                         deadline_after(timeout))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         task_id = dispatcher.submit_future(body, dst_worker_id, future)
@@ -207,7 +223,7 @@ class Worker(ChildRole):
     async def co_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
                        dst_worker_id: int) -> list[Any]:
         dispatcher = self.task_dispatcher("Task.co_batch")
-        bodies = self._pack_calls(calls)
+        bodies = self._pack_calls(calls, timeout)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in bodies]
         ids = [dispatcher.submit_future(body, dst_worker_id, fut)
@@ -236,9 +252,10 @@ class Worker(ChildRole):
         self._count("lost")
         return TaskWorkerLost.lost(message)
 
-    def _pack_calls(self, calls: Iterable[Sequence[Any]]) -> list[bytes]:
+    def _pack_calls(self, calls: Iterable[Sequence[Any]], timeout: float) -> list[bytes]:
         limit = self.package_max_length
-        return [pack_call(call, i, limit) for i, call in enumerate(calls)]
+        deadline = deadline_after(timeout)
+        return [pack_call(call, i, limit, deadline) for i, call in enumerate(calls)]
 
     def deliver_by_process(self, name: str, method: str, params: Sequence[Any], timeout: float,
                            worker_id: int, type: int, callback: FinishCallback | None) -> Any:
@@ -252,9 +269,25 @@ class Worker(ChildRole):
             relay.handle_message(mtype, data, src, self._deliver_for, self.send_message)
         return False
 
-    def _deliver_for(self, name: str, method: str, params: Any,
-                     callback: FinishCallback | None) -> Any:
-        return self.deliver(name, method, params, TYPE_ASYNC, 3.0, callback, -1)
+    def _deliver_for(self, name: str, method: str, params: Any, relayed: relay.Relayed,
+                     deadline: float | None) -> Any:
+        """ASYNC on a user process's (or the crontab's) behalf: the envelope names it as the
+        origin, with its CO deadline, and FINISH_TASK gets its origin from ``relayed``."""
+        dispatcher = self.task_dispatcher("Task.deliver")
+        body = pack_task(name, method, params, TYPE_ASYNC if deadline is None else TYPE_CO,
+                         self.package_max_length, deadline, relayed.wire)
+        return dispatcher.submit(body, -1, relayed)
+
+    def _finish(self, task_id: int, result: Any, callback: FinishCallback | None) -> None:
+        """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""
+        if events.has_listeners(Event.FINISH_TASK):
+            origin = callback.origin if type(callback) is relay.Relayed else self.origin
+            events.trigger(Event.FINISH_TASK, None, task_id, result, origin=origin)
+        if callback is not None:
+            try:
+                callback(task_id, result)
+            except Exception:
+                task_log.exception("finish callback %r of task %d failed", callback, task_id)
 
     # -- pipe messages and timers ---------------------------------------------------------------
 
@@ -279,21 +312,9 @@ class Worker(ChildRole):
         loop.add_writer(fd, writable)
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
-        if not isinstance(ms, (int, float)) or ms <= 0:
-            raise ValueError(f"{api}() needs a positive number of milliseconds, not {ms!r}")
+        interval = timer_interval(api, ms)
         assert self.loop is not None
-        return self.loop, ms / 1000.0
-
-
-def fire_finish(task_id: int, result: Any, callback: FinishCallback | None) -> None:
-    """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""
-    if events.has_listeners(Event.FINISH_TASK):
-        events.trigger(Event.FINISH_TASK, None, task_id, result)
-    if callback is not None:
-        try:
-            callback(task_id, result)
-        except Exception:
-            task_log.exception("finish callback %r of task %d failed", callback, task_id)
+        return self.loop, interval
 
 
 def _refuse_in_coroutine(api: str, instead: str) -> None:

@@ -1,10 +1,13 @@
 """The relay: tasks a user process delivers through a worker (Swoft's deliverByProcess).
 
 A user process has no channel to the task workers. It sends a pipe message of type ``"task"``
-(``[request id, name, method, params, wants reply]``) or ``"tasks"`` (many fire-and-forget
-calls, the crontab's) to a worker; the worker delivers each call ASYNC on the process's behalf
-and, when asked, sends the outcome back as a ``"task.result"`` message
-(``[request id, ok, value or [type, message, traceback]]``).
+(``[request id, name, method, params, wants reply, deadline, pid, origin role]``; the deadline
+is a CO delivery's, else nil) or ``"tasks"`` (many fire-and-forget calls, the crontab's:
+``[pid, origin role, [[name, method, params], ...]]``) to a worker; the worker delivers each
+call ASYNC on the process's behalf, naming the process as the task's origin, and, when asked,
+sends the outcome back as a ``"task.result"`` message
+(``[request id, ok, value or [type, message, traceback]]``). These messages never leave one
+server, whose processes all run the same code: their form has no version.
 
 Both ends live here: ``RelayClient`` in the user process, ``handle_message`` in the worker.
 This module knows pipe messages and the envelope checks; it does not know roles: the worker
@@ -15,16 +18,28 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
 from .._core import Mailbox, brief_repr
-from ..envelope import TYPE_ASYNC, TYPE_CO, check_length, check_type, params_error
+from ..context import TaskOrigin
+from ..envelope import (
+    ORIGIN_NAMES,
+    ORIGIN_USER_PROCESS,
+    TYPE_ASYNC,
+    TYPE_CO,
+    check_length,
+    check_type,
+    deadline_after,
+    params_error,
+)
 from ..errors import TaskError, TaskTimeout
 from .pipe import dispatch_messages, pack_raw
 from .writebehind import WriteBehind
 
-__all__ = ["PIPE_TASK", "PIPE_TASKS", "PIPE_TASK_RESULT", "RelayClient", "handle_message"]
+__all__ = ["PIPE_TASK", "PIPE_TASKS", "PIPE_TASK_RESULT", "RelayClient", "Relayed",
+           "handle_message", "pack_tasks"]
 
 log = logging.getLogger("pyswtask.pipe")
 
@@ -48,7 +63,7 @@ class RelayClient:
     """
 
     __slots__ = ("mailbox", "worker_num", "load", "limit", "target", "ids", "callbacks",
-                 "backlog", "behind", "_left")
+                 "backlog", "behind", "_left", "pid")
 
     def __init__(self, mailbox: Mailbox, worker_num: int = 0, load: memoryview | None = None,
                  limit: int = 0, target: Any = None) -> None:
@@ -57,6 +72,7 @@ class RelayClient:
         self.load = load                        # uint32 per worker: its tasks without a result
         self.limit = limit                      # package_max_length
         self.target = target                    # the server, for PIPE_MESSAGE
+        self.pid = os.getpid()                  # the origin of what it delivers
         self.ids = itertools.count(1)
         self.callbacks: dict[int, Callback | None] = {}
         # Messages that arrived while a CO delivery waited; dispatched by the next read.
@@ -115,7 +131,9 @@ class RelayClient:
         wants_reply = type == TYPE_CO or callback is not None
         req_id = next(self.ids)
         try:
-            body = pack_raw(PIPE_TASK, (req_id, name, method, params, wants_reply))
+            body = pack_raw(PIPE_TASK, (req_id, name, method, params, wants_reply,
+                                        deadline_after(timeout) if type == TYPE_CO else None,
+                                        self.pid, ORIGIN_USER_PROCESS))
         except (TypeError, ValueError, OverflowError) as exc:
             raise params_error(name, method, params, exc) from None
         check_length(f"params of {name}.{method} pack", len(body), self.limit)
@@ -184,46 +202,74 @@ def _task_reply(data: Any) -> tuple[int, bool, Any] | None:
     return None
 
 
+def pack_tasks(calls: Sequence[Sequence[Any]], role: int) -> list[Any]:
+    """The data of a "tasks" message from this process, whose role is ``role`` (ORIGIN_*)."""
+    return [os.getpid(), role, [list(c) for c in calls]]
+
+
 # -- the worker's side ------------------------------------------------------------------------
 
-Deliver = Callable[[str, str, Any, "Callback | None"], Any]
+
+class Relayed:
+    """The finish callback of a task a worker delivers for a process: the origin FINISH_TASK
+    listeners see, and the reply the process asked for, if it did."""
+
+    __slots__ = ("origin", "wire", "reply")
+
+    def __init__(self, pid: int, role: int, reply: Callback | None = None) -> None:
+        self.origin = TaskOrigin(pid, ORIGIN_NAMES.get(role, "user_process"))
+        self.wire = (pid, role)                 # the envelope's origin fields
+        self.reply = reply
+
+    def __call__(self, task_id: int, result: Any) -> None:
+        if self.reply is not None:
+            self.reply(task_id, result)
+
+
+# deliver(name, method, params, relayed, deadline): ASYNC on the process's behalf.
+Deliver = Callable[[str, str, Any, Relayed, "float | None"], Any]
 Send = Callable[[Any, int, str], None]
 
 
 def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send) -> None:
     """In a worker: delivers the task(s) of a "task" / "tasks" message from process ``src``
-    with ``deliver(name, method, params, callback)`` (ASYNC), and sends outcomes back with
-    ``send(data, dst, type)`` when the process asked for them. Other types are not its."""
+    with ``deliver(name, method, params, relayed, deadline)`` (ASYNC), and sends outcomes back
+    with ``send(data, dst, type)`` when the process asked for them. Other types are not its."""
     if mtype == PIPE_TASKS:
         _deliver_many(data, src, deliver)
         return
     if mtype != PIPE_TASK:
         return
     try:
-        req_id, name, method, params, reply = data
+        req_id, name, method, params, reply, deadline, pid, role = data
+        if (deadline is not None and type(deadline) is not float or type(pid) is not int
+                or type(role) is not int):
+            raise ValueError
     except (TypeError, ValueError):
         log.error("malformed task message from process %d dropped: %s", src, brief_repr(data))
         return
-    callback = None
+    answer = None
     if reply:
-        def callback(task_id: int, result: Any) -> None:
+        def answer(task_id: int, result: Any) -> None:
             _reply(send, src, req_id, result)
     try:
-        deliver(name, method, params, callback)
+        deliver(name, method, params, Relayed(pid, role, answer), deadline)
     except Exception as exc:
         log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
         if reply:
             _reply(send, src, req_id, TaskError(type(exc).__name__, str(exc)))
 
 
-def _deliver_many(calls: Any, src: int, deliver: Deliver) -> None:
-    if not isinstance(calls, list):
-        log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(calls))
+def _deliver_many(data: Any, src: int, deliver: Deliver) -> None:
+    if not (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
+            and type(data[1]) is int and isinstance(data[2], list)):
+        log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(data))
         return
-    for call in calls:
+    relayed = Relayed(data[0], data[1])
+    for call in data[2]:
         try:
             name, method, params = call
-            deliver(name, method, params, None)
+            deliver(name, method, params, relayed, None)
         except Exception as exc:
             log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
 
