@@ -20,7 +20,7 @@ It must not know the server: the master creates a server's tables through ``crea
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 import sysv_ipc  # type: ignore[import-not-found]
 
@@ -93,6 +93,7 @@ class Table(SharedTable):
         self._segment: Any = None
         self._view: memoryview | None = None
         self._owner = False
+        self.server_key: int | None = None     # set by Server.table(..., key=)
         self._set_name(name)
         for column, spec in (columns or {}).items():
             if isinstance(spec, tuple):
@@ -221,6 +222,7 @@ class Table(SharedTable):
         table._segment = segment
         table._view = view
         table._owner = False
+        table.server_key = None
         return table
 
     def _adopt(self, segment: Any, create: bool) -> None:
@@ -274,7 +276,7 @@ class Table(SharedTable):
 
     # -- numpy ----------------------------------------------------------------------------------
 
-    def column_view(self, column: str) -> np.ndarray:
+    def column_view(self, column: str) -> np.ndarray[Any, np.dtype[Any]]:
         """A read-only numpy view (no copy) of an int or float column over every row slot
         (``size`` of them, in slot order, not key order): free slots read 0, so sums and
         maxima of counters need no mask; ``used_mask()`` tells which slots hold a key. Reads
@@ -295,7 +297,7 @@ class Table(SharedTable):
         arr.flags.writeable = False
         return arr
 
-    def used_mask(self) -> np.ndarray:
+    def used_mask(self) -> np.ndarray[Any, np.dtype[Any]]:
         """A bool array (a copy) over the row slots: True where a slot holds a key."""
         import numpy
 
@@ -311,6 +313,3 @@ class Table(SharedTable):
 
     def _columns_laid(self) -> list[tuple[str, int, int, int, int]]:
         return list(self._layout_columns())
-
-    if TYPE_CHECKING:
-        def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]: ...

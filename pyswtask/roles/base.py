@@ -60,6 +60,7 @@ class ServerHandle(Protocol):
     queue: ServerQueue | None
     crontab: Any
     http: HttpService | None        # the app and the listening sockets, when it serves HTTP
+    tables: dict[str, Any]          # name -> pyswtask.Table, created by the master
 
     @property
     def worker_id(self) -> int: ...
