@@ -1,20 +1,20 @@
-"""Shared-memory table operations from their own language: pyswtask's cron tables from Python
-against Swoole\\Table from PHP (perf/swoole/table.php).
+"""Shared-memory table operations from their own language: pyswtask.Table from Python against
+Swoole\\Table from PHP (perf/swoole/table.php), the same shape on both sides.
 
     python perf/bench_table.py [--quick] [--runs N] [--ops N]
 
-pyswtask has no general-purpose table (no Swoole\\Table equivalent with string keys and
-user-defined columns): its shared-memory tables are the crontab's OriginTable and RunTable
-(pyswtask/core/crontable.pyx), fixed-width records in SysV shared memory behind a process-shared
-robust mutex, addressed by row index. This measures what their API offers, 1,024 used rows
-(in tables of 2,048, as table.php sizes Swoole's), cycling over the rows:
+Both tables have room for 2,048 rows, an int column ``i`` and a 32-byte string column ``s``;
+1,024 string keys (``row0`` ...) are cycled over, each operation hashing its key:
 
-- table_set:  RunTable.set_status(row, RUNNING, when): one row's status and timestamp, locked;
-- table_get:  RunTable.get(row): the whole row, locked, as a dict (strings decoded); also,
-  not compared, a lock-free read of one field through the live numpy view (to_numpy());
-- table_incr: OriginTable.begin(job): the job's in-flight counter + 1, locked.
+- table_set:  ``table.set(key, {"i": i, "s": s32})`` (Swoole: ``$table->set($key, [...])``);
+- table_get:  ``table.get(key)`` -> the whole row as a dict (Swoole: an array);
+- table_incr: ``table.incr(key, "i", 1)``, atomic.
 
-Swoole's side: set($key, [int, 32-byte string]), get($key), incr($key, 'i', 1) on string keys.
+Also measured, not compared (``ours: false``): the crontab's own tables (pyswtask/core/
+crontable.pyx), fixed-width records addressed by row index behind one robust mutex:
+RunTable.set_status, RunTable.get and OriginTable.begin, and a lock-free read of one field
+through a numpy view, for Table (``column_view``) and the RunTable (``to_numpy``).
+
 Prints one JSON line per result (medians over interleaved rounds), then one per ratio.
 """
 
@@ -41,12 +41,63 @@ def _shm(size: int) -> Any:
 
 
 def pyswtask_table(ops: int, rows: int = ROWS) -> list[dict[str, Any]]:
-    """The three operations on fresh tables in SysV shared memory (removed afterwards)."""
-    from pyswtask._core import OriginTable, RunStatus, RunTable
+    """pyswtask.Table's three operations (the compared rows), then the cron tables'."""
+    from pyswtask import Table
 
     mask = rows - 1
     if rows & mask:
         raise ValueError("rows must be a power of two")
+    size = 2 * rows
+    clock = time.perf_counter
+    out = []
+    extras = {"ops": ops, "rows": rows, "table_size": size}
+    keys = [f"row{k}" for k in range(rows)]
+    s32 = "s" * 32
+    with Table(size, {"i": int, "s": (str, 32)}, name="bench").create() as table:
+        set_ = table.set
+        t = clock()
+        for i in range(ops):
+            set_(keys[i & mask], {"i": i, "s": s32})
+        elapsed = clock() - t
+        ok = len(table) == rows and table.get(keys[(ops - 1) & mask]) == {"i": ops - 1, "s": s32}
+        out.append(_summary_row("table_set", "pyswtask", ops / elapsed, extras, elapsed, ok,
+                                op='Table.set(key, {"i": i, "s": s32})'))
+
+        get = table.get
+        t = clock()
+        for i in range(ops):
+            row = get(keys[i & mask])
+        elapsed = clock() - t
+        out.append(_summary_row("table_get", "pyswtask", ops / elapsed, extras, elapsed,
+                                row is not None and row["s"] == s32, op="Table.get(key) -> dict"))
+
+        view = table.column_view("i")
+        t = clock()
+        for i in range(ops):
+            value = view[i & mask]
+        elapsed = clock() - t
+        out.append(_summary_row("table_get", "pyswtask (Table.column_view, no lock)",
+                                ops / elapsed, extras, elapsed, value is not None, ours=False,
+                                op="Table.column_view('i')[slot]"))
+        del view
+
+        before = int(table.column_view("i").sum())
+        incr = table.incr
+        t = clock()
+        for i in range(ops):
+            incr(keys[i & mask], "i", 1)
+        elapsed = clock() - t
+        after = int(table.column_view("i").sum())
+        out.append(_summary_row("table_incr", "pyswtask", ops / elapsed, extras, elapsed,
+                                after - before == ops, op='Table.incr(key, "i", 1)'))
+    return out + cron_tables(ops, rows)
+
+
+def cron_tables(ops: int, rows: int = ROWS) -> list[dict[str, Any]]:
+    """The crontab's tables, addressed by row index: reported, not compared."""
+    from pyswtask._core import OriginTable, RunStatus, RunTable
+
+    mask = rows - 1
     capacity = 2 * rows
     segments = [_shm(RunTable.nbytes(capacity)), _shm(OriginTable.nbytes(capacity))]
     clock = time.perf_counter
@@ -67,7 +118,8 @@ def pyswtask_table(ops: int, rows: int = ROWS) -> list[dict[str, Any]]:
         elapsed = clock() - t
         ok = runs.get(mask)["status"] == running and runs.get(mask)["started_at"] == 1.5
         out.append(_summary_row("table_set", "pyswtask (cron RunTable)", ops / elapsed, extras,
-                                elapsed, ok, op="RunTable.set_status(row, RUNNING, when)"))
+                                elapsed, ok, ours=False,
+                                op="RunTable.set_status(row, RUNNING, when)"))
 
         get = runs.get
         t = clock()
@@ -75,7 +127,8 @@ def pyswtask_table(ops: int, rows: int = ROWS) -> list[dict[str, Any]]:
             row = get(i & mask)
         elapsed = clock() - t
         out.append(_summary_row("table_get", "pyswtask (cron RunTable)", ops / elapsed, extras,
-                                elapsed, row["method"] == "echo", op="RunTable.get(row) -> dict"))
+                                elapsed, row["method"] == "echo", ours=False,
+                                op="RunTable.get(row) -> dict"))
 
         status = runs.to_numpy()["status"]
         t = clock()
@@ -93,7 +146,8 @@ def pyswtask_table(ops: int, rows: int = ROWS) -> list[dict[str, Any]]:
         elapsed = clock() - t
         total = int(origin.to_numpy()["inflight"].sum())
         out.append(_summary_row("table_incr", "pyswtask (cron OriginTable)", ops / elapsed, extras,
-                                elapsed, total == ops, op="OriginTable.begin(job): inflight + 1"))
+                                elapsed, total == ops, ours=False,
+                                op="OriginTable.begin(job): inflight + 1"))
         del runs, origin, status
     finally:
         for shm in segments:

@@ -64,6 +64,8 @@ cdef struct STableRowHead:
     uint8_t reserved
 
 
+# Final methods: called directly, not through the vtable (Table subclasses it in Python
+# and overrides none of them).
 cdef class SharedTable:
     cdef object _buf                # the segment's buffer: keeps the mapping alive
     cdef char *base
@@ -82,15 +84,27 @@ cdef class SharedTable:
     cdef str table_name
     cdef public double lock_timeout
 
+    @cython.final
     cdef int bound(self) except -1
+    @cython.final
     cdef const char *key_of(self, object key, Py_ssize_t *n) except NULL
+    @cython.final
     cdef int column_of(self, object column) except -1
+    @cython.final
     cdef int lock(self, uint32_t *word) except -1
+    @cython.final
     cdef int lock_slow(self, uint32_t *word) except -1
+    @cython.final
     cdef char *row(self, uint32_t i) noexcept nogil
+    @cython.final
     cdef char *find(self, STableBucket *b, uint32_t h, const char *k, Py_ssize_t n) noexcept nogil
+    @cython.final
     cdef char *insert(self, STableBucket *b, uint32_t h, const char *k, Py_ssize_t n) except? NULL
+    @cython.final
     cdef int release_row(self, uint32_t i) except -1
+    @cython.final
     cdef object decode(self, const char *data, uint32_t c)
+    @cython.final
     cdef dict row_dict(self, const char *data)
+    @cython.final
     cdef int full(self) except -1

@@ -46,6 +46,9 @@ from .includes.python cimport (PyObject, PyBytes_AS_STRING, PyBytes_FromStringAn
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
     bint PyUnicode_CheckExact(object o)
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    void *PyUnicode_DATA(object o)
     bint PyLong_Check(object o)
     bint PyFloat_CheckExact(object o)
     double PyFloat_AS_DOUBLE(object o)
@@ -234,6 +237,7 @@ cdef class SharedTable:
         self.base = NULL
         self._buf = None
 
+    @cython.final
     cdef int bound(self) except -1:
         if self.hdr == NULL:
             raise RuntimeError(f"table {self.table_name!r} is not created: declare it with "
@@ -242,19 +246,24 @@ cdef class SharedTable:
 
     # -- internals ------------------------------------------------------------------------------
 
+    @cython.final
     cdef const char *key_of(self, object key, Py_ssize_t *n) except NULL:
         cdef const char *k
-        if not PyUnicode_CheckExact(key):
-            if isinstance(key, str):
-                key = str(key)
-            else:
-                raise TypeError(f"table keys are str, not {type(key).__name__}")
+        if PyUnicode_CheckExact(key) and PyUnicode_IS_COMPACT_ASCII(key):
+            # An ASCII str is its own UTF-8: read it in place, without a call.
+            n[0] = PyUnicode_GET_LENGTH(key)
+            k = <const char *>PyUnicode_DATA(key)
+            if n[0] <= <Py_ssize_t>self.key_width:
+                return k
+        elif not isinstance(key, str):
+            raise TypeError(f"table keys are str, not {type(key).__name__}")
         k = PyUnicode_AsUTF8AndSize(key, n)
         if n[0] > <Py_ssize_t>self.key_width:
             raise ValueError(f"key is {n[0]} bytes, longer than table {self.table_name!r}'s key "
                              f"width ({self.key_width} bytes): {key!r:.80}")
         return k
 
+    @cython.final
     cdef int column_of(self, object column) except -1:
         i = self.col_index.get(column)
         if i is None:
@@ -262,9 +271,11 @@ cdef class SharedTable:
                            f"{', '.join(self.col_names)})")
         return i
 
+    @cython.final
     cdef int lock(self, uint32_t *word) except -1:
         return _lock(self, word)
 
+    @cython.final
     cdef int lock_slow(self, uint32_t *w) except -1:
         cdef uint32_t owner, seen = 0
         cdef int i, rounds = 0
@@ -301,9 +312,11 @@ cdef class SharedTable:
                 raise TimeoutError(f"table {self.table_name!r}: a lock has been held by pid "
                                    f"{owner} for more than {self.lock_timeout:g} s")
 
+    @cython.final
     cdef char *row(self, uint32_t i) noexcept nogil:
         return self.rows + <size_t>(i - 1) * self.row_size
 
+    @cython.final
     cdef char *find(self, STableBucket *b, uint32_t h, const char *k,
                     Py_ssize_t n) noexcept nogil:
         cdef uint32_t i = b.head
@@ -317,6 +330,7 @@ cdef class SharedTable:
             i = head.next
         return NULL
 
+    @cython.final
     cdef char *insert(self, STableBucket *b, uint32_t h, const char *k,
                       Py_ssize_t n) except? NULL:
         """A new zeroed row for key k, linked first in its chain (the caller holds b's lock);
@@ -344,6 +358,7 @@ cdef class SharedTable:
         pyswt_add32(&self.hdr.used, 1)
         return r
 
+    @cython.final
     cdef int release_row(self, uint32_t i) except -1:
         cdef STableRowHead *head = <STableRowHead *>self.row(i)
         head.used = 0
@@ -354,9 +369,11 @@ cdef class SharedTable:
         _unlock(&self.hdr.free_lock)
         return 0
 
+    @cython.final
     cdef int full(self) except -1:
         raise TableFull(f"table {self.table_name!r} is full ({self.hdr.capacity} rows)")
 
+    @cython.final
     cdef object decode(self, const char *data, uint32_t c):
         # data: a copy of the row's columns (from data_offset)
         cdef STableColumn *col = &self.cols[c]
@@ -373,6 +390,7 @@ cdef class SharedTable:
             return PyUnicode_DecodeUTF8(p + 4, n, "replace")
         return PyBytes_FromStringAndSize(p + 4, n)
 
+    @cython.final
     cdef dict row_dict(self, const char *data):
         cdef dict d = {}
         cdef uint32_t c
@@ -428,7 +446,7 @@ cdef class SharedTable:
         cdef Py_ssize_t n, vn, pos = 0
         cdef const char *k
         cdef const char *v
-        cdef uint32_t h, c, width
+        cdef uint32_t h, c, hint = 0
         cdef uint64_t present = 0
         cdef STableBucket *b
         cdef STableColumn *col
@@ -453,7 +471,13 @@ cdef class SharedTable:
                 raise MemoryError()
         try:
             while PyDict_Next(values, &pos, &ko, &vo):
-                c = self.column_of(<object>ko)
+                # Rows are usually given in column order, with the interned names the column
+                # declarations used: try the next column by identity before hashing.
+                if hint < self.ncols and <PyObject *>self.col_names[hint] == ko:
+                    c = hint
+                else:
+                    c = self.column_of(<object>ko)
+                hint = c + 1
                 col = &self.cols[c]
                 p = data + col.offset - self.data_offset
                 value = <object>vo
