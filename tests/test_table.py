@@ -393,7 +393,7 @@ def test_a_server_table_is_shared_by_every_process_and_removed_at_stop(
     assert rec["keys"] == ["hits"] and rec["stats"]["size"] == 128
     assert rec["key"] == sysv.table_key(srv.pid, 0)
     assert rec["key"] not in shm_keys()
-    assert f"table 'hits': 128 rows" in srv.err
+    assert "table 'hits': 128 rows" in srv.err
 
 
 @pytest.mark.timeout(90)
