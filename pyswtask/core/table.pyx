@@ -499,7 +499,11 @@ cdef class SharedTable:
                         if not isinstance(value, str):
                             raise TypeError(f"column {<object>ko!r} holds str, not "
                                             f"{type(value).__name__}")
-                        v = PyUnicode_AsUTF8AndSize(value, &vn)
+                        if PyUnicode_IS_COMPACT_ASCII(value):
+                            vn = PyUnicode_GET_LENGTH(value)
+                            v = <const char *>PyUnicode_DATA(value)
+                        else:
+                            v = PyUnicode_AsUTF8AndSize(value, &vn)
                     else:
                         if not PyBytes_Check(value):
                             if not isinstance(value, (bytearray, memoryview)):
