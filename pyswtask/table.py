@@ -67,7 +67,8 @@ class Table(SharedTable):
     A full table raises ``TableFull`` naming its size; a key longer than ``key_width`` and a
     str or bytes value longer than its column raise ValueError: nothing is truncated. Each
     operation locks the key's bucket for a few memory accesses; a process killed while
-    holding a lock does not block the others (its lock is taken over).
+    holding a lock does not block the others (its lock is taken over). A lock held by a live
+    process for ``lock_timeout`` seconds (30; a stopped process) raises TimeoutError naming it.
     """
 
     TYPE_INT = int

@@ -75,6 +75,7 @@ cdef class SharedTable:
     cdef char *rows
     cdef size_t row_size
     cdef uint32_t mask
+    cdef uint32_t capacity
     cdef uint32_t key_width
     cdef uint32_t ncols
     cdef uint32_t data_offset
@@ -90,8 +91,6 @@ cdef class SharedTable:
     cdef const char *key_of(self, object key, Py_ssize_t *n) except NULL
     @cython.final
     cdef int column_of(self, object column) except -1
-    @cython.final
-    cdef int lock(self, uint32_t *word) except -1
     @cython.final
     cdef int lock_slow(self, uint32_t *word) except -1
     @cython.final

@@ -218,6 +218,7 @@ cdef class SharedTable:
         self.rows = self.base + hdr.rows_offset
         self.row_size = hdr.row_size
         self.mask = hdr.nbuckets - 1
+        self.capacity = hdr.capacity
         self.key_width = hdr.key_width
         self.ncols = hdr.ncolumns
         self.data_offset = hdr.data_offset
@@ -272,10 +273,6 @@ cdef class SharedTable:
         return i
 
     @cython.final
-    cdef int lock(self, uint32_t *word) except -1:
-        return _lock(self, word)
-
-    @cython.final
     cdef int lock_slow(self, uint32_t *w) except -1:
         cdef uint32_t owner, seen = 0
         cdef int i, rounds = 0
@@ -322,7 +319,9 @@ cdef class SharedTable:
         cdef uint32_t i = b.head
         cdef char *r
         cdef STableRowHead *head
-        while i:
+        # A chain is never half linked (a row is filled before it is linked, unlinked before it
+        # is freed); the bound only keeps a corrupted segment from sending a read out of it.
+        while i and i <= self.capacity:
             r = self.row(i)
             head = <STableRowHead *>r
             if head.hash == h and head.key_len == n and memcmp(r + _STABLE_ROW_HEAD, k, n) == 0:
@@ -340,6 +339,8 @@ cdef class SharedTable:
         cdef STableRowHead *head
         _lock(self, &self.hdr.free_lock)
         i = self.hdr.free_head
+        if i > self.capacity:
+            i = 0
         if i:
             self.hdr.free_head = (<STableRowHead *>self.row(i)).next
         _unlock(&self.hdr.free_lock)
@@ -609,7 +610,7 @@ cdef class SharedTable:
         _lock(self, &b.lock)
         try:
             i = b.head
-            while i:
+            while i and i <= self.capacity:
                 r = self.row(i)
                 head = <STableRowHead *>r
                 if head.hash == h and head.key_len == n and \
