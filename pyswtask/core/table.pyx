@@ -266,6 +266,12 @@ cdef class SharedTable:
 
     @cython.final
     cdef int column_of(self, object column) except -1:
+        cdef uint32_t c
+        # Column names in calls are mostly the literals that declared them: interned, the same
+        # objects as col_names. Compare pointers before hashing.
+        for c in range(self.ncols):
+            if <PyObject *>self.col_names[c] == <PyObject *>column:
+                return c
         i = self.col_index.get(column)
         if i is None:
             raise KeyError(f"table {self.table_name!r} has no column {column!r} (columns: "
