@@ -366,9 +366,13 @@ SERVER = '''
         if worker_id == 0:
             for i in range(100):
                 Task.deliver("Count", "add", [1], timeout=10)
-            server.after(300, lambda: report(server))
+            server.after(50, lambda: report(server, time.monotonic() + 20))
 
-    def report(server):
+    def report(server, deadline):
+        # Every process counts its start: wait for all five (a loaded machine is slow to fork).
+        if hits.get("starts", "n") < 5 and time.monotonic() < deadline:
+            server.after(50, lambda: report(server, deadline))
+            return
         emit(event="rows", rows=dict(hits.items()), key=hits.key, keys=list(server.tables),
              stats=hits.stats())
         server.shutdown()
