@@ -22,14 +22,17 @@
 # microseconds yields, then sleeps, and checks whether the holder still lives (kill(pid, 0), and
 # /proc for a zombie): a lock whose holder died is taken over and counted in `recovered`. What
 # the dead holder was writing may be half written (one row), never the chain: a row is filled
-# before it is linked and unlinked before it is freed. Processes that share a table must share
-# a pid namespace.
+# before it is linked and unlinked before it is freed. A lock held by a live process for
+# lock_timeout seconds (a stopped process, or a dead holder's pid already reused) raises
+# TimeoutError rather than wait forever. Processes that share a table must share a pid namespace.
+#
+# incr adds with an atomic instruction although it holds the lock: the numpy views read without
+# one, and must never see half of a value.
 
 import os as _os
 import sys as _sys
 
 from libc.errno cimport errno, ESRCH
-from libc.stdint cimport int32_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.signal cimport kill
 from posix.unistd cimport getpid, usleep
@@ -39,9 +42,9 @@ from .includes.atomic cimport (pyswt_add32, pyswt_add64, pyswt_addf64, pyswt_add
                                pyswt_load32, pyswt_pause, pyswt_store32)
 from .includes.clock cimport monotonic
 from .includes.posix cimport strnlen
-from .includes.python cimport (PyObject, PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
                                PyErr_CheckSignals, PyFloat_FromDouble, PyLong_FromLongLong,
-                               PyUnicode_DecodeUTF8)
+                               PyObject, PyUnicode_DecodeUTF8)
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
