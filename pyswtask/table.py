@@ -6,7 +6,7 @@ attaches by key)::
 
     hits = Table(1024, {"count": int, "avg": float, "name": (str, 32)}, key_width=64)
     hits.create()                         # or: server.table("hits", 1024, {...}) before start()
-    hits.set("home", {"name": "Home"})    # or hits.set("home", name="Home")
+    hits.set("home", {"name": "Home"})    # only the columns given; a new row starts at zero
     hits.incr("home", "count")            # atomic from any process; returns the new value
     hits.get("home")                      # {"count": 1, "avg": 0.0, "name": "Home"}
 
@@ -56,8 +56,8 @@ class Table(SharedTable):
     """A fixed number of rows, each a key (str, at most ``key_width`` UTF-8 bytes) and typed
     columns: ``int`` (int64), ``float`` (float64), ``(str, width)``, ``(bytes, width)``.
 
-    Operations (from any process that has the table): ``set(key, {...})`` or
-    ``set(key, col=value)`` (sets the columns given; a new row starts all zero),
+    Operations (from any process that has the table): ``set(key, {...})`` (sets the
+    columns given; a new row starts all zero), ``table[key] = {...}``,
     ``get(key)`` -> dict or None, ``get(key, column)`` -> value or None,
     ``incr(key, column, by=1)`` / ``decr`` (atomic, on int and float columns; creates the row
     as Swoole does; returns the new value), ``delete(key)`` -> bool, ``exists(key)`` and

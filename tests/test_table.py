@@ -93,7 +93,7 @@ def test_columns_round_trip_with_their_types(table: Table) -> None:
     assert table.get("a", "name") == "héllo"
     assert table.get("a", "blob") == b"\x00\x01\xff"
     # Only the columns given change; a new row starts all zero.
-    table.set("a", hits=-3)
+    table.set("a", dict(hits=-3))
     table.set("b", {"name": "x" * 16})
     assert table.get("a") == {"hits": -3, "avg": 1.25, "name": "héllo", "blob": b"\x00\x01\xff"}
     assert table.get("b") == {"hits": 0, "avg": 0.0, "name": "x" * 16, "blob": b""}
@@ -109,33 +109,35 @@ def test_bad_values_are_refused_naming_the_column_and_nothing_is_written(table: 
     with pytest.raises(TypeError, match="column 'hits' holds int, not str"):
         table.set("k", {"hits": "1"})
     with pytest.raises(TypeError, match="column 'hits' holds int, not float"):
-        table.set("k", hits=1.5)
+        table.set("k", dict(hits=1.5))
     with pytest.raises(TypeError, match="column 'name' holds str, not bytes"):
-        table.set("k", name=b"x")
+        table.set("k", dict(name=b"x"))
     with pytest.raises(TypeError, match="column 'blob' holds bytes, not str"):
-        table.set("k", blob="x")
+        table.set("k", dict(blob="x"))
     with pytest.raises(ValueError, match=r"value of column 'name' is 17 bytes, longer than its "
                                          r"width \(16 bytes\)"):
         table.set("k", {"hits": 5, "name": "y" * 17})
     with pytest.raises(KeyError, match="table 't' has no column 'nope' \\(columns: hits, avg, "
                                        "name, blob\\)"):
-        table.set("k", nope=1)
+        table.set("k", dict(nope=1))
     with pytest.raises(KeyError, match="no column 'nope'"):
         table.get("k", "nope")
     with pytest.raises(TypeError, match="set\\(\\) takes the row as a dict, not list"):
-        table.set("k", [1])
+        table.set("k", [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        table.set("k", hits=1)  # type: ignore[call-arg]
     with pytest.raises(OverflowError):
-        table.set("k", hits=2**63)
+        table.set("k", dict(hits=2**63))
     assert table.get("k") == {"hits": 1, "avg": 0.0, "name": "ok", "blob": b""}
 
 
 def test_a_key_longer_than_the_key_width_is_refused_not_truncated(table: Table) -> None:
-    assert table.set("k" * 16, hits=1)
+    assert table.set("k" * 16, dict(hits=1))
     with pytest.raises(ValueError, match=r"key is 17 bytes, longer than table 't''s key width "
                                          r"\(16 bytes\)"):
-        table.set("k" * 17, hits=1)
+        table.set("k" * 17, dict(hits=1))
     # The width is in UTF-8 bytes: 8 two-byte characters fit, 9 do not.
-    assert table.set("é" * 8, hits=2) and table.get("é" * 8, "hits") == 2
+    assert table.set("é" * 8, dict(hits=2)) and table.get("é" * 8, "hits") == 2
     for op in (lambda: table.get("é" * 9), lambda: table.incr("é" * 9, "hits"),
                lambda: table.delete("é" * 9), lambda: table.exists("é" * 9)):
         with pytest.raises(ValueError, match="key is 18 bytes, longer than"):
@@ -152,18 +154,18 @@ def test_a_full_table_raises_naming_its_size_whatever_the_hashes(size: int) -> N
     # returns false with a warning.)
     with Table(size, {"n": int}, name="small") as t:
         for i in range(size):
-            assert t.set(f"key-{i}", n=i)
+            assert t.set(f"key-{i}", dict(n=i))
         assert len(t) == size
         assert sorted(t.keys()) == sorted(f"key-{i}" for i in range(size))
         with pytest.raises(TableFull, match=rf"table 'small' is full \({size} rows\)"):
-            t.set("one-more", n=1)
+            t.set("one-more", dict(n=1))
         with pytest.raises(TableFull, match=rf"table 'small' is full \({size} rows\)"):
             t.incr("one-more", "n")
         assert "one-more" not in t and len(t) == size
-        t.set("key-3", n=33)                 # rows that exist still change
+        t.set("key-3", dict(n=33))           # rows that exist still change
         assert t.incr("key-3", "n") == 34
         assert t.delete("key-0")
-        t.set("one-more", n=1)               # a freed row is used again
+        t.set("one-more", dict(n=1))         # a freed row is used again
         assert t.get("one-more", "n") == 1 and len(t) == size
         assert t.stats()["refused_full"] == 2
 
@@ -180,7 +182,7 @@ def test_incr_and_decr_are_numeric_and_create_the_row(table: Table) -> None:
         table.incr("n", "name")
     with pytest.raises(TypeError, match="column 'hits' holds int: incr by an int, not float"):
         table.incr("n", "hits", 0.5)
-    table.set("n", hits=2**63 - 1)
+    table.set("n", dict(hits=2**63 - 1))
     assert table.incr("n", "hits") == -2**63          # wraps as int64 does (and Swoole)
     with pytest.raises(OverflowError):
         table.incr("n", "hits", 2**63)
@@ -211,7 +213,7 @@ def test_numpy_views_are_live_and_read_only(table: Table) -> None:
     avg = table.column_view("avg")
     assert hits.shape == (64,) and hits.dtype == np.int64 and avg.dtype == np.float64
     for i in range(10):
-        table.set(f"k{i}", hits=i, avg=i * 0.5)
+        table.set(f"k{i}", dict(hits=i, avg=i * 0.5))
     assert int(hits.sum()) == 45 and float(avg.sum()) == 22.5
     used = table.used_mask()
     assert used.dtype == bool and int(used.sum()) == 10
@@ -244,7 +246,7 @@ def test_declaration_errors_name_what_is_wrong() -> None:
     with pytest.raises(RuntimeError, match="table 'later' is not created"):
         t.get("k")
     with t:
-        t.set("k", n=1, s="abcd")
+        t.set("k", dict(n=1, s="abcd"))
         assert t.get("k") == {"n": 1, "s": "abcd"}
         with pytest.raises(RuntimeError, match="table 'later' is created already"):
             t.column("m", int)
@@ -252,17 +254,17 @@ def test_declaration_errors_name_what_is_wrong() -> None:
         assert key in shm_keys()
     assert key not in shm_keys() and not t.created
     with pytest.raises(RuntimeError, match="not created"):
-        t.set("k", n=2)
+        t.set("k", dict(n=2))
 
 
 def test_a_separate_program_attaches_by_key(table: Table) -> None:
-    table.set("shared", hits=1, name="from parent")
+    table.set("shared", dict(hits=1, name="from parent"))
     code = textwrap.dedent(f"""
         from pyswtask import Table
         t = Table.attach({table.key})
         print(t.name, t.size, t.key_width, sorted(t.columns), t.get("shared"))
         t.incr("shared", "hits", 10)
-        t.set("child", name="hi")
+        t.set("child", dict(name="hi"))
         t.detach()
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -286,7 +288,7 @@ def test_incr_from_four_processes_at_once_loses_nothing(table: Table,
             table.incr("total", "avg", 0.5)
             table.incr(f"own-{os.getpid() % 7}", "hits")
             if i % 100 == 0:
-                table.set("last", name=str(os.getpid()))
+                table.set("last", dict(name=str(os.getpid())))
     pids = [children.fork(work) for _ in range(4)]
     assert [children.join(pid, 90) for pid in pids] == [0, 0, 0, 0]
     assert table.get("total", "hits") == 40_000
@@ -300,7 +302,7 @@ def test_incr_from_four_processes_at_once_loses_nothing(table: Table,
 @pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
 def test_a_process_killed_holding_a_lock_does_not_stop_the_others(
         table: Table, children: Children, reap: bool) -> None:
-    table.set("hot", hits=0)
+    table.set("hot", dict(hits=0))
     ready_r, ready_w = os.pipe()
 
     def hold() -> None:
