@@ -229,8 +229,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], ratios: list[dict
     out += ["## Notes", ""]
     out.append("- The table rows compare `pyswtask.Table` (`pyswtask/core/table.pyx`: string keys "
                "hashed to buckets, a lock word per bucket) with `Swoole\\Table`, the same shape on "
-               "both sides. The crontab's own tables, addressed by row index behind one robust "
-               "mutex, are reported beside them and not compared.")
+               "both sides, in operations per second of CPU time (the fastest of 5 chunks), so "
+               "that other processes on the machine decide no ratio. The crontab's own tables, "
+               "addressed by row index behind one robust mutex, are reported beside them (wall "
+               "clock) and not compared.")
     out.append("- Swoole passes task data of 8,152 bytes or more through a temporary file (in the "
                "system's temp directory, here on disk) for every task; pyswtask sends any size over "
                "its sockets in 64 KiB records. The 8 KiB, 64 KiB and 1 MiB rows compare those two "
