@@ -21,7 +21,6 @@ if not sys.platform.startswith("linux"):
 if sys.byteorder != "little":
     raise ImportError("pyswtask's wire format is little-endian; this machine is big-endian")
 
-from ._core import TableFull
 from ._version import __version__
 from .context import TaskContext, TaskOrigin
 from .cron import CronRuleError, scheduled
@@ -45,6 +44,7 @@ from .process import process
 from .registry import task
 from .roles import Process
 from .server import Server
+from .table import Table, TableFull
 
 __all__ = [
     "__version__",
@@ -57,6 +57,7 @@ __all__ = [
     "Process",
     "scheduled",
     "CronRuleError",
+    "Table",
     "TableFull",
     "Event",
     "EventObject",

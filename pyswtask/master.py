@@ -122,6 +122,7 @@ class Master:
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
+            self._create_tables()
             if self.crontab is not None:
                 self.crontab.open(os.getpid())
                 server.crontab = self.crontab
@@ -181,6 +182,8 @@ class Master:
                 server.crontab = None
             server.stats_segment = self.stats = None
             stats.close()
+            for table in server.tables.values():
+                table.destroy()
             if pid_file:
                 try:
                     os.unlink(pid_file)
@@ -190,6 +193,15 @@ class Master:
             roles.leave()
         log.info("master %d stopped", os.getpid())
         return self.exit_code
+
+    def _create_tables(self) -> None:
+        """The server's Tables, in shared memory before the fork: every child inherits them."""
+        for index, table in enumerate(self.server.tables.values()):
+            key = table.server_key
+            table._create_segment(key if key is not None else sysv.table_key(os.getpid(), index),
+                                  setting=f"Server.table({table.name!r}, ..., key=)", logger=log)
+            log.info("table %r: %d rows, %d bytes at SysV key 0x%x", table.name, table.size,
+                     table.memory_size, table.key)
 
     # -- signals --------------------------------------------------------------------------------
 

@@ -15,12 +15,14 @@ import itertools
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import roles
 from .process import ProcessSpec, declared
 from .settings import DEFAULTS
 from .settings import validate as validate_settings
+from .sysv import MAX_SERVER_TABLES
+from .table import ColumnSpec, Table
 from .transport import control
 from .transport.msgqueue import IpcMode, ServerQueue
 
@@ -74,6 +76,8 @@ class Server:
         self.http: HttpService | None = None
         self.stats_segment: StatsSegment | None = None
         self.metrics_address: str | None = None
+        # Created in shared memory by the master before it forks, removed when it stops.
+        self.tables: dict[str, Table] = {}
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""
@@ -105,6 +109,36 @@ class Server:
         if any(p.name == spec.name for p in self._processes):
             raise ValueError(f"this server already has a process named {spec.name!r}")
         self._processes.append(spec)
+
+    def table(self, name: str, size: int, columns: Mapping[str, ColumnSpec] | None = None, *,
+              key_width: int = 64, key: int | None = None) -> Table:
+        """Declares a shared-memory Table (see ``pyswtask.Table``) that the master creates
+        before it forks, so that every process of the server uses the same rows, and removes
+        when it stops; returns it (keep it in a module-level name, or find it in
+        ``server.tables[name]``). Declared before start(). Its SysV key (for ``Table.attach``
+        from a separate program) is ``key``, or one derived from the master's pid."""
+        return self.add_table(Table(size, columns, key_width=key_width, name=name), key=key)
+
+    def add_table(self, table: Table, key: int | None = None) -> Table:
+        """Adds a Table declared on its own (``Table(size, columns, name=...)``) to the ones
+        the master creates before it forks; returns it."""
+        if key is not None and (not isinstance(key, int) or isinstance(key, bool)
+                                or not 0 < key < 2**31):
+            raise ValueError(f"a table's key is a positive SysV key below 2**31, not {key!r}")
+        if not isinstance(table, Table):
+            raise TypeError(f"add_table() takes a pyswtask.Table, not {type(table).__name__}")
+        if self.master_pid is not None:
+            raise RuntimeError("tables are declared before start()")
+        if table.created:
+            raise ValueError(f"table {table.name!r} is created already: the server creates "
+                             "its tables itself")
+        if table.name in self.tables:
+            raise ValueError(f"this server already has a table named {table.name!r}")
+        if len(self.tables) >= MAX_SERVER_TABLES:
+            raise ValueError(f"a server has at most {MAX_SERVER_TABLES} tables")
+        table.server_key = key
+        self.tables[table.name] = table
+        return table
 
     def user_processes(self) -> list[ProcessSpec]:
         """The user processes of this server: added here, then declared with @process (a name

@@ -2,9 +2,9 @@
 servers left behind.
 
 Owns the default key ranges (the crontab's shared-memory tables, the message queue's
-private queue and record, the stats segment), all derived from the master's pid so that a
-server killed outright (SIGKILL, a crash) leaves objects the next master can attribute and
-remove. Also owns the "create a segment, removing one left by a dead server" step.
+private queue and record, the stats segment, the server's Tables), all derived from the master's
+pid so that a server killed outright (SIGKILL, a crash) leaves objects the next master can
+attribute and remove. Also owns the "create a segment, removing one left by a dead server" step.
 
 It must not import ``cron`` or ``msgqueue``: they import their keys from here, not the other way
 round. It knows the objects only by key range, never their layout.
@@ -18,8 +18,9 @@ from typing import Any
 
 import sysv_ipc  # type: ignore[import-not-found]
 
-__all__ = ["DEFAULT_KEY_BASE", "PRIVATE_KEY_BASE", "STATS_KEY_BASE", "default_key",
-           "private_queue_key", "stats_key", "pid_alive", "create_segment", "sweep"]
+__all__ = ["DEFAULT_KEY_BASE", "PRIVATE_KEY_BASE", "STATS_KEY_BASE", "TABLE_KEY_BASE",
+           "MAX_SERVER_TABLES", "default_key", "private_queue_key", "stats_key", "table_key",
+           "pid_alive", "create_segment", "sweep"]
 
 # Both the sweep and create_segment run in the master at start-up.
 log = logging.getLogger("pyswtask.master")
@@ -35,6 +36,11 @@ _QUEUE_SPAN = 0x8000
 STATS_KEY_BASE = 0x70050000
 _STATS_SPAN = 0x8000
 
+# A server's Tables (Server.table): key base + 32 * (master pid % 0x8000) + the table's index.
+TABLE_KEY_BASE = 0x70100000
+MAX_SERVER_TABLES = 32
+_TABLE_SPAN = MAX_SERVER_TABLES * 0x8000
+
 
 def default_key(master_pid: int) -> int:
     """The SysV key of a server's crontab origin table (the run-time table's is one more)."""
@@ -49,6 +55,13 @@ def private_queue_key(master_pid: int) -> int:
 def stats_key(master_pid: int) -> int:
     """The SysV key of a server's stats segment when no stats_shm_key is set."""
     return STATS_KEY_BASE + master_pid % _STATS_SPAN
+
+
+def table_key(master_pid: int, index: int) -> int:
+    """The SysV key of a server's index-th Table (0 <= index < MAX_SERVER_TABLES)."""
+    if not 0 <= index < MAX_SERVER_TABLES:
+        raise ValueError(f"a server has at most {MAX_SERVER_TABLES} tables")
+    return TABLE_KEY_BASE + MAX_SERVER_TABLES * (master_pid % 0x8000) + index
 
 
 def pid_alive(pid: int) -> bool:
@@ -94,16 +107,18 @@ def sweep() -> int:
     """Removes what dead servers of this user left in pyswtask's default key ranges; returns
     how many objects went.
 
-    A server's objects carry its master's pid: the crontab's segments were created by the master
-    (their creator pid) under a key derived from it, and the message queue's record names it. At
-    start, a master removes the objects of this user in these ranges whose master is gone and
-    which no process has attached, so that start/kill cycles leave nothing behind.
+    A server's objects carry its master's pid: the crontab's and the Tables' segments were
+    created by the master (their creator pid) under a key derived from it, and the message
+    queue's record names it. At start, a master removes the objects of this user in these ranges
+    whose master is gone and which no process has attached, so that start/kill cycles leave
+    nothing behind.
     """
     uid = os.geteuid()
     removed = 0
     cron_lo, cron_hi = DEFAULT_KEY_BASE, DEFAULT_KEY_BASE + _CRON_SPAN
     q_lo, q_hi = PRIVATE_KEY_BASE, PRIVATE_KEY_BASE + _QUEUE_SPAN
     s_lo, s_hi = STATS_KEY_BASE, STATS_KEY_BASE + _STATS_SPAN
+    t_lo, t_hi = TABLE_KEY_BASE, TABLE_KEY_BASE + _TABLE_SPAN
     for fields in _table("/proc/sysvipc/shm"):
         try:
             key, shmid, cpid, nattch, owner = (int(fields[0]), int(fields[1]), int(fields[4]),
@@ -114,6 +129,8 @@ def sweep() -> int:
             continue
         if cron_lo <= key < cron_hi:
             what = "crontab table"
+        elif t_lo <= key < t_hi:
+            what = "table"
         elif q_lo <= key < q_hi:
             what = "message queue record"
             removed += _remove_queue(key)

@@ -64,6 +64,7 @@ class ServerHandle(Protocol):
     http: HttpService | None        # the app and the listening sockets, when it serves HTTP
     stats_segment: StatsSegment | None  # the counters every process raises (pyswtask.counters)
     metrics_address: str | None
+    tables: dict[str, Any]          # name -> pyswtask.Table, created by the master
 
     @property
     def worker_id(self) -> int: ...
