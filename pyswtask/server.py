@@ -25,6 +25,7 @@ from .transport import control
 from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
     from .cron import Crontab
     from .http import HttpService
 
@@ -71,6 +72,7 @@ class Server:
         self.master_id: int | None = None       # the master's inbox, for control messages
         self.queue: ServerQueue | None = None
         self.http: HttpService | None = None
+        self.cluster: ClusterNode | None = None     # the node, while it runs in a cluster
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""

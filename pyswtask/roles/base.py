@@ -21,7 +21,9 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
+from .. import registry
 from .._core import Dispatcher, Mailbox
+from ..cluster import client as cluster_client
 from ..envelope import check_timeout, check_type, pack_task
 from ..errors import DeliveryError, ServerNotRunning
 from ..titles import set_title
@@ -60,6 +62,7 @@ class ServerHandle(Protocol):
     queue: ServerQueue | None
     crontab: Any
     http: HttpService | None        # the app and the listening sockets, when it serves HTTP
+    cluster: Any                    # the cluster node (pyswtask.cluster.node), when in one
 
     @property
     def worker_id(self) -> int: ...
@@ -180,12 +183,18 @@ class Role:
 
 class Outside(Role):
     """A program that is no process of a server: it delivers through a server's message queue
-    when one is configured (``Task.configure`` / PYSWTASK_QUEUE_KEY)."""
+    when one is configured (``Task.configure`` / PYSWTASK_QUEUE_KEY), and cluster tasks to the
+    cluster's Redis when one is configured (``Task.configure(cluster=...)``)."""
 
     def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
                 callback: FinishCallback | None, dst_worker_id: int) -> Any:
+        cluster = cluster_client.client()
+        if cluster is not None and registry.queue_of(name) is not None:
+            return cluster.deliver(name, method, params, type, timeout)
         queue = command.client()
         if queue is None:
+            if cluster is not None:
+                return cluster.deliver(name, method, params, type, timeout)  # says why not
             return super().deliver(name, method, params, type, timeout, callback, dst_worker_id)
         check_type(type)
         return queue.deliver(name, method, pack_task(name, method, params, type, 0), type,
