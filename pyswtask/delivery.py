@@ -67,8 +67,8 @@ class Task:
         this program imports) go to their queue's stream in that Redis, no local server
         needed; ASYNC is written behind the same way, CO waits for the result. Redis not
         answering raises ClusterUnavailable."""
+        cluster_client.configure(cluster, exit_timeout)      # first: it checks the URL
         command.configure(message_queue_key, exit_timeout)
-        cluster_client.configure(cluster, exit_timeout)
 
     @staticmethod
     def flush(timeout: float = 3.0) -> bool:

@@ -274,7 +274,7 @@ SETTINGS: tuple[Setting, ...] = (
             "this server's name in the cluster; None: `hostname:pid` of the master"),
     Setting("cluster_queues", None, _queue_names,
             "cluster queues this node's task workers serve; None: every queue of its registered "
-            "tasks"),
+            "tasks (none without task workers)"),
     # At-least-once: a task pending this long on a node that stopped answering is claimed by
     # another node and run again.
     Setting("cluster_visibility_timeout", 30.0, _positive_seconds,

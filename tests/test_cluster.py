@@ -336,6 +336,29 @@ def test_password_protected_redis(servers: ServerRunner, tmp_path: Path) -> None
         secured.stop()
 
 
+def test_tls_redis(servers: ServerRunner, tmp_path: Path) -> None:
+    secured = RedisServer(tmp_path / "tls", tls=True)
+    try:
+        secured.start()
+    except RuntimeError as exc:
+        if "tls" in str(exc).lower():
+            pytest.skip(f"this redis-server has no TLS: {exc}")
+        raise
+    try:
+        url = secured.url
+        assert url.startswith("rediss://")
+        start_node(servers, url, "B")
+        wait_alive(url, "B")
+        program = servers.run(program_script('''
+            Task.configure(cluster=URL)
+            emit(event="co", value=Task.deliver("Reports", "where", [4], timeout=10))
+        '''), name="program.py", args=["P", url])
+        assert [r["value"][:2] for r in program.by_event("co")] == [[4, "B"]]
+    finally:
+        servers.close()
+        secured.stop()
+
+
 STALL = '''
     def on_worker_start(server, worker_id):
         if worker_id != 0:
@@ -471,3 +494,20 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
                           f"redis://127.0.0.1:{free_port()}/0"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 1 and "cannot reach the cluster's Redis" in bad.stderr
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_bad_queue_names_and_urls_are_refused_naming_them() -> None:
+    from pyswtask import Server, Task, task
+
+    with pytest.raises(TypeError, match="@task queue must be a non-empty string"):
+        task(queue="")
+    with pytest.raises(TypeError, match="'two words'"):
+        task(queue="two words")
+    with pytest.raises(ValueError, match=r"setting cluster must be a Redis URL .*'http://x'"):
+        Server(cluster="http://x")
+    with pytest.raises(ValueError, match=r"Task.configure\(cluster=...\) must be a Redis URL"):
+        Task.configure(cluster="localhost:6379")
+    with pytest.raises(ValueError, match="setting cluster_queues"):
+        Server(cluster="redis://127.0.0.1:1/0", cluster_queues=[""])

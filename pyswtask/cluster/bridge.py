@@ -18,8 +18,10 @@ worker's event loop. Three threads, each with its own connection:
   wrapped in the built-in ``pyswtask.cluster`` task (``runner``). Tasks in flight are
   re-claimed by their own consumer (``XCLAIM ... JUSTID``) so that a long task is not taken
   away from a node that is alive.
-- the reply thread reads this node's reply stream (``XREAD``) and passes each result to the
-  worker that delivered the task, once (task ids seen are remembered, up to ``SEEN_MAX``).
+- the reply thread reads this node's reply stream (``XREADGROUP ... NOACK`` in a group of
+  its own, so a respawned bridge goes on where its predecessor stopped) and passes each
+  result to the worker that delivered the task, once (task ids seen are remembered, up to
+  ``SEEN_MAX``).
 
 Redis down (a call fails or times out): the workers are told, so that CO deliveries raise
 ``ClusterUnavailable`` at once; ASYNC ones are held here (up to ``HOLD_MAX`` for
@@ -177,10 +179,18 @@ class _Run:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _leave(self) -> None:
+        """A node that stops cleanly: its heartbeat and reply stream go (nobody waits for a
+        result there any more), and so does its consumer of each queue when nothing is
+        pending on it (a consumer deleted with pending tasks would lose them)."""
         try:
-            self.r.delete(keys.node_key(self.b.node))
-        except Exception:
-            pass
+            self.r.delete(keys.node_key(self.b.node), keys.reply_stream(self.b.node))
+            for queue in self.b.queues:
+                stream = keys.queue_stream(queue)
+                if not self.r.xpending_range(stream, keys.GROUP, "-", "+", 1,
+                                             consumername=self.consumer):
+                    self.r.xgroup_delconsumer(stream, keys.GROUP, self.consumer)
+        except self.lib.RedisError as exc:
+            log.warning("cluster: node %s left without cleaning up: %s", self.b.node, exc)
         with self.lock:
             left = self.taken
         if left:
@@ -535,21 +545,37 @@ class _Run:
     # -- the reply thread ------------------------------------------------------------------------
 
     def _read_replies(self) -> None:
+        """Reads the node's reply stream through a consumer group of its own (NOACK), so a
+        bridge that is respawned goes on from the last result its predecessor read."""
         r: Any = connect(self.b.url, timeout=keys.TIMEOUT + keys.BLOCK_MS / 1000, check=False)
         stream = keys.reply_stream(self.b.node)
-        # From now: a result older than this node's bridge has nobody waiting for it.
-        last: bytes = f"{int(time.time() * 1000)}-0".encode()
+        self._reply_group(r, stream)
         while not self.stopping.is_set():
             try:
-                reply = r.xread({stream: last}, count=1000, block=keys.BLOCK_MS)
+                reply = r.xreadgroup(keys.GROUP, self.b.node, {stream: ">"}, count=1000,
+                                     block=keys.BLOCK_MS, noack=True)
+            except self.lib.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._reply_group(r, stream)
+                continue
             except self.lib.RedisError:
                 self._thread_failed()
                 continue
             for _stream, entries in reply or ():
                 for eid, fields in entries:
-                    last = eid
+                    self.reply_last = eid
                     self._route(fields)
-            self.reply_last = last
+
+    def _reply_group(self, r: Any, stream: str) -> None:
+        # From the stream's start: results of a predecessor's workers are dropped by pid.
+        try:
+            r.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        except self.lib.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        except self.lib.RedisError:
+            self._thread_failed()
 
     def _route(self, fields: dict[bytes, bytes]) -> None:
         try:

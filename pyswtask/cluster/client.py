@@ -45,11 +45,12 @@ _client: ClusterClient | None = None
 def configure(url: str | None, exit_timeout: float = 3.0) -> None:
     """Sets (or, with None, clears) the cluster this program delivers cluster tasks to."""
     global _url, _client, _exit_timeout
+    checked = None if url is None else check_url(url, "Task.configure(cluster=...)")
     with _lock:
         if _client is not None:
             _client.close()
             _client = None
-        _url = None if url is None else check_url(url, "Task.configure(cluster=...)")
+        _url = checked
         _exit_timeout = float(exit_timeout)
 
 

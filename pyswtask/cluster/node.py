@@ -29,7 +29,9 @@ class ClusterNode:
         settings = server.settings
         self.url: str = settings["cluster"]
         given = settings["cluster_queues"]
-        self.queues: list[str] = list(given) if given is not None else registry.queues()
+        # By default a node serves every queue of its tasks, if it has task workers to run them.
+        default = registry.queues() if server.task_worker_num else []
+        self.queues: list[str] = list(given) if given is not None else default
         self.name: str = settings["node"] or ""
         self.bridge = Bridge(self.url, self.queues, settings)
 
