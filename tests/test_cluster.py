@@ -393,7 +393,7 @@ STALL = '''
 
 
 def run_through_outage(servers: ServerRunner, redis_server: RedisServer, tmp_path: Path,
-                       outage: Any) -> list[dict[str, Any]]:
+                       outage: Any) -> ServerProcess:
     url = redis_server.url
     start_node(servers, url, "B")
     wait_alive(url, "B")
@@ -405,10 +405,18 @@ def run_through_outage(servers: ServerRunner, redis_server: RedisServer, tmp_pat
     outage()
     time.sleep(4.0)
     (tmp_path / "stop").write_text("")
-    return finish(a, 90)
+    finish(a, 90)
+    return a
 
 
-def check_outage(records: list[dict[str, Any]]) -> None:
+def check_outage(a: ServerProcess) -> None:
+    try:
+        check_outage_records(a.records())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nnode A's log:\n{a.err[-6000:]}") from None
+
+
+def check_outage_records(records: list[dict[str, Any]]) -> None:
     co = [r for r in records if r["event"] == "co"]
     failed = [r for r in co if "error" in r]
     assert failed, "no CO delivery saw the outage"

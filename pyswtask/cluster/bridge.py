@@ -103,7 +103,8 @@ class _Run:
         self.stopping = threading.Event()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Any: redis-py's stubs type every reply as a union of everything a reply can be.
-        self.r: Any = connect(bridge.url, timeout=keys.TIMEOUT)
+        # Not checked here: a bridge respawned while Redis is down starts down, and waits.
+        self.r: Any = connect(bridge.url, timeout=keys.TIMEOUT, check=False)
         self.health: Any = connect(bridge.url, timeout=0.5, check=False)
         self.up = True
         self.failed_at = 0.0                 # a thread's last Redis failure (monotonic)
@@ -123,8 +124,14 @@ class _Run:
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
-        self._ensure_groups(self.r)
-        self._heartbeat()
+        try:
+            self._ensure_groups(self.r)
+        except self.lib.RedisError as exc:
+            self._went_down(exc)
+        else:
+            # The workers may have been told "down" by this bridge's predecessor.
+            self._broadcast_state(True)
+            self._heartbeat()
         threads = [threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
                                     name="pyswtask-cluster-consume"),
                    threading.Thread(target=self._guard, args=(self._read_replies,), daemon=True,
@@ -399,9 +406,13 @@ class _Run:
                 self._went_down(exc)
             else:
                 if not self.up:
+                    try:
+                        self._ensure_groups(self.r)
+                    except self.lib.RedisError as exc:
+                        log.warning("cluster: Redis answers, but not yet to all: %s", exc)
+                        return
                     log.info("cluster: the Redis at %s answers again", describe_url(self.b.url))
                     self.up = True
-                    self._ensure_groups(self.r)
                     self._broadcast_state(True)
                     self._release_held()
         self._expire_held()
@@ -478,9 +489,14 @@ class _Run:
                 if "NOGROUP" in str(exc):
                     log.warning("cluster: the consumer group is gone (Redis restarted?): "
                                 "creating it again")
-                    self._ensure_groups(r)
-                    continue
-                raise
+                    try:
+                        self._ensure_groups(r)
+                    except self.lib.RedisError:
+                        self._thread_failed()
+                else:
+                    log.error("cluster: reading the queues failed: %s", exc)
+                    self._thread_failed()
+                continue
             except self.lib.RedisError:
                 self._thread_failed()
                 continue
@@ -556,7 +572,9 @@ class _Run:
                                      block=keys.BLOCK_MS, noack=True)
             except self.lib.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
+                    log.error("cluster: reading the replies failed: %s", exc)
+                    self._thread_failed()
+                    continue
                 self._reply_group(r, stream)
                 continue
             except self.lib.RedisError:
@@ -573,7 +591,8 @@ class _Run:
             r.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
         except self.lib.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise
+                log.error("cluster: creating the reply group failed: %s", exc)
+                self._thread_failed()
         except self.lib.RedisError:
             self._thread_failed()
 
