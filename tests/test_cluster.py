@@ -50,6 +50,12 @@ CLUSTER = textwrap.dedent('''
 
         def fail(self, message):
             raise ValueError(message)
+
+        def die_once(self, x):
+            t = current_task()
+            if t.deliveries == 1:
+                os.kill(os.getpid(), 9)     # the task worker dies running it
+            return [x, NODE, t.deliveries]
 ''')
 
 
@@ -293,6 +299,24 @@ def test_task_past_max_deliveries_goes_to_dead_letters_and_co_caller_gets_lost(
     wait_for(lambda: any(s[1] == "C" for s in jsons(r, "test:started")), 20)
     assert r.xlen("pyswtask:dead:reports") == 0
     c.kill()
+
+
+@pytest.mark.slow
+def test_task_worker_dying_mid_task_leaves_the_task_for_a_second_delivery(
+        servers: ServerRunner, redis_server: RedisServer) -> None:
+    url = redis_server.url
+    start_node(servers, url, "B", cluster_visibility_timeout=2.0)
+    wait_alive(url, "B")
+    program = servers.run(program_script('''
+        Task.configure(cluster=URL)
+        emit(event="co", value=Task.deliver("Reports", "die_once", [6], timeout=30))
+    '''), name="program.py", args=["P", url], timeout=60)
+    # Not acknowledged when its task worker died: claimed after the visibility timeout and
+    # run again (on B, the only node), and the caller gets that run's result.
+    assert [r["value"] for r in program.by_event("co")] == [[6, "B", 2]]
+    r = redis.Redis.from_url(url)
+    assert r.hlen("pyswtask:err:reports") == 0
+    assert r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 0
 
 
 # -- faults ------------------------------------------------------------------------------------

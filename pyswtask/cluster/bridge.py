@@ -10,10 +10,11 @@ worker's event loop. Three threads, each with its own connection:
   once its result is written). Every second it renews the node's heartbeat key and trims what
   was acknowledged and read (``XTRIM MINID``).
 - the consumer thread takes tasks of the queues this node serves (``XREADGROUP``, at most
-  ``cluster_prefetch`` in flight) and, every ``cluster_visibility_timeout / 4``, claims tasks
-  left pending longer than ``cluster_visibility_timeout`` by a consumer that stopped answering
-  (``XAUTOCLAIM``); a task claimed past ``cluster_max_deliveries`` goes to the dead-letter
-  stream instead, and its CO caller gets ``TaskWorkerLost``. The main thread hands each task
+  ``cluster_prefetch`` in flight) and, every quarter of ``cluster_visibility_timeout`` (at most
+  every 5 s), claims tasks left pending longer than ``cluster_visibility_timeout`` by a
+  consumer that stopped answering (``XAUTOCLAIM``); a task claimed past
+  ``cluster_max_deliveries`` goes to the dead-letter stream instead, and its CO caller gets
+  ``TaskWorkerLost``. The main thread hands each task
   to the local task workers through a worker (the relay, as any user process delivers),
   wrapped in the built-in ``pyswtask.cluster`` task (``runner``). Tasks in flight are
   re-claimed by their own consumer (``XCLAIM ... JUSTID``) so that a long task is not taken
