@@ -5,9 +5,9 @@ process, and its results come back as pipe messages, so a stalled Redis can neve
 worker's event loop. Three threads, each with its own connection:
 
 - the main thread reads its inbox: the workers' cluster deliveries (``XADD`` to the queue's
-  stream, many per pipeline) and the results of the tasks it had run locally (``XADD`` to the
-  delivering node's reply stream and ``XACK``, in one ``MULTI``: a task is acknowledged only
-  once its result is written). Every second it renews the node's heartbeat key and trims what
+  stream, many per call: ``scripts``) and the results of the tasks it had run locally
+  (``XADD`` to the delivering node's reply stream and ``XACK``, in one ``MULTI``: a task is
+  acknowledged only once its result is written). Every second it renews the node's heartbeat key and trims what
   was acknowledged and read (``XTRIM MINID``).
 - the consumer thread takes tasks of the queues this node serves (``XREADGROUP``, at most
   ``cluster_prefetch`` in flight) and, every quarter of ``cluster_visibility_timeout`` (at most
@@ -55,6 +55,7 @@ from . import keys
 from .connection import connect, describe_url, require_redis
 from .entries import TaskEntry, pack_value, parse_result, result_fields, task_fields
 from .runner import CLUSTER_TASK
+from .scripts import TaskAppender
 
 if TYPE_CHECKING:
     from ..roles import Process, ServerHandle
@@ -107,6 +108,7 @@ class _Run:
         # Not checked here: a bridge respawned while Redis is down starts down, and waits.
         self.r: Any = connect(bridge.url, timeout=keys.TIMEOUT, check=False)
         self.health: Any = connect(bridge.url, timeout=0.5, check=False)
+        self.appender = TaskAppender(self.r)
         self.up = True
         self.failed_at = 0.0                 # a thread's last Redis failure (monotonic)
         # Worker deliveries waiting to be written, and ASYNC ones held while Redis is down.
@@ -252,9 +254,10 @@ class _Run:
             self._write_results()
 
     def _write_tasks(self, going: list[tuple[int, list[Any]]]) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        """Appends the workers' deliveries, one call per queue; a queue's batch is appended
+        whole or not at all, and what was not is held (ASYNC) or failed (CO)."""
         node = self.b.node
-        written: list[tuple[int, list[Any]]] = []
+        by_stream: dict[str, list[tuple[int, list[Any], dict[bytes, Any]]]] = {}
         for src, data in going:
             try:
                 pid, seq, queue, name, method, body, type_, deadline = data
@@ -264,18 +267,20 @@ class _Run:
                 log.error("malformed cluster delivery from worker %d dropped: %s (%s)", src,
                           brief_repr(data), exc)
                 continue
-            pipe.xadd(keys.queue_stream(queue), fields, maxlen=keys.QUEUE_MAXLEN,
-                      approximate=True)
-            written.append((src, data))
-        if not written:
-            return
-        try:
-            pipe.execute()
-        except self.lib.RedisError as exc:
-            self._went_down(exc)
-            # A pipeline that failed part way may have written some: an ASYNC task sent again
-            # runs twice at worst, as at-least-once allows.
-            self._hold_or_fail(written, self._unavailable(exc))
+            by_stream.setdefault(keys.queue_stream(queue), []).append((src, data, fields))
+        failed: list[tuple[int, list[Any]]] = []
+        error: BaseException | None = None
+        for stream, batch in by_stream.items():
+            if error is None:
+                try:
+                    self.appender.append(stream, [fields for _, _, fields in batch])
+                    continue
+                except self.lib.RedisError as exc:
+                    error = exc
+                    self._went_down(exc)
+            failed += [(src, data) for src, data, _ in batch]
+        if failed:
+            self._hold_or_fail(failed, self._unavailable(error))
 
     def _hold_or_fail(self, going: list[tuple[int, list[Any]]], error: ClusterUnavailable) -> None:
         now = time.monotonic()

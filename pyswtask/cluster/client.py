@@ -3,7 +3,7 @@
 No server runs in the program: it writes its tasks to the queues' streams itself (the task's
 queue comes from its ``@task(queue=...)`` declaration, so the program imports the module that
 declares it). ASYNC deliveries return an id at once and are written behind, many per
-pipeline (by a helper thread once deliveries pause, and at exit); nobody reads their results.
+call (``scripts``; by a helper thread once deliveries pause, and at exit); nobody reads their results.
 CO deliveries write everything held before them, then wait for their result on the program's
 own reply stream (``pyswtask:r:<host>:<pid>:program``, deleted at exit).
 
@@ -28,6 +28,7 @@ from ..transport.writebehind import WriteBehind
 from . import keys
 from .connection import check_url, connect, describe_url, require_redis
 from .entries import error_from_wire, parse_result, task_fields, unpack_value
+from .scripts import TaskAppender
 
 __all__ = ["configure", "client", "ClusterClient"]
 
@@ -81,6 +82,7 @@ class ClusterClient:
         self.url = url
         self.lib = require_redis()
         self.r: Any = connect(url, timeout=keys.TIMEOUT)
+        self.appender = TaskAppender(self.r)
         self.pid = os.getpid()
         self.node = f"{socket.gethostname()}:{self.pid}:program"
         self.reply = keys.reply_stream(self.node)
@@ -169,18 +171,17 @@ class ClusterClient:
         return True
 
     def _write(self) -> None:
-        """Writes every held delivery in one pipeline (the lock held)."""
-        if not self.held:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for stream, fields in self.held:
-            pipe.xadd(stream, fields, maxlen=keys.QUEUE_MAXLEN, approximate=True)
-        try:
-            pipe.execute()
-        except self.lib.RedisError as exc:
-            raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
-                                     f"unreachable: {exc}") from exc
-        self.held.clear()
+        """Writes every held delivery, one call per stream (the lock held); what was written
+        leaves the hold even when a later stream's call fails."""
+        while self.held:
+            stream = self.held[0][0]
+            batch = [fields for s, fields in self.held if s == stream]
+            try:
+                self.appender.append(stream, batch)
+            except self.lib.RedisError as exc:
+                raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
+                                         f"unreachable: {exc}") from exc
+            self.held = [h for h in self.held if h[0] != stream]
 
     def _wait(self, seq: int, name: str, method: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
