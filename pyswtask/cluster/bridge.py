@@ -6,9 +6,9 @@ worker's event loop. Three threads, each with its own connection:
 
 - the main thread reads its inbox: the workers' cluster deliveries (``XADD`` to the queue's
   stream, many per call: ``scripts``) and the results of the tasks it had run locally
-  (``XADD`` to the delivering node's reply stream and ``XACK``, in one ``MULTI``: a task is
-  acknowledged only once its result is written). Every second it renews the node's heartbeat key and trims what
-  was acknowledged and read (``XTRIM MINID``).
+  (``XADD`` to the delivering node's reply stream and ``XACK``, a batch in one ``MULTI``: a
+  task is acknowledged only once its result is written). Every second it renews the node's
+  heartbeat key and trims what was acknowledged and read (``XTRIM MINID``).
 - the consumer thread takes tasks of the queues this node serves (``XREADGROUP``, at most
   ``cluster_prefetch`` in flight) and, every quarter of ``cluster_visibility_timeout`` (at most
   every 5 s), claims tasks left pending longer than ``cluster_visibility_timeout`` by a
@@ -55,7 +55,7 @@ from . import keys
 from .connection import connect, describe_url, require_redis
 from .entries import TaskEntry, pack_value, parse_result, result_fields, task_fields
 from .runner import CLUSTER_TASK
-from .scripts import TaskAppender
+from .scripts import APPEND, TaskAppender, append_args
 
 if TYPE_CHECKING:
     from ..roles import Process, ServerHandle
@@ -352,14 +352,25 @@ class _Run:
     def _write_results(self) -> None:
         results, self.results = self.results, []
         lost, self.lost_errors = self.lost_errors, []
-        pipe = self.r.pipeline(transaction=True)
+        # A few commands per batch, whatever its size: the results per reply stream in one
+        # script call, the acknowledgements per queue in one XACK.
+        replies: dict[str, list[dict[bytes, Any]]] = {}
+        acks: dict[str, list[bytes]] = {}
+        cleared: dict[str, list[str]] = {}
         for entry, ok, value in results:
             if entry.reply:
-                pipe.xadd(keys.reply_stream(entry.reply), result_fields(entry, ok, value),
-                          maxlen=keys.REPLY_MAXLEN, approximate=True)
-            pipe.xack(keys.queue_stream(entry.queue), keys.GROUP, entry.entry_id)
+                replies.setdefault(keys.reply_stream(entry.reply), []).append(
+                    result_fields(entry, ok, value))
+            acks.setdefault(keys.queue_stream(entry.queue), []).append(entry.entry_id)
             if entry.deliveries > 1:
-                pipe.hdel(keys.error_hash(entry.queue), entry.id)
+                cleared.setdefault(keys.error_hash(entry.queue), []).append(entry.id)
+        pipe = self.r.pipeline(transaction=True)
+        for stream, fields in replies.items():
+            pipe.eval(APPEND, 1, stream, *append_args(keys.REPLY_MAXLEN, fields))
+        for stream, ids in acks.items():
+            pipe.xack(stream, keys.GROUP, *ids)
+        for name, task_ids in cleared.items():
+            pipe.hdel(name, *task_ids)
         for entry, error in lost:
             pipe.hset(keys.error_hash(entry.queue), entry.id, error)
         try:

@@ -1,5 +1,6 @@
-"""Many tasks appended to a queue's stream in one call: a Lua script, the cluster's
-per-task write from a delivering node's bridge and from a separate program.
+"""Many entries appended to a stream in one call: a Lua script, for the cluster's per-task
+writes (tasks to a queue's stream, from a delivering node's bridge and from a separate
+program; results to a reply stream, inside the bridge's MULTI).
 
 One script call per batch instead of one XADD per task: the client packs one command (in C,
 hiredis) and reads one reply, where a pipeline packs and parses one per task in Python, which
@@ -15,11 +16,11 @@ from typing import Any, Iterable
 
 from . import keys
 
-__all__ = ["TaskAppender"]
+__all__ = ["APPEND", "append_args", "TaskAppender"]
 
 # KEYS[1]: the stream. ARGV: MAXLEN, then the fields of each entry, each entry's field count
 # first: n, f1, v1, ..., n, f1, v1, ...
-_ADD = """
+APPEND = """
 local i, added = 2, 0
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
@@ -31,20 +32,25 @@ return added
 """
 
 
+def append_args(maxlen: int, entries: Iterable[dict[bytes, Any]]) -> list[Any]:
+    """The ARGV of APPEND: MAXLEN, then each entry's field count and fields."""
+    args: list[Any] = [maxlen]
+    for fields in entries:
+        args.append(len(fields) * 2)
+        for name, value in fields.items():
+            args.append(name)
+            args.append(value)
+    return args
+
+
 class TaskAppender:
     """The script, registered on one client (redis-py loads it on first use, and again after
     a restarted Redis forgot it)."""
 
     def __init__(self, r: Any) -> None:
-        self._add = r.register_script(_ADD)
+        self._add = r.register_script(APPEND)
 
     def append(self, stream: str, entries: Iterable[dict[bytes, Any]]) -> None:
         """Appends every entry to ``stream``, in order, in one call (MAXLEN ~ the queue
         bound); a RedisError when Redis did not take them, and then none was appended."""
-        args: list[Any] = [keys.QUEUE_MAXLEN]
-        for fields in entries:
-            args.append(len(fields) * 2)
-            for name, value in fields.items():
-                args.append(name)
-                args.append(value)
-        self._add(keys=[stream], args=args)
+        self._add(keys=[stream], args=append_args(keys.QUEUE_MAXLEN, entries))
