@@ -1,5 +1,5 @@
 """The ``pyswtask`` command: run a server, serve an ASGI app in the workers of one, deliver a
-task to one, inspect its crontab, its message queue and its stats (``status``).
+task to one, inspect its crontab, its message queue, its stats (``status``) and its cluster.
 
 It parses arguments and prints; what it runs or reads belongs to the server, the cron package
 and the transports, which it only calls. Nothing imports this module but ``__main__``."""
@@ -198,6 +198,47 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_command(args: argparse.Namespace) -> int:
+    """``pyswtask cluster stat`` / ``dead-letters``: what the cluster's Redis holds."""
+    from .cluster import admin
+    from .errors import ClusterUnavailable
+
+    try:
+        if args.cluster_command == "stat":
+            stat = admin.cluster_stat(args.url)
+            if args.json:
+                print(json.dumps(stat, indent=2))
+                return 0
+            print(f"nodes alive: {len(stat['nodes'])}")
+            for node in stat["nodes"]:
+                print(f"  {node.get('node')}  host {node.get('host')}  master pid "
+                      f"{node.get('master_pid')}  queues {','.join(node.get('queues') or []) or '-'}")
+            print(f"{'queue':<24} {'length':>8} {'pending':>8} {'oldest_s':>9} {'dead':>6}  "
+                  "pending per consumer")
+            for q in stat["queues"]:
+                oldest = "-" if q["oldest_pending_age"] is None else f"{q['oldest_pending_age']:.1f}"
+                per = ", ".join(f"{c}={n}" for c, n in q["consumers"].items()) or "-"
+                print(f"{q['queue']:<24} {q['length']:>8} {q['pending']:>8} {oldest:>9} "
+                      f"{q['dead_letters']:>6}  {per}")
+            return 0
+        if args.requeue:
+            moved = admin.requeue(args.url, args.queue)
+            print(f"{moved} dead letter(s) put back on their queue")
+            return 0
+        letters = admin.dead_letters(args.url, args.queue)
+        if args.json:
+            print(json.dumps(letters, indent=2))
+        else:
+            for d in letters:
+                print(f"{d['queue']} {d.get('id')} {d.get('task')}.{d.get('method')} "
+                      f"deliveries={d.get('deliveries')}: {d.get('error')}")
+            print(f"{len(letters)} dead letter(s)")
+        return 0
+    except (ClusterUnavailable, ImportError, ValueError) as exc:
+        print(f"pyswtask: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyswtask", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyswtask {__version__}")
@@ -263,9 +304,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--key", type=lambda v: int(v, 0), help="the stats_shm_key setting")
     st.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    cluster = sub.add_parser("cluster", help="the cluster on Redis: nodes, queues, dead letters")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    stat = cluster_sub.add_parser("stat", help="nodes alive; per queue the stream length, "
+                                  "pending per consumer, oldest pending age, dead letters")
+    dead = cluster_sub.add_parser("dead-letters", help="list the dead letters, or put them "
+                                  "back on their queue (--requeue)")
+    dead.add_argument("--queue", help="only this queue (default: every queue)")
+    dead.add_argument("--requeue", action="store_true",
+                      help="move them back to their queue's stream, to run again")
+    for p in (stat, dead):
+        p.add_argument("--url", required=True, help="the cluster's Redis URL (redis://...)")
+        p.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if args.command == "status":
         return status_command(args)
+    if args.command == "cluster":
+        return cluster_command(args)
     if args.command == "cron":
         return cron_command(args)
     if args.command == "deliver":

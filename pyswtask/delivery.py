@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from . import roles
+from .cluster import client as cluster_client
 from .context import TaskContext
 from .envelope import TYPE_ASYNC, TYPE_CO, check_timeout
 from .transport import command
@@ -67,21 +68,29 @@ class Task:
 
     @staticmethod
     def configure(message_queue_key: int | str | None = None, *,
-                  exit_timeout: float = 3.0) -> None:
+                  exit_timeout: float = 3.0, cluster: str | None = None) -> None:
         """For a program outside the server (a script, a cron(8) job): deliver through the
         server's message queue on that key (default: the PYSWTASK_QUEUE_KEY environment
         variable). ``Task.deliver`` then works there too: ASYNC returns a task id at once (the
         task is written behind, at the latest when the program exits, waiting up to
         ``exit_timeout`` for room); CO waits for the result. No server on the key raises
-        ServerNotRunning at the first delivery."""
+        ServerNotRunning at the first delivery.
+
+        ``cluster="redis://..."``: cluster tasks (``@task(queue=...)``, declared in a module
+        this program imports) go to their queue's stream in that Redis, no local server
+        needed; ASYNC is written behind the same way, CO waits for the result. Redis not
+        answering raises ClusterUnavailable."""
+        cluster_client.configure(cluster, exit_timeout)      # first: it checks the URL
         command.configure(message_queue_key, exit_timeout)
 
     @staticmethod
     def flush(timeout: float = 3.0) -> bool:
         """In a program delivering through the queue: writes out the ASYNC deliveries held
         back, waiting up to timeout seconds; True when nothing is left."""
-        queue = command.client()
-        return True if queue is None else queue.flush(check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        queue, cluster = command.client(), cluster_client.client()
+        return ((queue is None or queue.flush(timeout))
+                and (cluster is None or cluster.flush(timeout)))
 
     @staticmethod
     def deliver_batch(calls: Iterable[Sequence[Any]], timeout: float = 3.0, *,

@@ -22,10 +22,19 @@ from typing import Any
 
 from . import roles, sysv
 from ._core import Mailbox
+from .cluster.node import ClusterNode
 from .counters import StatsSegment
 from .cron import Crontab
 from .http import HttpService
-from .roles import EXIT_BOOT_ERROR, ChildRole, ServerHandle, TaskWorker, UserProcess, Worker
+from .roles import (
+    EXIT_BOOT_ERROR,
+    ChildRole,
+    ClusterWorker,
+    ServerHandle,
+    TaskWorker,
+    UserProcess,
+    Worker,
+)
 from .titles import set_title
 from .transport import control
 from .transport.ipc import ServerIpc
@@ -67,7 +76,11 @@ class Master:
     def __init__(self, server: ServerHandle) -> None:
         self.server = server
         self.settings = server.settings
-        self.children = [Child(Worker, i, i) for i in range(server.worker_num)]
+        # With a cluster, a worker also sends the cluster tasks to the node's bridge; without
+        # one, the plain Worker, so that a local delivery makes no cluster check at all.
+        self.cluster = ClusterNode(server) if server.settings["cluster"] else None
+        worker: type[ChildRole] = ClusterWorker if self.cluster is not None else Worker
+        self.children = [Child(worker, i, i) for i in range(server.worker_num)]
         self.children += [Child(TaskWorker, server.worker_num + i, i)
                           for i in range(server.task_worker_num)]
         first = server.worker_num + server.task_worker_num
@@ -76,6 +89,8 @@ class Master:
         if server.settings["cron"]:
             self.crontab = Crontab(server)
             self.processes += self.crontab.processes()
+        if self.cluster is not None:
+            self.processes += self.cluster.processes()
         self.children += [Child(UserProcess, first + i, i, spec.name)
                           for i, spec in enumerate(self.processes)]
         self.by_pid: dict[int, Child] = {}
@@ -122,6 +137,10 @@ class Master:
             if pid_file:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
+            if self.cluster is not None:
+                # Before anything forks: Redis unreachable fails the start, naming the URL.
+                self.cluster.open(os.getpid())
+                server.cluster = self.cluster
             self._create_tables()
             if self.crontab is not None:
                 self.crontab.open(os.getpid())
@@ -189,6 +208,7 @@ class Master:
                     os.unlink(pid_file)
                 except FileNotFoundError:
                     pass
+            server.cluster = None
             server.master_pid = None
             roles.leave()
         log.info("master %d stopped", os.getpid())

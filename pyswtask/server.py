@@ -27,6 +27,7 @@ from .transport import control
 from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
     from .counters import StatsSegment
     from .cron import Crontab
     from .http import HttpService
@@ -78,6 +79,7 @@ class Server:
         self.metrics_address: str | None = None
         # Created in shared memory by the master before it forks, removed when it stops.
         self.tables: dict[str, Table] = {}
+        self.cluster: ClusterNode | None = None     # the node, while it runs in a cluster
 
     def uses_queue(self) -> bool:
         """Whether the server has a message queue: a key, or an ipc mode that needs one."""

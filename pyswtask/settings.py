@@ -305,13 +305,17 @@ SETTINGS: tuple[Setting, ...] = (
             "this server's name in the cluster; None: `hostname:pid` of the master"),
     Setting("cluster_queues", None, _queue_names,
             "cluster queues this node's task workers serve; None: every queue of its registered "
-            "tasks"),
+            "tasks (none without task workers)"),
     # At-least-once: a task pending this long on a node that stopped answering is claimed by
     # another node and run again.
     Setting("cluster_visibility_timeout", 30.0, _positive_seconds,
             "seconds a cluster task may stay unacknowledged before another node claims it"),
     Setting("cluster_max_deliveries", 5, _positive_int,
             "deliveries of a cluster task before it goes to the dead-letter stream"),
+    # Tasks taken but not finished are invisible to the other nodes: a small number spreads a
+    # queue over the nodes, a larger one hides the round trips to Redis.
+    Setting("cluster_prefetch", 64, _positive_int,
+            "cluster tasks a node takes from Redis at a time, to run on its task workers"),
     Setting("cron_cluster", False, _bool,
             "every `@scheduled` rule fires once per cluster (a lease in Redis), not once per node"),
 )

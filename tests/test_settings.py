@@ -47,6 +47,7 @@ BAD_VALUES: dict[str, Any] = {
     "cluster_queues": [3],
     "cluster_visibility_timeout": 0,
     "cluster_max_deliveries": 0,
+    "cluster_prefetch": 0,
     "cron_cluster": "yes",
 }
 

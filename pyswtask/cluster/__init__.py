@@ -11,5 +11,6 @@ Must not import the roles: the roles call into this package, not the other way r
 from __future__ import annotations
 
 from .connection import connect, describe_url, require_redis
+from .runner import ClusterTask, current_task
 
-__all__ = ["connect", "describe_url", "require_redis"]
+__all__ = ["connect", "describe_url", "require_redis", "current_task", "ClusterTask"]

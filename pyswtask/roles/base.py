@@ -21,7 +21,9 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
+from .. import registry
 from .._core import Dispatcher, Mailbox
+from ..cluster import client as cluster_client
 from ..context import TaskContext
 from ..envelope import ORIGIN_USER_PROCESS, TYPE_CO, check_timeout, check_type, deadline_after, pack_task
 from ..errors import DeliveryError, NoTaskRunning, ServerNotRunning
@@ -65,6 +67,7 @@ class ServerHandle(Protocol):
     stats_segment: StatsSegment | None  # the counters every process raises (pyswtask.counters)
     metrics_address: str | None
     tables: dict[str, Any]          # name -> pyswtask.Table, created by the master
+    cluster: Any                    # the cluster node (pyswtask.cluster.node), when in one
 
     @property
     def worker_id(self) -> int: ...
@@ -193,12 +196,18 @@ class Role:
 
 class Outside(Role):
     """A program that is no process of a server: it delivers through a server's message queue
-    when one is configured (``Task.configure`` / PYSWTASK_QUEUE_KEY)."""
+    when one is configured (``Task.configure`` / PYSWTASK_QUEUE_KEY), and cluster tasks to the
+    cluster's Redis when one is configured (``Task.configure(cluster=...)``)."""
 
     def deliver(self, name: str, method: str, params: Sequence[Any], type: int, timeout: float,
                 callback: FinishCallback | None, dst_worker_id: int) -> Any:
+        cluster = cluster_client.client()
+        if cluster is not None and registry.queue_of(name) is not None:
+            return cluster.deliver(name, method, params, type, timeout)
         queue = command.client()
         if queue is None:
+            if cluster is not None:
+                return cluster.deliver(name, method, params, type, timeout)  # says why not
             return super().deliver(name, method, params, type, timeout, callback, dst_worker_id)
         check_type(type)
         body = pack_task(name, method, params, type, 0,
