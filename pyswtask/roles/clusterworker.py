@@ -30,6 +30,7 @@ from ..cluster.entries import error_from_wire, unpack_value
 from ..envelope import TYPE_ASYNC, TYPE_CO, check_timeout, check_type, pack_call, pack_task
 from ..errors import ClusterUnavailable, TaskTimeout
 from ..events import Event, events
+from ..transport import relay
 from ..transport.pipe import dispatch_messages, pack_message
 from .base import FinishCallback
 from .worker import Worker, _refuse_in_coroutine
@@ -90,6 +91,14 @@ class ClusterWorker(Worker):
         self._refuse_if_down()
         seq, waiting = self._send_co(queue, name, method, body, timeout)
         return _raise_or_return(self._wait_blocking({seq: waiting}, timeout)[0])
+
+    def _deliver_for(self, name: str, method: str, params: Any, relayed: relay.Relayed,
+                     deadline: float | None) -> Any:
+        """A user process's (or the crontab's) delivery of a cluster task goes to the cluster
+        like this worker's own; the relay waits for its result as for a local one."""
+        if registry.queue_of(name) is None:
+            return super()._deliver_for(name, method, params, relayed, deadline)
+        return self.deliver(name, method, params, TYPE_ASYNC, 3.0, relayed, -1)
 
     async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
                  dst_worker_id: int) -> Any:
