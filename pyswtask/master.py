@@ -93,7 +93,8 @@ class Master:
 
     def run(self) -> int:
         server = self.server
-        self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes))
+        self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes),
+                             self.settings["task_arena_size"])
         server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}
         server.master_id = self.ipc.master_id
         inbox_fd, out_fds = self.ipc.master_inbox()

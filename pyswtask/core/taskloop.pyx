@@ -52,7 +52,8 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0,
+                 arenas=None):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -73,6 +74,10 @@ cdef class TaskLoop(RecordReader):
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
             ch.body_max = max_body
+            if arenas is not None:
+                # (tasks, results) of each worker's channel.
+                ch.rx_arena = arenas[i][0]
+                ch.tx_arena = arenas[i][1]
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
         ev.events = EPOLLIN
@@ -323,10 +328,13 @@ cdef class TaskLoop(RecordReader):
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
+            self.release_arena()
             self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} on channel "
                                    f"{ch.peer} refused: {exc}")
             ok, value = False, ["ProtocolError", str(exc), ""]
         else:
+            # Read: the body's block may take the next body while this task runs.
+            self.release_arena()
             key = (envelope[0], envelope[1])
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):

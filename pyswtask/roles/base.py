@@ -21,7 +21,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
-from .._core import Dispatcher, Mailbox
+from .._core import Dispatcher, Mailbox, keep_freed_memory
 from ..envelope import check_timeout, check_type, pack_task
 from ..errors import DeliveryError, ServerNotRunning
 from ..titles import set_title
@@ -239,6 +239,9 @@ class ChildRole(Role):
         # Everything inherited from the master lives as long as the child: keep the collector
         # from walking it again and again on the per-task path.
         gc.freeze()
+        if self.ipc.arenas is not None:
+            # Processes that pass large bodies: see keep_freed_memory.
+            keep_freed_memory()
         enter(self)
         try:
             self.mailbox = Mailbox(self.worker_id, self.ipc.inbox_fd, self.ipc.out_fds,
