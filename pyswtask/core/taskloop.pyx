@@ -7,7 +7,10 @@ from posix.unistd cimport close, read, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
-from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals)
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
@@ -23,6 +26,10 @@ cdef uint64_t _GAVE_UP = <uint64_t>-2
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
     cdef FrameHeader h
     return check_header(text, n, &h) == NULL and is_later_part(&h)
+
+
+# Packs results (one at a time: a task worker runs one task at a time).
+cdef object _result_packer = msgpack.Packer(use_bin_type=True, autoreset=False)
 
 
 # A method whose runs average more than this is "slow": results already queued are sent before
@@ -321,6 +328,7 @@ cdef class TaskLoop(RecordReader):
         cdef uint16_t src = h.src_worker
         cdef bint ok
         cdef bytes out
+        cdef Py_buffer buf
         cdef double started
         cdef object expected
         cdef object envelope = None
@@ -358,31 +366,48 @@ cdef class TaskLoop(RecordReader):
         self.tasks_done += 1
         if ch is self.qchan and (h.flags & _FLAG_COMMAND) and (h.flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
+        # The result is packed in the packer's own buffer and copied from there into the frame
+        # queue or the arena: no bytes object for it (for a large result, a fresh allocation
+        # and a copy fewer).
+        _result_packer.reset()
         if ok:
             try:
-                out = packb(value)
+                _result_packer.pack(value)
             except Exception as exc:
+                _result_packer.reset()
                 ok = False
                 value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
-            out = packb(value)
-        if self.body_max and <size_t>PyBytes_GET_SIZE(out) > self.body_max:
-            what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
-            ok = False
-            out = packb(["ValueError", f"the result of {what} packs to {PyBytes_GET_SIZE(out)} "
-                         f"bytes, above the server's package_max_length ({self.body_max})", ""])
-        if ch is self.qchan:
-            # From the queue: a command's task answers to the command (unless ASYNC); a
-            # worker's (ipc modes 2 and 3) on the channel back to that worker.
-            if h.flags & _FLAG_COMMAND:
-                if not (h.flags & _FLAG_ASYNC) and self.on_reply is not None:
-                    self.on_reply(task_id, ok, out)
-                return 0
-            if src >= len(self.channels):
-                self.on_protocol_error(f"{self.who}: a queued task names worker {src}, which "
-                                       "does not exist; its result dropped")
-                return 0
-            ch = <Channel>self.channels[src]
-        ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
-               PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
+            _result_packer.pack(value)
+        PyObject_GetBuffer(_result_packer, &buf, PyBUF_SIMPLE)
+        try:
+            if self.body_max and <size_t>buf.len > self.body_max:
+                what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
+                ok = False
+                out = packb(["ValueError", f"the result of {what} packs to {buf.len} bytes, "
+                             f"above the server's package_max_length ({self.body_max})", ""])
+            else:
+                out = None
+            if ch is self.qchan:
+                # From the queue: a command's task answers to the command (unless ASYNC); a
+                # worker's (ipc modes 2 and 3) on the channel back to that worker.
+                if h.flags & _FLAG_COMMAND:
+                    if not (h.flags & _FLAG_ASYNC) and self.on_reply is not None:
+                        self.on_reply(task_id, ok, out if out is not None else
+                                      PyBytes_FromStringAndSize(<char *>buf.buf, buf.len))
+                    return 0
+                if src >= len(self.channels):
+                    self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "
+                                           "which does not exist; its result dropped")
+                    return 0
+                ch = <Channel>self.channels[src]
+            if out is not None:
+                ch.put(_FRAME_ERROR, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
+                       PyBytes_GET_SIZE(out))
+            else:
+                ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
+                       <const char *>buf.buf, <size_t>buf.len)
+        finally:
+            PyBuffer_Release(&buf)
+            _result_packer.reset()
         return 0
