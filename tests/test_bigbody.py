@@ -243,3 +243,4 @@ def test_a_reference_outside_the_arena_is_dropped_and_named() -> None:
         left.close()
         right.close()
         busy.close()
+

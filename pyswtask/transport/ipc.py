@@ -52,8 +52,14 @@ class ServerIpc:
         self.pairs = [[socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                        for _ in range(task_worker_num)] for _ in range(worker_num)]
         # Address space only until bodies are written: the pages are taken as they are used.
-        self.arenas = [[(Arena(arena_size), Arena(arena_size)) for _ in range(task_worker_num)]
-                       for _ in range(worker_num)] if arena_size else None
+        try:
+            self.arenas = [[(Arena(arena_size), Arena(arena_size))
+                            for _ in range(task_worker_num)]
+                           for _ in range(worker_num)] if arena_size else None
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror}: cannot map the task arenas, "
+                          f"2 x {worker_num} x {task_worker_num} of task_arena_size "
+                          f"({arena_size} bytes); lower the setting, or 0 turns them off") from None
         # The last inbox is the master's.
         self.master_id = worker_num + task_worker_num + process_num
         self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -108,10 +114,6 @@ class ServerIpc:
     def _sockets(self) -> list[socket.socket]:
         out = [s for row in self.pairs for pair in row for s in pair]
         return out + [s for pair in self.inboxes for s in pair]
-
-    def arena_used(self) -> int:
-        """Bytes held in every arena of the server (see Dispatcher.arena_used)."""
-        return sum(a.used for row in self.arenas or () for pair in row for a in pair)
 
     def close(self) -> None:
         self.arenas = None
