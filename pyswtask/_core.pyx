@@ -40,7 +40,11 @@ Frame (little-endian, 20-byte header + body)
   fragments, each a frame with the same type and task id: 0x02 FRAG_FIRST on the first, 0x04
   FRAG_MORE on the ones between, 0x08 FRAG_LAST on the last. 0x10 COMMAND: a task from a
   separate program through the message queue; its result goes to that program's reply
-  socket, not to a worker.
+  socket, not to a worker. 0x20 ARENA: the body lies in the sender's arena for this channel
+  (core/arena.pyx), and the frame's 16-byte body says where: ``u64 position, u32 length,
+  u32 0``; the reader takes it from there and frees its block. Task, result and error bodies
+  of ARENA_MIN_BODY (16 KiB) and more go so on a worker <-> task worker channel when the
+  arena has room, else as any other body.
 - resent: how many times a TASK frame was sent again because the task worker holding it died
   before starting it (a worker's resend, or the master putting a queue message back); 0 the
   first time, and in every other frame. The task sees it as its attempt (1 + resent). Readers
@@ -83,6 +87,7 @@ cimport cython
 # modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
 include "core/unpack.pyx"
+include "core/arena.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"
 include "core/dispatcher.pyx"

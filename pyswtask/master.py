@@ -119,7 +119,8 @@ class Master:
             process_names=[spec.name for spec in self.processes], master_pid=os.getpid())
         stats.describe(task_ipc_mode=self.settings["task_ipc_mode"])
         self.ipc = ServerIpc(server.worker_num, server.task_worker_num, len(self.processes),
-                             busy=stats.busy, load=stats.load_bytes)
+                             busy=stats.busy, load=stats.load_bytes,
+                             arena_size=self.settings["task_arena_size"])
         server.process_ids = {c.name: c.worker_id for c in self.children if c.kind == PROCESS}
         server.master_id = self.ipc.master_id
         inbox_fd, out_fds = self.ipc.master_inbox()

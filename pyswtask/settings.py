@@ -277,6 +277,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("package_max_length", 64 << 20, _positive_int,
             "largest packed params, result or pipe message (`ValueError` naming the setting "
             "above it); readers drop a longer body as it is reassembled", show=_mib),
+    # Per channel and direction: 2 x worker_num x task_worker_num of them, address space only
+    # until used; each takes the memory of the most bodies it held at once (see core/arena.pyx).
+    Setting("task_arena_size", 64 << 20, _non_negative_int,
+            "shared memory each channel has per direction for task and result bodies of 16 KiB "
+            "and more, which then cross by reference; a body that finds no room goes through "
+            "the socket; 0: every body does", show=_mib),
     # Serving HTTP: the master imports the app and listens before it forks; each worker runs
     # uvicorn on its own event loop, on the inherited sockets.
     Setting("app", None, _app,

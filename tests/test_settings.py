@@ -31,6 +31,7 @@ BAD_VALUES: dict[str, Any] = {
     "task_ipc_mode": 4,
     "message_queue_key": "zz",
     "task_max_request": -1,
+    "task_arena_size": -1,
     "max_request": 1.5,
     "task_queue_size": 0,
     "package_max_length": True,

@@ -1,7 +1,8 @@
 # Declarations of core/channel.pyx: one end of a channel (an outgoing frame queue and the
 # reassembly of fragmented bodies) and the record reader the loops are built on.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 
 from .includes.posix cimport MSG_DONTWAIT, recv
@@ -41,6 +42,11 @@ cdef class Channel:
     cdef int rcvtimeo_ms        # SO_RCVTIMEO set now (0: none), for blocking waits
     cdef size_t frag_max        # largest body of one frame; larger ones are fragmented
     cdef size_t body_max        # largest body reassembled (package_max_length; 0: no limit)
+    cdef Arena tx_arena         # large bodies sent on this end go here when it has room, or None
+    cdef Arena rx_arena         # and those received come from here (None: refused)
+    cdef uint64_t spilled       # end of the block the last put wrote into tx_arena (0: none)
+    cdef readonly uint64_t arena_sent   # bodies sent by reference
+    cdef readonly uint64_t arena_full   # bodies for the arena that went through the socket: no room
 
     cdef size_t queued(self) noexcept
     cdef char *reserve(self, size_t n) except NULL
@@ -58,12 +64,30 @@ cdef class RecordReader:
     cdef object on_protocol_error   # on_protocol_error(message)
     cdef str who                    # names this end in those messages
     cdef readonly uint64_t bad_records
+    cdef Arena arena                # the arena of the frame on_frame has now, if its body is there
+    cdef uint64_t arena_end         # the end of that body's block (0: not in an arena)
+    cdef const char *arena_body
 
     # on_frame returns 1 to leave the rest of the record unread (read_record returns where).
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1
     cdef int _dropped(self, Channel ch, FrameHeader *h, int status) except -1
+    cdef int _from_arena(self, Channel ch, FrameHeader *h, const char *ref) except -1
+    cdef void release_arena(self) noexcept
     cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
                                 uint8_t accepted) except -1
+
+
+cdef inline void write_ref(char *p, uint64_t pos, uint32_t n) noexcept nogil:
+    # A reference frame's body: where in the sender's arena the body lies, and its length.
+    cdef uint32_t zero = 0
+    memcpy(p, &pos, 8)
+    memcpy(p + 8, &n, 4)
+    memcpy(p + 12, &zero, 4)
+
+
+cdef inline void read_ref(const char *p, uint64_t *pos, uint32_t *n) noexcept nogil:
+    memcpy(pos, p, 8)
+    memcpy(n, p + 8, 4)
 
 
 cdef ssize_t recv_record_blocking(Channel ch, char *buf, double timeout) except? -2

@@ -66,6 +66,21 @@ cdef class Channel:
         cdef char *p
         cdef size_t off = 0, chunk
         cdef uint8_t fl
+        cdef int64_t pos
+        self.spilled = 0
+        if n >= _ARENA_MIN_BODY and self.tx_arena is not None and n <= 0xFFFFFFFF:
+            pos = self.tx_arena.reserve(n)
+            if pos >= 0:
+                # The body goes into shared memory, a reference to it on the socket. Without
+                # room, it goes through the socket as any body does: never a wait.
+                memcpy(self.tx_arena.ring + <uint64_t>pos % self.tx_arena.capacity, body, n)
+                p = self.reserve(_HEADER_SIZE + _ARENA_REF_SIZE)
+                write_header(p, ftype, flags | _FLAG_ARENA, task_id, src, _ARENA_REF_SIZE)
+                write_ref(p + _HEADER_SIZE, <uint64_t>pos, <uint32_t>n)
+                self.spilled = arena_end(<uint64_t>pos, n)
+                self.arena_sent += 1
+                return 0
+            self.arena_full += 1
         if n <= self.frag_max:
             p = self.reserve(_HEADER_SIZE + n)
             write_header(p, ftype, flags, task_id, src, <uint32_t>n, resent)
@@ -260,6 +275,45 @@ cdef class RecordReader:
                                    "came: dropped, with the rest of its body")
         return 0
 
+    cdef int _from_arena(self, Channel ch, FrameHeader *h, const char *ref) except -1:
+        """Resolves a reference frame: 1 with the body's place in self.arena / arena_end and its
+        length in h.body_len, or 0 when it was dropped (reported)."""
+        cdef uint64_t pos
+        cdef uint32_t n
+        cdef const char *why = NULL
+        cdef const char *body
+        if ch.rx_arena is None:
+            why = "a reference to an arena this channel does not have"
+        elif h.body_len != _ARENA_REF_SIZE or h.flags & _FLAGS_FRAG:
+            why = "a malformed arena reference"
+        else:
+            read_ref(ref, &pos, &n)
+            if ch.body_max and n > ch.body_max:
+                self.on_protocol_error(f"{self.who}: the body of task {h.task_id} from "
+                                       f"{h.src_worker} on channel {ch.peer} is {n} bytes, above "
+                                       f"package_max_length ({ch.body_max} bytes): dropped")
+                ch.rx_arena.consumed(arena_end(pos, n))
+                return 0
+            body = ch.rx_arena.block(pos, n)
+            if body == NULL:
+                why = "an arena reference outside what was written there"
+            else:
+                self.arena = ch.rx_arena
+                self.arena_end = arena_end(pos, n)
+                h.body_len = n
+                self.arena_body = body
+                return 1
+        # One frame dropped, not the record: the frames after it are whole.
+        self.on_protocol_error(f"{self.who}: task {h.task_id} from {h.src_worker} on channel "
+                               f"{ch.peer} dropped: {why.decode()}")
+        return 0
+
+    cdef void release_arena(self) noexcept:
+        """The body of the frame on_frame has now was read: its block may be reused."""
+        if self.arena_end:
+            self.arena.consumed(self.arena_end)
+            self.arena_end = 0
+
     cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
                                 uint8_t accepted) except -1:
         """accepted: the frame type this end takes (RESULT also takes ERROR and LOST). Returns
@@ -269,7 +323,7 @@ cdef class RecordReader:
         cdef const char *why
         cdef const char *body
         cdef object whole
-        cdef int status
+        cdef int status, stop
         while off < n:
             why = check_header(record + off, n - off, &h)
             if why == NULL and h.type != accepted and not (
@@ -283,7 +337,16 @@ cdef class RecordReader:
                 return n
             body = record + off + _HEADER_SIZE
             off += _HEADER_SIZE + h.body_len
-            if h.flags & _FLAGS_FRAG:
+            if h.flags & _FLAG_ARENA:
+                if not self._from_arena(ch, &h, body):
+                    continue
+                try:
+                    stop = self.on_frame(ch, &h, self.arena_body, h.body_len)
+                finally:
+                    self.release_arena()
+                if stop:
+                    return off
+            elif h.flags & _FLAGS_FRAG:
                 whole = ch.assemble(&h, body, &status)
                 if status != _ASM_KEPT:
                     self._dropped(ch, &h, status)

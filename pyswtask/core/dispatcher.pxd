@@ -23,6 +23,7 @@ cdef class _Pending:
     cdef Py_ssize_t index
     cdef int tw                 # the out channel it went to
     cdef bytes body             # kept to send again if a dead task worker never started it
+    cdef uint64_t arena_end     # the end of its body's block in the channel's arena (0: none)
     cdef uint8_t resent         # how often that happened (the frame header carries it)
 
 
@@ -47,6 +48,7 @@ cdef class PendingTable:
     cdef object make_lost           # make_lost(message) -> the error of a task lost with its
                                     #   task worker
     cdef readonly uint64_t late_results
+    cdef uint64_t lost_arena_end    # set by take_lost: the blocks of the tasks the dead one took
 
     cdef uint64_t new_id(self) noexcept
     cdef int add(self, uint64_t task_id, _Pending entry) except -1

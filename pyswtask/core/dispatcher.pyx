@@ -161,6 +161,14 @@ cdef class PendingTable:
                 lost.append(task_id)
             elif running and task_id <= read_upto:
                 again.append(task_id)
+        # The arena blocks of those tasks: taken off the socket by the dead task worker, they
+        # can be reused, up to the last of them (in the channel's order: not a task sent again,
+        # whose block came after others still unread).
+        self.lost_arena_end = 0
+        for task_id in lost + again:
+            entry = <_Pending>self.entries[task_id]
+            if not entry.resent and entry.arena_end > self.lost_arena_end:
+                self.lost_arena_end = entry.arena_end
         for task_id in lost:
             entry = <_Pending>self.entries.pop(task_id)
             what = "while running this task or sending its result" if task_id == running else (
@@ -316,7 +324,8 @@ cdef class Dispatcher(RecordReader):
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, make_lost,
                  on_protocol_error, uint64_t epoch, double spin=0.0, size_t high_water=4 << 20,
-                 load=None, outs=None, Py_ssize_t max_pending=65536, size_t max_body=0):
+                 load=None, outs=None, Py_ssize_t max_pending=65536, size_t max_body=0,
+                 arenas=None):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"worker {worker_id}"
@@ -338,6 +347,12 @@ cdef class Dispatcher(RecordReader):
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
             ch.body_max = max_body
+            if arenas is not None:
+                # (tasks, results) of each task worker; tasks leave through the arena only on
+                # this channel, not through a message queue.
+                if outs is None:
+                    ch.tx_arena = arenas[i][0]
+                ch.rx_arena = arenas[i][1]
             ch.update_interest(self.epfd, _READ_ALWAYS)
             self.channels.append(ch)
         self.outs = self.channels if outs is None else list(outs)
@@ -366,6 +381,30 @@ cdef class Dispatcher(RecordReader):
         queue, which has no descriptor to wait on, it retries what a full queue refused."""
         self.schedule = schedule
         self.schedule_later = schedule_later
+
+    @property
+    def arena_used(self):
+        """Bytes held in this worker's arenas, the tasks' and the results' of every channel:
+        bodies not read yet, or read by a process that died before it could say so."""
+        cdef Channel ch
+        cdef size_t used = 0
+        for ch in self.channels:
+            if ch.tx_arena is not None:
+                used += ch.tx_arena.used
+            if ch.rx_arena is not None:
+                used += ch.rx_arena.used
+        return used
+
+    @property
+    def arena_counts(self):
+        """(task bodies sent by reference, task bodies for the arena sent through the socket
+        because it had no room), since this process started."""
+        cdef Channel ch
+        cdef uint64_t sent = 0, full = 0
+        for ch in self.channels:
+            sent += ch.arena_sent
+            full += ch.arena_full
+        return sent, full
 
     @property
     def pending_count(self):
@@ -417,6 +456,7 @@ cdef class Dispatcher(RecordReader):
 
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
         cdef int j
+        cdef size_t n
         cdef Channel ch
         cdef uint64_t task_id
         if len(self.table.entries) >= self.table.max_pending:
@@ -431,12 +471,16 @@ cdef class Dispatcher(RecordReader):
         self.delivered += 1
         if self.stat_sent != NULL:
             self.stat_sent[j] += 1
-        if ch.queued() and ch.queued() + _HEADER_SIZE + <size_t>PyBytes_GET_SIZE(body) > _RECORD_MAX:
+        n = <size_t>PyBytes_GET_SIZE(body)
+        if n >= _ARENA_MIN_BODY and ch.tx_arena is not None:
+            n = _ARENA_REF_SIZE
+        if ch.queued() and ch.queued() + _HEADER_SIZE + n > _RECORD_MAX:
             # A full record goes now, before the frame that would overflow it: one send per
             # record, where flushing after the put also sent that one frame alone.
             self._sent_record(ch)
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
+        entry.arena_end = ch.spilled
         self.table.add(task_id, entry)
         if ch.queued() >= _RECORD_MAX:
             self._sent_record(ch)
@@ -765,6 +809,8 @@ cdef class Dispatcher(RecordReader):
             self.on_protocol_error(f"{self.who}: malformed lost-task notice dropped: {exc}")
             return 0
         again = self.table.take_lost(ch.peer, running, read_upto, reason)
+        if self.table.lost_arena_end and ch.tx_arena is not None:
+            ch.tx_arena.consumed(self.table.lost_arena_end)
         for task_id, value in again:
             entry = <_Pending>value
             out = <Channel>self.outs[entry.tw]
@@ -773,6 +819,7 @@ cdef class Dispatcher(RecordReader):
             out.put(_FRAME_TASK, _FLAG_ASYNC if entry.kind == _P_ASYNC else 0, task_id,
                     self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body),
                     entry.resent)
+            entry.arena_end = out.spilled
         if again:
             self._schedule_flush()
         return 0

@@ -26,6 +26,7 @@ cdef enum:
     _FLAG_FRAG_LAST = 0x08
     _FLAGS_FRAG = 0x0E
     _FLAG_COMMAND = 0x10
+    _FLAG_ARENA = 0x20
 
 
 cdef packed struct FrameHeader:

@@ -21,6 +21,7 @@ FLAG_FRAG_FIRST = _FLAG_FRAG_FIRST
 FLAG_FRAG_MORE = _FLAG_FRAG_MORE
 FLAG_FRAG_LAST = _FLAG_FRAG_LAST
 FLAG_COMMAND = _FLAG_COMMAND
+FLAG_ARENA = _FLAG_ARENA
 
 # Envelope field order, as TaskHelper::pack had it: name, method, params, type, logid, spanid;
 # then, when they are not the defaults, the deadline of a CO delivery (unix time, float) and

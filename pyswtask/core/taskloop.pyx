@@ -7,8 +7,10 @@ from posix.unistd cimport close, read, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
-from .includes.python cimport (PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals,
-                               PyTuple_GET_SIZE, PyTuple_GetSlice)
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals, PyTuple_GET_SIZE, PyTuple_GetSlice)
 
 cdef enum:
     _STOP_TAG = 0xFFFFFFFF
@@ -25,6 +27,10 @@ cdef uint64_t _GAVE_UP = <uint64_t>-2
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
     cdef FrameHeader h
     return check_header(text, n, &h) == NULL and is_later_part(&h)
+
+
+# Packs results (one at a time: a task worker runs one task at a time).
+cdef object _result_packer = msgpack.Packer(use_bin_type=True, autoreset=False)
 
 
 # A method whose runs average more than this is "slow": results already queued are sent before
@@ -75,7 +81,8 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0):
+                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0,
+                 arenas=None):
         cdef Channel ch
         cdef epoll_event ev
         self.worker_id = worker_id
@@ -96,6 +103,10 @@ cdef class TaskLoop(RecordReader):
         for i, fd in enumerate(fds):
             ch = Channel(fd, i)
             ch.body_max = max_body
+            if arenas is not None:
+                # (tasks, results) of each worker's channel.
+                ch.rx_arena = arenas[i][0]
+                ch.tx_arena = arenas[i][1]
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
         ev.events = EPOLLIN
@@ -392,12 +403,15 @@ cdef class TaskLoop(RecordReader):
         try:
             envelope = unpack_envelope_c(p, n)
         except ProtocolError as exc:
+            self.release_arena()
             self.on_protocol_error(f"{self.who}: task {task_id} from worker {src} on channel "
                                    f"{ch.peer} refused: {exc}")
             ok, value = False, ["ProtocolError", str(exc), ""]
             if self.stat_counts != NULL:
                 self._count(None, False, 0.0)
         else:
+            # Read: the body's block may take the next body while this task runs.
+            self.release_arena()
             key = (envelope[0], envelope[1])
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
@@ -442,35 +456,53 @@ cdef class TaskLoop(RecordReader):
     cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
                     object value, object envelope) except -1:
         cdef bytes out
+        cdef Py_buffer buf
         if ch is self.qchan and (flags & _FLAG_COMMAND) and (flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
+        # The result is packed in the packer's own buffer and copied from there into the frame
+        # queue or the arena: no bytes object for it (for a large result, a fresh allocation
+        # and a copy fewer).
+        _result_packer.reset()
         if ok:
             try:
-                out = packb(value)
+                _result_packer.pack(value)
             except Exception as exc:
+                _result_packer.reset()
                 ok = False
                 value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
-            out = packb(value)
-        if self.body_max and <size_t>PyBytes_GET_SIZE(out) > self.body_max:
-            what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
-            ok = False
-            out = packb(["ValueError", f"the result of {what} packs to {PyBytes_GET_SIZE(out)} "
-                         f"bytes, above the server's package_max_length ({self.body_max})", ""])
-        if ch is self.qchan:
-            # From the queue: a command's task answers to the command (unless ASYNC); a
-            # worker's (ipc modes 2 and 3) on the channel back to that worker.
-            if flags & _FLAG_COMMAND:
-                if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
-                    self.on_reply(task_id, ok, out)
-                return 0
-            if src >= len(self.channels):
-                self.on_protocol_error(f"{self.who}: a queued task names worker {src}, which "
-                                       "does not exist; its result dropped")
-                return 0
-            ch = <Channel>self.channels[src]
-        ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
-               PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
+            _result_packer.pack(value)
+        PyObject_GetBuffer(_result_packer, &buf, PyBUF_SIMPLE)
+        try:
+            if self.body_max and <size_t>buf.len > self.body_max:
+                what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
+                ok = False
+                out = packb(["ValueError", f"the result of {what} packs to {buf.len} bytes, "
+                             f"above the server's package_max_length ({self.body_max})", ""])
+            else:
+                out = None
+            if ch is self.qchan:
+                # From the queue: a command's task answers to the command (unless ASYNC); a
+                # worker's (ipc modes 2 and 3) on the channel back to that worker.
+                if flags & _FLAG_COMMAND:
+                    if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
+                        self.on_reply(task_id, ok, out if out is not None else
+                                      PyBytes_FromStringAndSize(<char *>buf.buf, buf.len))
+                    return 0
+                if src >= len(self.channels):
+                    self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "
+                                           "which does not exist; its result dropped")
+                    return 0
+                ch = <Channel>self.channels[src]
+            if out is not None:
+                ch.put(_FRAME_ERROR, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
+                       PyBytes_GET_SIZE(out))
+            else:
+                ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
+                       <const char *>buf.buf, <size_t>buf.len)
+        finally:
+            PyBuffer_Release(&buf)
+            _result_packer.reset()
         return 0
 
     cdef int _count(self, object key, bint ok, double seconds) except -1:

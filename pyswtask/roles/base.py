@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from .. import registry
-from .._core import Dispatcher, Mailbox
+from .._core import Dispatcher, Mailbox, keep_freed_memory
 from ..cluster import client as cluster_client
 from ..context import TaskContext
 from ..envelope import ORIGIN_USER_PROCESS, TYPE_CO, check_timeout, check_type, deadline_after, pack_task
@@ -262,6 +262,9 @@ class ChildRole(Role):
         # Everything inherited from the master lives as long as the child: keep the collector
         # from walking it again and again on the per-task path.
         gc.freeze()
+        if self.ipc.arenas is not None:
+            # Processes that pass large bodies: see keep_freed_memory.
+            keep_freed_memory()
         enter(self)
         try:
             self.mailbox = Mailbox(self.worker_id, self.ipc.inbox_fd, self.ipc.out_fds,

@@ -54,7 +54,7 @@ class TaskWorker(ChildRole):
             execute=executor.execute, on_signal=_is_stop, on_protocol_error=log.error,
             inbox_fd=mailbox.fileno(), on_inbox=lambda: dispatch_messages(mailbox, server),
             state=self.ipc.tw_state, max_tasks=server.settings["task_max_request"],
-            max_body=self.package_max_length, **self.queue)
+            max_body=self.package_max_length, arenas=self.ipc.arenas, **self.queue)
         if server.stats_segment is not None:
             self.task_loop.count_into(*server.stats_segment.task_worker_counting(
                 self.index, self.worker_id))

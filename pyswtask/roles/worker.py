@@ -68,7 +68,8 @@ class Worker(ChildRole):
                 make_error=TaskError.from_wire, make_lost=self._lost,
                 on_protocol_error=log.error, epoch=os.getpid(),
                 spin=settings["task_wait_spin"], load=self.ipc.load, outs=self._queue_outs(),
-                max_pending=settings["task_queue_size"], max_body=self.package_max_length)
+                max_pending=settings["task_queue_size"], max_body=self.package_max_length,
+                arenas=self.ipc.arenas)
             dispatcher.set_scheduler(loop.call_soon,
                                      lambda callback: loop.call_later(0.0005, callback))
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)

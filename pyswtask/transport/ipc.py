@@ -1,6 +1,7 @@
 """The IPC a server needs, created by the master before it forks, so every child inherits it.
 
-- task channels: one SOCK_SEQPACKET pair per (worker, task worker);
+- task channels: one SOCK_SEQPACKET pair per (worker, task worker), and for each two arenas,
+  shared-memory rings that bodies of 16 KiB and more go through (the tasks', the results');
 - inboxes: one SOCK_SEQPACKET pair per child and one for the master, for pipe messages (every
   child holds every write end, and the read end of its own; the master's takes control
   messages only);
@@ -24,7 +25,7 @@ import mmap
 import socket
 from typing import NamedTuple
 
-from .._core import TaskWorkerStates
+from .._core import Arena, TaskWorkerStates
 
 log = logging.getLogger("pyswtask.master")
 
@@ -38,17 +39,28 @@ class ChildIpc(NamedTuple):
     inbox_fd: int
     out_fds: list[int]          # the write end of every inbox, by global id
     tw_state: TaskWorkerStates
+    arenas: list[tuple[Arena, Arena]] | None   # by task_fds: (tasks, results); None: no arenas
 
 
 class ServerIpc:
     def __init__(self, worker_num: int, task_worker_num: int, process_num: int,
-                 busy: memoryview | None = None, load: memoryview | None = None) -> None:
+                 busy: memoryview | None = None, load: memoryview | None = None,
+                 arena_size: int = 0) -> None:
         self.worker_num = worker_num
         self.task_worker_num = task_worker_num
         # Blocking at the file level: the core passes MSG_DONTWAIT on every call that must not
         # block, and a CO caller waits in a plain recv.
         self.pairs = [[socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                        for _ in range(task_worker_num)] for _ in range(worker_num)]
+        # Address space only until bodies are written: the pages are taken as they are used.
+        try:
+            self.arenas = [[(Arena(arena_size), Arena(arena_size))
+                            for _ in range(task_worker_num)]
+                           for _ in range(worker_num)] if arena_size else None
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror}: cannot map the task arenas, "
+                          f"2 x {worker_num} x {task_worker_num} of task_arena_size "
+                          f"({arena_size} bytes); lower the setting, or 0 turns them off") from None
         # The last inbox is the master's.
         self.master_id = worker_num + task_worker_num + process_num
         self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -65,10 +77,15 @@ class ServerIpc:
 
     def for_child(self, kind: str, global_id: int, index: int) -> ChildIpc:
         """In a freshly forked child: closes what it does not use, returns what it keeps."""
+        arenas = None
         if kind == "worker":
             task = [row_pair[0] for row_pair in self.pairs[index]]
+            if self.arenas is not None:
+                arenas = self.arenas[index]
         elif kind == "task worker":
             task = [row[index][1] for row in self.pairs]
+            if self.arenas is not None:
+                arenas = [row[index] for row in self.arenas]
         else:
             task = []
         keep = {s.fileno() for s in task} | {w.fileno() for w, _ in self.inboxes}
@@ -79,7 +96,7 @@ class ServerIpc:
         load = self._load if isinstance(self._load, memoryview) else memoryview(self._load)
         return ChildIpc([s.fileno() for s in task], self.busy, load.cast("I"),
                         self.inboxes[global_id][1].fileno(), [w.fileno() for w, _ in self.inboxes],
-                        self.tw_state)
+                        self.tw_state, arenas)
 
     def report_lost(self, index: int, reason: str) -> None:
         """After task worker index died: tells each worker, on the dead end of their channel
@@ -104,6 +121,7 @@ class ServerIpc:
         return out + [s for pair in self.inboxes for s in pair]
 
     def close(self) -> None:
+        self.arenas = None
         for s in self._sockets():
             s.close()
         if self._own:

@@ -1,0 +1,246 @@
+"""Large task and result bodies through the channels' shared-memory arenas, in real servers:
+intact at every size around the threshold, a full arena falling back to the socket, and a task
+worker killed with bodies in its arena."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import textwrap
+import time
+
+import pytest
+from _testbase import ServerRunner
+from test_process import read_records
+
+from pyswtask._core import (
+    ARENA_MIN_BODY,
+    FLAG_ARENA,
+    FRAME_RESULT,
+    Arena,
+    Dispatcher,
+    pack_envelope,
+    pack_frame,
+)
+
+# Tasks that hash what they get and echo it back, so both directions are checked.
+BIG = '''
+import hashlib
+from pyswtask import roles
+
+@task("Big")
+class Big:
+    def digest(self, data):
+        return [hashlib.sha256(data).hexdigest(), data]
+    def double(self, data):
+        return data * 2
+    def slow(self, data, seconds):
+        time.sleep(seconds)
+        return [hashlib.sha256(data).hexdigest(), len(data)]
+
+def blob(size, seed):
+    # Different bytes for every task, so that a body read from a reused block shows.
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"z" * (size % 32)
+
+def envelope_size(n):
+    from pyswtask._core import pack_envelope
+    return len(pack_envelope("Big", "digest", [b"x" * n]))
+
+def params_for(body_size):
+    # The bytes length whose packed task envelope is body_size bytes, exactly.
+    n = body_size - (envelope_size(0) + 4)
+    while envelope_size(n) > body_size:
+        n -= 1
+    while envelope_size(n) < body_size:
+        n += 1
+    assert envelope_size(n) == body_size, body_size
+    return n
+
+def arena():
+    d = roles.current().dispatcher
+    return {"used": d.arena_used, "sent": d.arena_counts[0], "full": d.arena_counts[1]}
+'''
+
+
+def script(body: str) -> str:
+    return BIG + textwrap.dedent(body)
+
+
+@pytest.mark.timeout(90)
+def test_bodies_around_the_threshold_and_up_to_a_mib_arrive_intact(servers: ServerRunner) -> None:
+    srv = servers.run(script('''
+        import hashlib
+        server = Server(worker_num=1, task_worker_num=2)
+        SIZES = [ARENA - 1, ARENA, ARENA + 1, 65536, 65600, 1 << 20, 3 << 20]
+
+        def go(server, wid):
+            ok = []
+            for i, size in enumerate(SIZES):
+                data = blob(params_for(size), i)
+                got = Task.deliver("Big", "digest", [data], timeout=30)
+                ok.append(got == [hashlib.sha256(data).hexdigest(), data])
+            emit(event="co", ok=ok, **arena())
+            done = {}
+            def finish(tid, result):
+                done[tid] = result
+                if len(done) == len(sent):
+                    emit(event="async", ok=[done[t] == want for t, want in sent.items()],
+                         **arena())
+                    server.shutdown()
+            sent = {}
+            for i, size in enumerate(SIZES * 3):
+                data = blob(params_for(size), 100 + i)
+                tid = Task.deliver("Big", "digest", [data], Task.TYPE_ASYNC, callback=finish)
+                sent[tid] = [hashlib.sha256(data).hexdigest(), data]
+        server.on("worker_start", go)
+        server.start()
+    '''.replace("ARENA", str(ARENA_MIN_BODY))), timeout=80)
+    co = srv.by_event("co")[0]
+    assert co["ok"] == [True] * 7, co
+    # Every body from the threshold up went by reference (the one below it did not).
+    assert (co["sent"], co["full"]) == (6, 0)
+    done = srv.by_event("async")[0]
+    assert done["ok"] == [True] * 21
+    assert (done["sent"], done["full"]) == (6 + 18, 0)
+    assert done["used"] == 0, "an arena still holds bodies read long ago"
+
+
+@pytest.mark.timeout(90)
+def test_more_large_tasks_than_the_arena_holds_go_through_the_socket_and_none_is_lost(
+        servers: ServerRunner) -> None:
+    srv = servers.start(script('''
+        import hashlib
+        # 256 KiB per channel and direction: three 64 KiB bodies; each worker's burst is 300.
+        server = Server(worker_num=2, task_worker_num=2, task_arena_size=256 << 10)
+        N = 300
+
+        def go(server, wid):
+            done = []
+            want = {}
+            def finish(tid, result):
+                done.append(result == want[tid])
+                if len(done) == N:
+                    server.after(200, lambda: emit(event="done", wid=wid, ok=sum(done),
+                                                   n=len(done), **arena()))
+            for i in range(N):
+                data = blob(65536, wid * 1000 + i)
+                tid = Task.deliver("Big", "digest", [data], Task.TYPE_ASYNC, callback=finish)
+                want[tid] = [hashlib.sha256(data).hexdigest(), data]
+        server.on("worker_start", go)
+        server.start()
+    '''))
+    recs = read_records(srv, lambda r: len([x for x in r if x["event"] == "done"]) == 2,
+                        timeout=60)
+    for done in (r for r in recs if r["event"] == "done"):
+        assert (done["ok"], done["n"]) == (300, 300), done
+        assert done["sent"] >= 3 and done["full"] >= 100, done
+        assert done["sent"] + done["full"] == 300
+        assert done["used"] == 0, done
+
+
+@pytest.mark.timeout(90)
+def test_a_task_worker_killed_with_bodies_in_its_arena_leaks_none(servers: ServerRunner) -> None:
+    srv = servers.start(script('''
+        import hashlib
+        from pyswtask import TaskWorkerLost
+        server = Server(worker_num=1, task_worker_num=1, max_wait_time=2.0)
+        N = 40
+
+        def go(server, wid):
+            emit(event="tw", pid=Task.deliver("Demo", "pid"))
+            done = {}
+            want = {}
+            def finish(tid, result):
+                done[tid] = result
+                if len(done) == N:
+                    # The arena is read again once the last callback ran: nothing is left held.
+                    server.after(300, lambda: report())
+            def report():
+                lost = [t for t in order if isinstance(done[t], TaskWorkerLost)]
+                good = [t for t in order if done[t] == want[t]]
+                emit(event="done", n=len(done), lost=len(lost), good=len(good),
+                     first_lost=order.index(lost[0]) if lost else None, **arena())
+                server.shutdown()
+            order = []
+            for i in range(N):
+                data = blob(65536 + 7 * i, i)
+                tid = Task.deliver("Big", "slow", [data, 0.05], Task.TYPE_ASYNC, callback=finish)
+                order.append(tid)
+                want[tid] = [hashlib.sha256(data).hexdigest(), len(data)]
+            emit(event="burst", **arena())
+        server.on("worker_start", go)
+        server.start()
+    '''))
+    recs = read_records(srv, lambda r: any(x["event"] == "burst" for x in r))
+    burst = next(r for r in recs if r["event"] == "burst")
+    assert burst["sent"] == 40 and burst["used"] > 0
+    tw_pid = next(r["pid"] for r in recs if r["event"] == "tw")
+    time.sleep(0.4)
+    os.kill(tw_pid, signal.SIGKILL)
+    assert srv.wait(60) == 0, srv.err
+    done = srv.by_event("done")[0]
+    assert done["n"] == 40
+    # The task it was running is lost, every other one ran once, and its arena space is back.
+    assert done["lost"] == 1 and done["good"] == 39, done
+    assert 0 < done["first_lost"] < 39
+    assert done["used"] == 0, done
+
+
+@pytest.mark.timeout(60)
+def test_package_max_length_still_refuses_large_params_and_results(servers: ServerRunner) -> None:
+    srv = servers.run(script('''
+        server = Server(worker_num=1, task_worker_num=1, package_max_length=100_000)
+
+        def go(server, wid):
+            try:
+                Task.deliver("Big", "digest", [b"p" * 150_000])
+            except ValueError as e:
+                emit(event="params", text=str(e))
+            try:
+                Task.deliver("Big", "double", [b"r" * 60_000])
+            except TaskError as e:
+                emit(event="result", text=str(e))
+            emit(event="fits", ok=Task.deliver("Big", "digest", [b"f" * 90_000])[1] == b"f" * 90_000,
+                 **arena())
+            server.shutdown()
+        server.on("worker_start", go)
+        server.start()
+    '''))
+    assert "above the server's package_max_length (100000)" in srv.by_event("params")[0]["text"]
+    assert "above the server's package_max_length (100000)" in srv.by_event("result")[0]["text"]
+    fits = srv.by_event("fits")[0]
+    assert fits["ok"] and fits["sent"] == 2 and fits["used"] == 0
+
+
+def test_a_reference_outside_the_arena_is_dropped_and_named() -> None:
+    # A worker's dispatcher reading a result frame that points past what its task worker wrote.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    errors: list[str] = []
+    tasks, results = Arena(1 << 20), Arena(1 << 20)
+    busy = mmap.mmap(-1, 1)
+    try:
+        d = Dispatcher(0, [left.fileno()], busy, on_finish=lambda *a: None,
+                       make_error=RuntimeError, make_lost=RuntimeError,
+                       on_protocol_error=errors.append, epoch=1, arenas=[(tasks, results)])
+        body = pack_envelope("Big", "digest", [b"q" * (ARENA_MIN_BODY + 10)])
+        d.submit(body)
+        assert tasks.used > len(body) and d.arena_counts == (1, 0)
+        ref = (4096).to_bytes(8, "little") + (70_000).to_bytes(4, "little") + bytes(4)
+        right.send(pack_frame(FRAME_RESULT, FLAG_ARENA, (1 << 32) | 1, 0, ref))
+        right.send(pack_frame(FRAME_RESULT, FLAG_ARENA, (1 << 32) | 1, 0, b"short"))
+        d.on_readable()
+        assert errors == [
+            f"worker 0: task {(1 << 32) | 1} from 0 on channel 0 dropped: an arena reference "
+            "outside what was written there",
+            f"worker 0: task {(1 << 32) | 1} from 0 on channel 0 dropped: a malformed arena "
+            "reference",
+        ]
+        assert d.pending_count == 1, "a bad reference completed the task"
+        del d
+    finally:
+        left.close()
+        right.close()
+        busy.close()
+
