@@ -44,18 +44,21 @@ def blob(size, seed):
     # Different bytes for every task, so that a body read from a reused block shows.
     return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"z" * (size % 32)
 
-def envelope_size(n):
-    from pyswtask._core import pack_envelope
-    return len(pack_envelope("Big", "digest", [b"x" * n]))
+def envelope_size(n, co):
+    # A CO envelope carries its caller's deadline (a float) as a seventh field.
+    from pyswtask.envelope import TYPE_ASYNC, TYPE_CO, pack_task
+    if co:
+        return len(pack_task("Big", "digest", [b"x" * n], TYPE_CO, 0, time.time() + 30))
+    return len(pack_task("Big", "digest", [b"x" * n], TYPE_ASYNC, 0))
 
-def params_for(body_size):
+def params_for(body_size, co=False):
     # The bytes length whose packed task envelope is body_size bytes, exactly.
-    n = body_size - (envelope_size(0) + 4)
-    while envelope_size(n) > body_size:
+    n = body_size - (envelope_size(0, co) + 4)
+    while envelope_size(n, co) > body_size:
         n -= 1
-    while envelope_size(n) < body_size:
+    while envelope_size(n, co) < body_size:
         n += 1
-    assert envelope_size(n) == body_size, body_size
+    assert envelope_size(n, co) == body_size, body_size
     return n
 
 def arena():
@@ -78,7 +81,7 @@ def test_bodies_around_the_threshold_and_up_to_a_mib_arrive_intact(servers: Serv
         def go(server, wid):
             ok = []
             for i, size in enumerate(SIZES):
-                data = blob(params_for(size), i)
+                data = blob(params_for(size, co=True), i)
                 got = Task.deliver("Big", "digest", [data], timeout=30)
                 ok.append(got == [hashlib.sha256(data).hexdigest(), data])
             emit(event="co", ok=ok, **arena())
