@@ -181,7 +181,7 @@ def status_command(args: argparse.Namespace) -> int:
             print(json.dumps(snap, indent=2))
             return 0
         try:
-            from .status_view import live
+            from .stats.view import live
         except ImportError:
             print("pyswtask: the live view needs rich: pip install 'pyswtask[status]' (or use "
                   "--json)", file=sys.stderr)

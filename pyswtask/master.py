@@ -23,7 +23,6 @@ from typing import Any
 from . import roles, sysv
 from ._core import Mailbox
 from .cluster.node import ClusterNode
-from .counters import StatsSegment
 from .cron import Crontab
 from .http import HttpService
 from .roles import (
@@ -35,6 +34,7 @@ from .roles import (
     UserProcess,
     Worker,
 )
+from .stats.segment import StatsSegment
 from .titles import set_title
 from .transport import control
 from .transport.ipc import ServerIpc
@@ -162,7 +162,7 @@ class Master:
                 log.info("master %d listening on %s", os.getpid(),
                          ", ".join(self.http.listeners.urls()))
             if self.settings["metrics_bind"] is not None:
-                from .metrics import MetricsServer
+                from .stats.metrics import MetricsServer
 
                 self.metrics = MetricsServer.start(self.settings["metrics_bind"], stats)
                 server.metrics_address = self.metrics.address

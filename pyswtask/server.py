@@ -28,9 +28,9 @@ from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
     from .cluster.node import ClusterNode
-    from .counters import StatsSegment
     from .cron import Crontab
     from .http import HttpService
+    from .stats.segment import StatsSegment
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 
@@ -195,7 +195,7 @@ class Server:
         ``start`` hook on), read from shared memory: a plain dict whose keys
         ``pyswtask.stats`` documents. ServerNotRunning when the server is not running."""
         from .errors import ServerNotRunning
-        from .stats import snapshot
+        from .stats.snapshot import snapshot
 
         if self.stats_segment is None:
             raise ServerNotRunning("server.stats() works while the server runs, in its "

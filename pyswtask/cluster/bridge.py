@@ -54,22 +54,17 @@ from ..transport.relay import PIPE_TASK_RESULT
 from . import keys
 from .connection import connect, describe_url, require_redis
 from .entries import TaskEntry, pack_value, parse_result, result_fields, task_fields
+from .messages import MSG_RESULT, MSG_STATE, MSG_TASK
 from .runner import CLUSTER_TASK
 from .scripts import APPEND, TaskAppender, append_args
 
 if TYPE_CHECKING:
     from ..roles import Process, ServerHandle
 
-__all__ = ["BRIDGE_PROCESS", "MSG_TASK", "MSG_RESULT", "MSG_STATE", "Bridge"]
+__all__ = ["Bridge"]
 
 log = logging.getLogger("pyswtask.cluster")
 
-BRIDGE_PROCESS = "clusterBridge"
-
-# Pipe messages between the workers and the bridge.
-MSG_TASK = "cluster.task"       # worker -> bridge: [pid, seq, queue, name, method, body, type, deadline]
-MSG_RESULT = "cluster.result"   # bridge -> worker: [seq, pid, ok, packed value]
-MSG_STATE = "cluster.state"     # bridge -> workers: [redis reachable]
 
 
 class Bridge:

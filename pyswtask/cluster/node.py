@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from .. import registry
 from ..process import ProcessSpec
-from .bridge import BRIDGE_PROCESS, Bridge
+from .bridge import Bridge
 from .connection import connect
+from .messages import BRIDGE_PROCESS
 
 if TYPE_CHECKING:
     from ..roles import ServerHandle

@@ -24,9 +24,9 @@ from typing import Any, Iterable, Sequence
 
 from .. import registry
 from .._core import Mailbox
-from ..cluster.bridge import BRIDGE_PROCESS, MSG_RESULT, MSG_STATE, MSG_TASK
 from ..cluster.connection import describe_url
 from ..cluster.entries import error_from_wire, unpack_value
+from ..cluster.messages import BRIDGE_PROCESS, MSG_RESULT, MSG_STATE, MSG_TASK
 from ..envelope import TYPE_ASYNC, TYPE_CO, check_timeout, check_type, pack_call, pack_task
 from ..errors import ClusterUnavailable, TaskTimeout
 from ..events import Event, events

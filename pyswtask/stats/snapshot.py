@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from . import sysv
-from .counters import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
-from .errors import ServerNotRunning
+from .. import sysv
+from ..errors import ServerNotRunning
+from .segment import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
 
 __all__ = ["read", "snapshot", "StatsUnreadable", "resolve_key", "rss_bytes"]
 
@@ -203,9 +203,9 @@ def _queue(msqid: int) -> dict[str, int] | None:
 def _cron(key: int, tz: str | None, slots: np.ndarray) -> dict[str, Any] | None:
     if key < 0:
         return None
-    from ._core import RunStatus
-    from .cron import attach as cron_attach
-    from .cron import next_times
+    from .._core import RunStatus
+    from ..cron import attach as cron_attach
+    from ..cron import next_times
 
     out: dict[str, Any] = {"due": int(slots["cron_due"].sum()), "run": 0,
                            "late": int(slots["cron_late"].sum()),
