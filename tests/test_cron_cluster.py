@@ -17,7 +17,7 @@ import pytest
 from _redis import RedisServer, free_port
 from _testbase import ServerProcess, ServerRunner, wait_for
 
-from pyswtask import cron
+from pyswtask import ClusterUnavailable, cron
 from pyswtask._core import RunStatus
 from pyswtask.cluster import connect
 
@@ -332,3 +332,52 @@ def test_a_redis_stalled_past_the_grace_skips_and_logs(servers: ServerRunner,
     assert not [sec for sec in dropped if sec in seen], (paused, seen)
     for node in nodes:
         assert "skipped: the cluster's Redis did not answer within cron_grace (2 s)" in node.err, node.err
+
+
+def test_the_lease_protocol_on_a_real_redis(redis_server: RedisServer) -> None:
+    from pyswtask.cron.lease import ClusterLeases, lease_seconds, recent_runs
+
+    assert (lease_seconds(0), lease_seconds(6), lease_seconds(60)) == (1.0, 2.0, 5.0)
+    a, b = ClusterLeases(redis_server.url, "a", 3), ClusterLeases(redis_server.url, "b", 3)
+    va, vb = a.new_value(), b.new_value()
+    assert va.startswith("a#") and va != a.new_value()
+    # Both race for second 100: the first SET NX wins, the other learns who holds it.
+    (won,) = a.race([("jobs.t", 100, va)])
+    (lost,) = b.race([("jobs.t", 100, vb)])
+    assert won == (va, None) and lost == (va, None)
+    # The loser cannot start it; the winner can, once, and a lost reply retried is no harm.
+    assert b.start("jobs.t", 100, vb) == va
+    assert a.start("jobs.t", 100, va) is None and a.start("jobs.t", 100, va) is None
+    (seen,) = b.race([("jobs.t", 100, vb)])
+    assert seen == (va, va)
+    a.finish("jobs.t", 100, "done", 0.25)
+    client = connect(redis_server.url)
+    try:
+        # Started: both keys outlive the grace period (sec 100 is long past: KEEP from now).
+        assert client.pttl("pyswtask:cron:jobs.t:100") > 60_000
+        assert client.hget("pyswtask:cron:jobs.t:100:run", "state") == b"done"
+        # A lease that expires unstarted is taken by the next racer; the old holder's
+        # delivery, coming late to start, is refused.
+        va2 = a.new_value()
+        assert a.race([("jobs.t", 101, va2)])[0].holder == va2
+        client.pexpire("pyswtask:cron:jobs.t:101", 1)
+        time.sleep(0.05)
+        vb2 = b.new_value()
+        assert b.race([("jobs.t", 101, vb2)])[0].holder == vb2
+        assert a.start("jobs.t", 101, va2) == vb2
+        assert b.start("jobs.t", 101, vb2) is None
+        # Expired with nobody holding it: the delivered attempt may still start.
+        va3 = a.new_value()
+        a.race([("jobs.t", 102, va3)])
+        client.delete("pyswtask:cron:jobs.t:102")
+        assert a.start("jobs.t", 102, va3) is None
+        runs = {(r["sec"], r["holder"], r["state"]) for r in recent_runs(client)}
+        assert runs == {(100, "a", "done"), (101, "b", "running"), (102, "a", "running")}
+    finally:
+        client.close()
+        a.close()
+        b.close()
+    # Unreachable: ClusterUnavailable naming the URL, after one bounded timeout.
+    gone = ClusterLeases(f"redis://127.0.0.1:{free_port()}/0", "a", 3)
+    with pytest.raises(ClusterUnavailable, match="did not answer"):
+        gone.race([("jobs.t", 100, gone.new_value())])
