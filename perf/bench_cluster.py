@@ -17,7 +17,7 @@ one asyncio process). A separate program delivers:
                      acknowledging it (``XACK``), 100 pairs per pipeline (msgs/s)
 
 The pyswtask rows need cluster delivery (``Task.configure(cluster=...)``, ``@task(queue=...)``);
-while the package has none, ``pyswtask_cluster`` says so in one line and returns no rows, and
+on a pyswtask without it, ``pyswtask_cluster`` says so in one line and returns no rows, and
 the peers and the floor still run. Prints one JSON line per (workload, system), the medians of
 the rounds, then the pyswtask/peer ratios (> 1 favours pyswtask) and the issue's targets
 (throughput at least 5x the best peer, CO p50 at most 0.2x the best peer's). Needs
@@ -62,19 +62,138 @@ def cluster_delivery() -> bool:
         return False
 
 
+# The tasks, declared alike in the nodes and in the delivering program (the program learns
+# the queue from the declaration). hit() counts into the slots perf/_brokers.py set up.
+TASKS = """
+import os, sys
+sys.path.insert(0, os.environ["BENCH_HERE"])
+import _brokers
+from pyswtask import Server, Task, task
+
+@task(queue="bench")
+class Bench:
+    def hit(self, *params):
+        _brokers._count()
+
+    def echo(self, *params):
+        return list(params)
+"""
+NODE = TASKS + """
+Server(worker_num=1, task_worker_num=2, cluster=os.environ["BENCH_REDIS_URL"],
+       node=sys.argv[1]).start()
+"""
+PROGRAM = TASKS + """
+import json, time
+import sysv_ipc
+
+n, n_co = int(os.environ["BENCH_N"]), int(os.environ["BENCH_N_CO"])
+params = [1, "x" * int(os.environ["BENCH_STRLEN"]), 3.5]
+counts = memoryview(sysv_ipc.SharedMemory(int(os.environ["BENCH_COUNT_KEY"]))).cast("q")
+Task.configure(cluster=os.environ["BENCH_REDIS_URL"])
+if list(Task.deliver("Bench", "echo", params, Task.TYPE_CO, 60)) != params:
+    raise RuntimeError("echo returned something else")
+for _ in range(20):
+    Task.deliver("Bench", "echo", params, Task.TYPE_CO, 10)
+before = sum(counts)
+t0 = time.perf_counter()
+for _ in range(n):
+    Task.deliver("Bench", "hit", params, Task.TYPE_ASYNC)
+if not Task.flush(120):
+    raise RuntimeError("ASYNC deliveries not written within 120 s")
+sent = time.perf_counter()
+deadline = time.monotonic() + 120 + n / 100
+while sum(counts) - before < n and time.monotonic() < deadline:
+    time.sleep(0.0005)
+ran = sum(counts) - before
+t1 = time.perf_counter()
+print(json.dumps({"kind": "oneway", "n": n, "ran": ran, "elapsed_s": t1 - t0,
+                  "send_s": sent - t0}), flush=True)
+samples = []
+for _ in range(n_co):
+    t = time.perf_counter_ns()
+    Task.deliver("Bench", "echo", params, Task.TYPE_CO, 10)
+    samples.append(time.perf_counter_ns() - t)
+samples.sort()
+print(json.dumps({"kind": "reply", "n": n_co, "p50": samples[n_co // 2] / 1e3,
+                  "p99": samples[int(n_co * 0.99)] / 1e3,
+                  "mean": sum(samples) / n_co / 1e3}), flush=True)
+"""
+
+
 def pyswtask_cluster(redis: _brokers.RedisServer, n: int, n_co: int) -> list[dict[str, Any]]:
     """pyswtask's cluster_async and cluster_co rows: two servers (nodes) with 2 task workers
     each serving the queue of a ``@task(queue="bench")`` class, and a separate program that
-    delivers with ``Task.configure(cluster=redis.url)``, measured as the peers are.
-
-    Not written yet: cluster delivery is not in this pyswtask. Until it is, one line says so
-    and no row is returned (no figure stands in for it)."""
+    delivers with ``Task.configure(cluster=redis.url)``, measured as the peers are. Without
+    cluster delivery in this pyswtask, one line says so and no row is returned."""
     if not cluster_delivery():
         if "pyswtask" not in _said:
             _said.add("pyswtask")
             print(NOT_AVAILABLE, file=sys.stderr, flush=True)
         return []
-    raise NotImplementedError("cluster delivery is in pyswtask now: write pyswtask_cluster()")
+    import signal
+    import tempfile
+
+    import sysv_ipc
+
+    redis.flush()
+    count = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, mode=0o600, size=8 * _brokers.SLOTS)
+    tmp = tempfile.mkdtemp(prefix="pyswtask-cluster-")
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_BROKER"}
+    env.update(BENCH_HERE=HERE, BENCH_REDIS_URL=redis.url, BENCH_COUNT_KEY=str(count.key),
+               BENCH_SLOT_DIR=tmp, BENCH_N=str(n), BENCH_N_CO=str(n_co),
+               BENCH_STRLEN=str(bench_dispatch.payload_strlen(TASK_BYTES)))
+    for name, text in (("node.py", NODE), ("program.py", PROGRAM)):
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(text)
+    log = open(os.path.join(tmp, "nodes.log"), "w+")
+    nodes: list[subprocess.Popen[Any]] = []
+    try:
+        import redis as redis_py
+
+        for name in ("bench-a", "bench-b"):
+            nodes.append(subprocess.Popen(
+                [sys.executable, os.path.join(tmp, "node.py"), name], env=env, cwd=tmp,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=os.setpgrp))
+        client = redis_py.Redis.from_url(redis.url)
+        deadline = time.monotonic() + 60
+        while not all(client.exists(f"pyswtask:node:{m}") for m in ("bench-a", "bench-b")):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in nodes):
+                log.seek(0)
+                raise RuntimeError(f"pyswtask nodes did not come up: {log.read()[-1000:]}")
+            time.sleep(0.05)
+        client.close()
+        program = subprocess.Popen([sys.executable, os.path.join(tmp, "program.py")], env=env,
+                                   cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, preexec_fn=os.setpgrp)
+        try:
+            out, err = program.communicate(timeout=600)
+        finally:
+            _brokers._stop_group(program, signal.SIGKILL, 5)
+        if program.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"pyswtask: the program failed: {err.strip()[-1000:]}\n"
+                               f"nodes: {log.read()[-1000:]}")
+    finally:
+        for proc in nodes:
+            _brokers._stop_group(proc)
+        log.close()
+        count.detach()
+        count.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = {r["kind"]: r for r in map(json.loads, out.splitlines())}
+    one, reply = rows["oneway"], rows["reply"]
+    if one["ran"] != n:
+        raise RuntimeError(f"pyswtask: {n - one['ran']} of {n} tasks did not run")
+    extra = {"payload": TASK_BYTES, "task_workers": 4, "nodes": 2, "ours": True}
+    return [
+        {"workload": "cluster_async", "system": "pyswtask", "value": round(n / one["elapsed_s"], 3),
+         "unit": "tasks/s", "n": n, "elapsed_s": round(one["elapsed_s"], 3),
+         "send_s": round(one["send_s"], 3), **extra},
+        {"workload": "cluster_co", "system": "pyswtask", "value": round(reply["p50"], 3),
+         "unit": "us", "n": n_co, "p50_us": round(reply["p50"], 3),
+         "p99_us": round(reply["p99"], 3), "mean_us": round(reply["mean"], 3), **extra},
+    ]
 
 
 def peer_cluster(name: str, redis: _brokers.RedisServer, n: int, n_co: int

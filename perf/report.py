@@ -80,8 +80,8 @@ DESCRIPTIONS = {
     "cluster_async": "Two nodes of 2 worker processes on one local Redis; a separate program "
                      "delivers N tasks without waiting; tasks/s until all have run. Celery, "
                      "Dramatiq, Huey: two worker programs of 2 processes; arq: four worker "
-                     "programs. pyswtask: two servers with cluster delivery (no row while "
-                     "pyswtask lacks it).",
+                     "programs. pyswtask: two servers with 2 task workers, the program "
+                     "delivering with Task.configure(cluster=...).",
     "cluster_co": "The same, sequential calls waiting for the result through Redis; p50 (us).",
     "redis_xadd": "Redis's floor: redis-benchmark XADD (MAXLEN ~) of a 103-byte field, 50 "
                   "clients; ops/s (p50_us: one client).",
