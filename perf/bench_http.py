@@ -1,7 +1,7 @@
 """HTTP benchmark: requests/s and latency under wrk, pyswtask's workers against plain uvicorn and
 Swoole's HTTP server.
 
-    python perf/bench_http.py [--quick] [--runs N] [--duration S] [--connections C]
+    python perf/bench_http.py [--quick] [--runs N] [--duration S] [--connections C] [--brokers]
 
 Every side runs 2 workers (+ 2 task workers) on 127.0.0.1 and is loaded by
 ``wrk -t2 -c64 -d10s --latency`` after a one-second warm-up, side after side in interleaved
@@ -10,7 +10,9 @@ rounds (A B C, then C B A, ...), on two routes (perf/_http_apps.py, perf/swoole/
   http_hello   GET / answers "Hello, world!"
   http_task    each request has another process echo a 103-byte task payload: pyswtask
                ``await Task.co``; Swoole ``taskCo``; uvicorn ``loop.run_in_executor`` on a
-               ``ProcessPoolExecutor(2)`` per worker
+               ``ProcessPoolExecutor(2)`` per worker; with ``--brokers``, uvicorn + Celery on
+               Redis: ``echo.delay(...).get()`` in a thread, a Celery worker of 2 processes
+               (perf/_brokers.py; http_task only, its hello world is plain uvicorn's)
 
 pyswtask runs on uvloop with httptools when they are installed, as plain uvicorn does. Prints
 one JSON line per (workload, system): requests/s (the median of the rounds) with p50_ms and
@@ -94,9 +96,10 @@ def wrk(url: str, duration: float, connections: int, threads: int = 2) -> dict[s
 class Served:
     """A server in a process group of its own, stopped (the whole group) on exit."""
 
-    def __init__(self, cmd: list[str], port: int, cwd: str = HERE) -> None:
+    def __init__(self, cmd: list[str], port: int, cwd: str = HERE,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, env=env,
                                      stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
 
     def __enter__(self) -> Served:
@@ -138,10 +141,11 @@ def has_uvloop() -> bool:
 
 
 def measure(system: str, served: Served, duration: float, connections: int,
-            extras: dict[str, Any], ours: bool = False) -> list[dict[str, Any]]:
+            extras: dict[str, Any], ours: bool = False,
+            workloads: tuple[tuple[str, str], ...] = WORKLOADS) -> list[dict[str, Any]]:
     rows = []
     with served:
-        for workload, path in WORKLOADS:
+        for workload, path in workloads:
             url = f"http://127.0.0.1:{served.port}{path}"
             wrk(url, 1.0, connections)      # warm-up: connections, caches, the executor's processes
             row = wrk(url, duration, connections)
@@ -188,8 +192,42 @@ def swoole_http(duration: float, connections: int) -> list[dict[str, Any]]:
     return rows
 
 
+def celery_http(duration: float, connections: int, redis: Any) -> list[dict[str, Any]]:
+    """uvicorn --workers 2 with Celery on ``redis`` (a perf/_brokers.py RedisServer): one task
+    per request, ``result.get()`` in a thread; the Celery worker runs 2 processes."""
+    import _brokers
+    import _http_apps
+
+    env = _brokers.broker_env("celery", redis)
+    redis.flush()
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "_http_apps:celery_app", "--port", str(port),
+           "--workers", "2", "--no-access-log", "--log-level", "warning"]
+    with _brokers.Workers("celery", env):
+        return measure("uvicorn + Celery", Served(cmd, port, env=env), duration, connections,
+                       {"loop": "uvloop" if has_uvloop() else "asyncio",
+                        "celery": _brokers.version("celery"), "redis": redis.version,
+                        "threads_per_worker": _http_apps.CELERY_THREADS},
+                       workloads=(("http_task", "/task"),))
+
+
 RUNNERS: list[tuple[str, Callable[[float, int], list[dict[str, Any]]]]] = [
     ("pyswtask", pyswtask_http), ("uvicorn", uvicorn_http), ("swoole", swoole_http)]
+
+
+def broker_runners() -> tuple[Any, list[tuple[str, Callable[[float, int], list[dict[str, Any]]]]]]:
+    """With --brokers: a Redis server and the uvicorn + Celery runner, or (None, []) saying in
+    one line what is missing."""
+    import _brokers
+
+    why = _brokers.missing()
+    if why is None and "celery" not in _brokers.available():
+        why = "celery is not installed (pip install 'pyswtask[brokers]'); uvicorn + Celery skipped"
+    if why is not None:
+        print(f"brokers: {why}", file=sys.stderr, flush=True)
+        return None, []
+    redis = _brokers.RedisServer()
+    return redis, [("uvicorn + Celery", lambda d, c: celery_http(d, c, redis))]
 
 
 def task_cost(rounds: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
@@ -213,20 +251,29 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="interleaved rounds (default 3)")
     parser.add_argument("--duration", type=float, help="seconds of each wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
+    parser.add_argument("--brokers", action="store_true",
+                        help="also uvicorn + Celery on a local Redis (perf/_brokers.py)")
     args = parser.parse_args()
     if wrk_path() is None:
         return
     runs = args.runs or (2 if args.quick else 3)
     duration = args.duration or (3.0 if args.quick else 10.0)
     rounds: list[list[dict[str, Any]]] = [[] for _ in range(runs)]
-    for i in range(runs):
-        order = RUNNERS if i % 2 == 0 else RUNNERS[::-1]
-        for _label, runner in order:
-            rows = runner(duration, args.connections)
-            rounds[i].extend(rows)
-            for r in rows:
-                print(f"[round {i + 1}/{runs}] {r['system']} {r['workload']}: {r['value']} req/s, "
-                      f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms", file=sys.stderr, flush=True)
+    redis, extra = broker_runners() if args.brokers else (None, [])
+    runners = RUNNERS + extra
+    try:
+        for i in range(runs):
+            order = runners if i % 2 == 0 else runners[::-1]
+            for _label, runner in order:
+                rows = runner(duration, args.connections)
+                rounds[i].extend(rows)
+                for r in rows:
+                    print(f"[round {i + 1}/{runs}] {r['system']} {r['workload']}: {r['value']} "
+                          f"req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms", file=sys.stderr,
+                          flush=True)
+    finally:
+        if redis is not None:
+            redis.stop()
     rows = _summary.medians(rounds)
     for r in rows + _summary.ratios(rounds, rows):
         print(json.dumps(r), flush=True)

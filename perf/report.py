@@ -72,6 +72,21 @@ DESCRIPTIONS = {
                    "pyswtask: cronExec -> worker -> task worker, idle and under a background task "
                    "load; APScheduler 3 (BackgroundScheduler, CronTrigger(second='*')); a croniter + "
                    "sleep loop.",
+    "http_hello": "wrk -t2 -c64 on 2 workers: hello world; req/s (p50/p99 ms in the rows).",
+    "http_task": "wrk -t2 -c64, each request echoing a 103-byte task in another process; req/s. "
+                 "pyswtask `await Task.co`; Swoole `taskCo`; uvicorn `run_in_executor` on a "
+                 "ProcessPoolExecutor(2); uvicorn + Celery (`--brokers`): `delay().get()` in a "
+                 "thread, a Celery worker of 2 processes on a local Redis.",
+    "cluster_async": "Two nodes of 2 worker processes on one local Redis; a separate program "
+                     "delivers N tasks without waiting; tasks/s until all have run. Celery, "
+                     "Dramatiq, Huey: two worker programs of 2 processes; arq: four worker "
+                     "programs. pyswtask: two servers with 2 task workers, the program "
+                     "delivering with Task.configure(cluster=...).",
+    "cluster_co": "The same, sequential calls waiting for the result through Redis; p50 (us).",
+    "redis_xadd": "Redis's floor: redis-benchmark XADD (MAXLEN ~) of a 103-byte field, 50 "
+                  "clients; ops/s (p50_us: one client).",
+    "redis_xreadgroup": "Redis's floor: redis-py XREADGROUP COUNT 1 + XACK, 100 reads per "
+                        "pipeline; msgs/s.",
 }
 
 # (title, workload, peer, threshold): met when the median per-round ratio is >= threshold.
@@ -90,6 +105,16 @@ TARGETS = (
     ("table set at least 0.5x Swoole\\Table per op", "table_set", "swoole", 0.5),
     ("table get at least 0.5x Swoole\\Table per op", "table_get", "swoole", 0.5),
     ("table incr at least 0.5x Swoole\\Table per op", "table_incr", "swoole", 0.5),
+    ("HTTP with a task per request at least 50x uvicorn + Celery", "http_task",
+     "uvicorn + Celery", 50.0),
+    ("HTTP with a task per request at least 3x uvicorn + ProcessPoolExecutor", "http_task",
+     "uvicorn + ProcessPoolExecutor", 3.0),
+    *((f"cluster ASYNC at least 5x {peer}", "cluster_async", name, 5.0)
+      for name, peer in (("celery", "Celery"), ("dramatiq", "Dramatiq"), ("huey", "Huey"),
+                         ("arq", "arq"))),
+    *((f"cluster CO p50 at most 0.2x {peer}'s", "cluster_co", name, 5.0)
+      for name, peer in (("celery", "Celery"), ("dramatiq", "Dramatiq"), ("huey", "Huey"),
+                         ("arq", "arq"))),
 )
 
 
@@ -170,7 +195,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], ratios: list[dict
     out.append(f"| cron peers | APScheduler {v.get('apscheduler')}, croniter {v.get('croniter')} |")
     if v.get("redis"):
         out.append(f"| brokers | Celery {v.get('celery')}, Dramatiq {v.get('dramatiq')}, Huey "
-                   f"{v.get('huey')}, redis-py {v.get('redis-py')}, redis-server {v.get('redis')} |")
+                   f"{v.get('huey')}, arq {v.get('arq')}, redis-py {v.get('redis-py')}, "
+                   f"redis-server {v.get('redis')} |")
     else:
         out.append("| brokers | not run (`--brokers` not given, or redis-server missing) |")
     out += ["", "The machine is shared: other work ran on it during the run (see the load "
@@ -241,8 +267,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], ratios: list[dict
                "`taskCo()` runs in a coroutine. pyswtask's `await Task.co()` (asyncio) is not "
                "measured here.")
     out.append("- The brokers run with their defaults (prefork Celery, Dramatiq's Redis broker with "
-               "the Results middleware, Huey's Redis storage with `notify_result=True`), 2 worker "
-               "processes each, on a Redis server the suite starts on 127.0.0.1 without persistence.")
+               "the Results middleware, Huey's Redis storage with `notify_result=True`, arq with "
+               "its two polls at 1 ms instead of 0.5 s), 2 worker processes each (two nodes of "
+               "them in the cluster rows), on a Redis server the suite starts on 127.0.0.1 "
+               "without persistence.")
     errors = meta.get("errors") or []
     if errors:
         out.append(f"- {len(errors)} measurement(s) failed in this run: " + "; ".join(

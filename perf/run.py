@@ -29,14 +29,20 @@ Workloads (2 workers + 2 task workers on every side, a task that returns its inp
   cron_jitter             20 every-second rules; p99 of start - due (ms), missed and duplicated
   http_hello, http_task   wrk -t2 -c64 against the workers' HTTP server: hello world, and one
                           task echo per request (req/s, p50/p99 ms); plain uvicorn (with a
-                          ProcessPoolExecutor for the task) and Swoole's HTTP server beside it
+                          ProcessPoolExecutor for the task) and Swoole's HTTP server beside it;
+                          with --brokers also uvicorn + Celery (result.get() in a thread)
+  cluster_async, cluster_co   (--brokers) two nodes on one Redis, a separate program
+                          delivering: tasks/s until all ran, CO p50 (us); Celery, Dramatiq,
+                          Huey, arq; redis_xadd, redis_xreadgroup: Redis's own floor
 
 Peers: Swoole (perf/swoole/*.php, when php has the swoole extension), multiprocessing.Pool and
 ProcessPoolExecutor, APScheduler 3 and a croniter loop for cron, uvicorn for HTTP (with wrk,
 Debian's package; without it the http group is skipped in one line); with --brokers, Celery,
-Dramatiq and Huey on a Redis server the suite starts on 127.0.0.1 and stops. A missing peer is
-named in one line on stderr and the rest runs. Every server and process a benchmark starts is
-stopped, and every SysV queue and segment it creates removed, before the next one starts.
+Dramatiq, Huey and arq on a Redis server the suite starts on 127.0.0.1 and stops (--brokers
+first installs what it lacks: redis-server through scripts/services, the libraries of the
+[brokers] extra through pip). A missing peer is named in one line on stderr and the rest runs.
+Every server and process a benchmark starts is stopped, and every SysV queue and segment it
+creates removed, before the next one starts.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import _brokers  # noqa: E402
 import _peers  # noqa: E402
 import _summary  # noqa: E402
 import _swoole  # noqa: E402
+import bench_cluster  # noqa: E402
 import bench_cron  # noqa: E402
 import bench_dispatch  # noqa: E402
 import bench_envelope  # noqa: E402
@@ -244,6 +251,20 @@ def build(args: argparse.Namespace, has_swoole: bool, brokers: list[str],
         g.runners.append(("uvicorn", lambda: bench_http.uvicorn_http(http_secs, 64)))
         if has_swoole:
             g.runners.append(("swoole", lambda: bench_http.swoole_http(http_secs, 64)))
+        if "celery" in brokers:
+            g.runners.append(("uvicorn + Celery", lambda: bench_http.celery_http(
+                http_secs, 64, redis)))
+        groups.append(g)
+
+    if brokers:
+        g = Group("cluster", bench_cluster.WORKLOADS)
+        n_c, n_cco = 3000 // q, 300 // q
+        g.runners.append(("pyswtask", lambda: ours(bench_cluster.pyswtask_cluster(
+            redis, n_c, n_cco))))
+        for name in brokers:
+            g.runners.append((name, lambda name=name: bench_cluster.peer_cluster(
+                name, redis, n_c, n_cco)))
+        g.runners.append(("redis", lambda: bench_cluster.redis_floor(redis, 100_000 // q)))
         groups.append(g)
 
     if args.only:
@@ -314,7 +335,7 @@ def versions(has_swoole: bool, redis: Any) -> dict[str, Any]:
         out["swoole"] = _swoole.version()
     if redis is not None:
         out["redis"] = redis.version
-        for name in ("celery", "dramatiq", "huey", "redis-py"):
+        for name in ("celery", "dramatiq", "huey", "arq", "redis-py"):
             out[name] = _version("redis" if name == "redis-py" else name)
     return out
 
@@ -347,7 +368,8 @@ def main() -> None:
     parser.add_argument("--only", metavar="REGEX", help="workloads (or groups) matching REGEX")
     parser.add_argument("--runs", type=int, help="interleaved rounds, medians kept (default 3)")
     parser.add_argument("--brokers", action="store_true",
-                        help="also Celery, Dramatiq and Huey on a local Redis (queue workloads)")
+                        help="also Celery, Dramatiq, Huey and arq on a local Redis (queue, http and "
+                        "cluster workloads), installing what they need when missing")
     parser.add_argument("--spin", type=float, default=0.00003, help="pyswtask's task_wait_spin for CO")
     parser.add_argument("--out", metavar="PATH",
                         help="where the JSON lines go (default: a new perf/results/local/run-*.jsonl, "
@@ -367,20 +389,21 @@ def main() -> None:
     errors: list[dict[str, Any]] = []
     try:
         if args.brokers:
+            _brokers.install_missing()
             why = _brokers.missing()
             libs = _brokers.available()
             if why is not None:
                 log(f"brokers: {why}")
             elif not libs:
-                log("brokers: celery, dramatiq, huey and redis are not installed "
+                log("brokers: celery, dramatiq, huey, arq and redis are not installed "
                     "(pip install 'pyswtask[brokers]'); skipped")
             else:
                 absent = [b for b in _brokers.BROKERS if b not in libs]
                 if absent:
                     log(f"brokers: {', '.join(absent)} not installed (pip install 'pyswtask[brokers]'); "
                         "skipped")
-                groups_wanted = build(args, has_swoole, [], None)
-                if any(g.name == "queue" for g in groups_wanted):
+                groups_wanted = build(args, has_swoole, libs, None)
+                if any(g.name in ("queue", "http", "cluster") for g in groups_wanted):
                     redis = _brokers.RedisServer()
                     brokers = libs
                     log(f"brokers: redis-server {redis.version} on 127.0.0.1:{redis.port}")

@@ -38,7 +38,7 @@ Rules (the exit status is 0 only if all hold):
   more than 20 MiB and 25% between the first sample after a 30 s warm-up and the last one
   (task workers are respawned: the role is compared, whichever process holds it).
 
-At the end the master gets SIGTERM; the script checks that the whole session is gone and that
+At the end the master gets SIGTERM; the script checks that the whole process group is gone and that
 no SysV queue or segment of this run is left. Prints JSON lines.
 """
 
@@ -241,8 +241,9 @@ COMMAND = SHARED + textwrap.dedent('''
 ''')
 
 
-def _session_procs(sid: int) -> dict[int, str]:
-    """pid -> process title of every process in session sid."""
+def _group_procs(pgid: int) -> dict[int, str]:
+    """pid -> process title of every process in process group pgid (the server runs in a
+    group of its own, not a session)."""
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -251,7 +252,7 @@ def _session_procs(sid: int) -> dict[int, str]:
             with open(f"/proc/{name}/stat") as f:
                 stat = f.read()
             fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) != sid or fields[0] == "Z":
+            if int(fields[2]) != pgid or fields[0] == "Z":
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -477,7 +478,7 @@ def main() -> int:
         while (now := time.monotonic()) < t0 + seconds:
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited early ({server.returncode})")
-            procs = _session_procs(server.pid)
+            procs = _group_procs(server.pid)
             seen_pids.update(procs)
             if now >= next_sample:
                 rss, anon = {}, {}
@@ -486,7 +487,7 @@ def main() -> int:
                     if role is not None:
                         rss[role] = _status_kib(pid, "VmRSS")
                         anon[role] = _status_kib(pid, "RssAnon")
-                # CPU of the session and the command process since the last sample, over the
+                # CPU of the group and the command process since the last sample, over the
                 # processes alive at both (a killed task worker's last seconds are not counted).
                 cpu = {p: _cpu_ticks(p) for p in [*procs, command.pid]}
                 row = {"t": round(now - t0, 1), "rss_kib": rss, "anon_kib": anon}
@@ -509,7 +510,7 @@ def main() -> int:
         t_stop = time.time()
         command.wait(60)
         time.sleep(8)
-        procs = _session_procs(server.pid)
+        procs = _group_procs(server.pid)
         roles = {_role(t): p for p, t in sorted(procs.items()) if _role(t) is not None}
         samples.append({"t": round(time.monotonic() - t0, 1), "final": True,
                         "rss_kib": {r: _status_kib(p, "VmRSS") for r, p in roles.items()},
@@ -519,11 +520,11 @@ def main() -> int:
         code = server.wait(60)
         if code != 0:
             failures.append(f"master exited with {code}")
-        left = _session_procs(server.pid)
+        left = _group_procs(server.pid)
         time.sleep(0.5)
-        left = _session_procs(server.pid)
+        left = _group_procs(server.pid)
         if left:
-            failures.append(f"processes of the session outlived the master: {left}")
+            failures.append(f"processes of the group outlived the master: {left}")
         window = (int(t_ready) + 3, min(int(t_term) - 2, int(t_stop) + 5))
     except BaseException:
         # Interrupted or failed: the accounting segment goes too (the servers stop below).

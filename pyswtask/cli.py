@@ -78,6 +78,12 @@ def cron_command(args: argparse.Namespace) -> int:
         for t in times:
             print(t.isoformat())
         return 0
+    if args.key is None and args.pid is None and args.pid_file is None:
+        if args.cluster is None:
+            print("pyswtask: cron show needs --key, --pid-file, --pid or --cluster",
+                  file=sys.stderr)
+            return 2
+        return cluster_runs(args.cluster, args.last)
     key = args.key
     if key is None:
         pid = args.pid
@@ -109,6 +115,30 @@ def cron_command(args: argparse.Namespace) -> int:
         print(f"{r['row']:>5} {r['minute']:<12} {r['sec']:>10} {r['job']:>4} "
               f"{RunStatus(r['status']).name:<10} {r['delivered_at']:>17.6f} "
               f"{r['duration'] * 1000:>8.1f}")
+    return 0 if args.cluster is None else cluster_runs(args.cluster, args.last)
+
+
+def cluster_runs(url: str, last: int) -> int:
+    """Prints the once-per-cluster runs whose leases are in Redis: holder, node, outcome."""
+    from .cluster import connect, describe_url
+    from .cron import recent_runs
+    from .errors import ClusterUnavailable
+
+    try:
+        client = connect(url)
+    except (ClusterUnavailable, ImportError, ValueError) as exc:
+        print(f"pyswtask: {exc}", file=sys.stderr)
+        return 2
+    try:
+        runs = recent_runs(client, last)
+    finally:
+        client.close()
+    print(f"\ncluster runs at {describe_url(url)}: the last {len(runs)}")
+    print(f"{'sec':>10} {'task.method':<32} {'lease holder':<24} {'state':<8} {'took_ms':>8} "
+          f"error")
+    for r in runs:
+        print(f"{r['sec']:>10} {r['name']:<32} {r['holder'] or r['node'] or '-':<24} "
+              f"{r['state']:<8} {r['duration'] * 1000:>8.1f} {r['error']}")
     return 0
 
 
@@ -275,11 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     nxt.add_argument("rule", help='six fields, seconds first ("*/5 * * * * *"), or five')
     nxt.add_argument("-n", type=int, default=5, help="how many (default 5)")
     nxt.add_argument("--tz", default=None, help="IANA time zone (default: local time)")
-    show = cron_sub.add_parser("show", help="print both crontab tables of a running server")
-    where = show.add_mutually_exclusive_group(required=True)
+    show = cron_sub.add_parser("show", help="print both crontab tables of a running server, "
+                               "and with --cluster its once-per-cluster runs")
+    where = show.add_mutually_exclusive_group()
     where.add_argument("--key", type=lambda v: int(v, 0), help="the cron_shm_key setting")
     where.add_argument("--pid-file", help="the server's pid_file")
     where.add_argument("--pid", type=int, help="the master's pid")
+    show.add_argument("--cluster", metavar="URL", help="the cluster's Redis: list the last runs "
+                      "raced for there, with lease holder and outcome")
+    show.add_argument("--last", type=int, default=50, help="with --cluster: how many runs "
+                      "(default 50)")
     dl = sub.add_parser("deliver", help="deliver one task to a running server through its "
                         "message queue")
     dl.add_argument("name", help="the task's name")

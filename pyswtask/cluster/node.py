@@ -8,7 +8,8 @@ It must not hold a connection across the fork: the bridge opens its own.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .. import registry
 from ..process import ProcessSpec
@@ -19,7 +20,13 @@ from .messages import BRIDGE_PROCESS
 if TYPE_CHECKING:
     from ..roles import ServerHandle
 
-__all__ = ["ClusterNode"]
+__all__ = ["ClusterNode", "node_name"]
+
+
+def node_name(settings: Mapping[str, Any], master_pid: int) -> str:
+    """A node's name: the ``node`` setting, or ``hostname:pid`` of its master (unique in a
+    cluster, as names must be). The crontab's leases name their holder with it too."""
+    return str(settings.get("node") or f"{socket.gethostname()}:{master_pid}")
 
 
 class ClusterNode:
@@ -40,7 +47,7 @@ class ClusterNode:
         """Names the node (``hostname:pid`` unless the ``node`` setting did) and proves Redis
         answers: ClusterUnavailable naming the URL when it does not."""
         if not self.name:
-            self.name = f"{socket.gethostname()}:{master_pid}"
+            self.name = node_name({}, master_pid)
         self.bridge.node = self.name
         connect(self.url).close()
 

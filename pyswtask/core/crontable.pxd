@@ -27,6 +27,7 @@ cpdef enum RunStatus:
     DONE = 4
     FAILED = 5
     SKIPPED = 6
+    ELSEWHERE = 7        # once per cluster: another node holds the run's lease, or ran it
 
 
 cdef packed struct TableHeader:

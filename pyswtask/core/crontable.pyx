@@ -269,6 +269,16 @@ cdef class OriginTable(CronTable):
             r.fail_count += 1
         self.unlock()
 
+    def abandon(self, uint32_t job):
+        """Ends a flight that did not run (a cluster run whose lease another attempt holds
+        when it comes to start), without counting a run."""
+        cdef OriginRow *r = <OriginRow *>self.row(job)
+        self.check(job)
+        self.lock()
+        if r.inflight:
+            r.inflight -= 1
+        self.unlock()
+
 
 cdef class RunTable(CronTable):
     """One row per due execution of a job in the coming minute(s)."""

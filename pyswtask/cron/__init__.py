@@ -16,6 +16,11 @@ The task runs in a task worker inside a small wrapper (``runner``) that writes r
 failed and the duration back into both tables. Rules and zones are in ``rules``; the tables'
 segments in ``tables``; their SysV keys in ``pyswtask.sysv``.
 
+Once per cluster (``@scheduled(once_per_cluster=True)``, or ``cron_cluster=True`` for every
+rule): each node computes its due runs as above, and the exec processes race for a lease in
+Redis per (rule, due second); one node runs it. The Redis side is ``lease``, the exec process's
+side ``race``.
+
 This module holds ``Crontab``, the master's handle that ties them together, and re-exports what
 callers use. The package must not import ``pyswtask.server`` or ``pyswtask.master`` at run time:
 they sit above it.
@@ -26,9 +31,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._core import OriginTable, RunTable
+from ..cluster.node import node_name
 from ..process import ProcessSpec
 from ..sysv import DEFAULT_KEY_BASE, default_key
 from .exec import EXEC_PROCESS, CronExec
+from .lease import ClusterLeases, recent_runs
 from .rules import (
     CronRuleError,
     Job,
@@ -50,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["scheduled", "CronRuleError", "normalize_rule", "next_times", "Crontab",
            "due_second", "due_seconds", "zone", "collect_jobs", "minute_start", "Job", "attach",
            "default_key", "DEFAULT_KEY_BASE", "CRON_TASK", "CronRunner", "TIMER_PROCESS",
-           "EXEC_PROCESS"]
+           "EXEC_PROCESS", "ClusterLeases", "recent_runs"]
 
 
 class Crontab:
@@ -62,13 +69,30 @@ class Crontab:
         self.tz = zone(settings["timezone"])
         self.grace = int(settings["cron_grace"])
         self.jobs = collect_jobs()
+        if settings["cron_cluster"]:
+            self.jobs = [job._replace(cluster=True) for job in self.jobs]
+        clustered = [job.name for job in self.jobs if job.cluster]
+        if clustered and settings["cluster"] is None:
+            raise ValueError(f"once-per-cluster rules ({', '.join(clustered[:3])}"
+                             f"{', ...' if len(clustered) > 3 else ''}) need the cluster "
+                             "setting: the Redis URL their leases are taken in")
+        # Made at open(), when the master's pid (the default node name) is known.
+        self.leases: ClusterLeases | None = None
         self._tables = CronTables(self.jobs, settings["cron_task_capacity"],
                                   settings["cron_run_capacity"], settings["cron_shm_key"])
         self.timer = CronTimer(self.jobs, self._tables, self.tz, self.grace)
         self.exec = CronExec(self.jobs, self._tables, self.grace)
 
     def open(self, master_pid: int) -> None:
-        """Creates both tables (mode 0600) before the fork and fills the origin table."""
+        """Creates both tables (mode 0600) before the fork and fills the origin table; with
+        once-per-cluster rules, checks that the cluster's Redis answers (``ClusterUnavailable``
+        naming its URL if not)."""
+        settings = self.server.settings
+        if any(job.cluster for job in self.jobs):
+            leases = ClusterLeases(settings["cluster"], node_name(settings, master_pid),
+                                   self.grace)
+            leases.check()
+            self.leases = self.exec.leases = leases
         self._tables.open(master_pid)
 
     @property

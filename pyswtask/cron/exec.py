@@ -4,7 +4,9 @@ worker; each run waits in its task worker for its second (``runner``).
 
 A row whose second passed while it was late is still delivered within ``cron_grace`` seconds,
 else marked skipped and logged; a row is claimed once, so it is never delivered twice. A job with
-``overlap=False`` whose previous run is in flight is skipped here.
+``overlap=False`` whose previous run is in flight is skipped here. Rows of once-per-cluster jobs
+go through the race for their lease (``race``) and are delivered only where it is won; local
+rows are delivered first, so a slow Redis does not hold them.
 
 It must not write rows (that is ``timer``) nor run the scheduled method (that is ``runner``, in a
 task worker).
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import roles
 from .._core import OriginTable, RunStatus, RunTable
 from ..envelope import ORIGIN_CRON
+from .race import ClusterRace
 from .rules import Job
 from .runner import CRON_TASK
 from .tables import CronTables
@@ -26,6 +30,7 @@ from .tables import CronTables
 if TYPE_CHECKING:
     from ..roles import Process, ServerHandle
     from ..stats.segment import StatsSegment
+    from .lease import ClusterLeases
 
 __all__ = ["EXEC_PROCESS", "CronExec"]
 
@@ -46,11 +51,16 @@ class CronExec:
         self.jobs = jobs
         self.tables = tables
         self.grace = grace
+        # Set by the crontab when some job runs once per cluster.
+        self.leases: ClusterLeases | None = None
+        self.race: ClusterRace | None = None
 
     def main(self, server: ServerHandle, proc: Process) -> None:
         """The process body: claims and delivers due rows until the server stops it."""
         origin, runs = self.tables.get()
         stats, slot = server.stats_segment, roles.current().worker_id
+        if self.leases is not None:
+            self.race = ClusterRace(self.leases, self.jobs, runs, self.grace)
         while True:
             now = time.time()
             due, skipped = runs.claim_due(int(now + LEAD), self.grace)
@@ -62,42 +72,68 @@ class CronExec:
                 stats.add(slot, "cron_due", len(due) + len(skipped))
                 stats.add(slot, "cron_late", sum(1 for _r, _j, sec in due if now - sec >= 1.0))
                 stats.add(slot, "cron_skipped", len(skipped))
+            if self.race is not None:
+                self.race.join([d for d in due if self.jobs[d[1]].cluster])
+                due = [d for d in due if not self.jobs[d[1]].cluster]
             if due:
-                self._deliver(origin, runs, due, stats, slot)
+                self._deliver(origin, runs, [(row, job, sec, None) for row, job, sec in due],
+                              stats, slot)
+            if self.race:
+                won = self.race.step(now)
+                if won:
+                    self._deliver(origin, runs, won, stats, slot)
             self._sleep_to_next(proc, runs)
 
-    def _deliver(self, origin: OriginTable, runs: RunTable, due: list[tuple[int, int, int]],
+    def _deliver(self, origin: OriginTable, runs: RunTable,
+                 due: Sequence[tuple[int, int, int, str | None]],
                  stats: StatsSegment | None = None, slot: int = -1) -> None:
         """Delivers the runs due together in one pipe message, so that they leave the worker
-        together and the last of them does not wait for a hop per run before it."""
+        together and the last of them does not wait for a hop per run before it. A run won in
+        the cluster carries its lease value, under which its runner starts it."""
         going = []
-        for row, job, sec in due:
+        for row, job, sec, lease in due:
             if origin.begin(job):
-                going.append((row, job, sec))
-            else:
-                runs.set_status(row, RunStatus.SKIPPED)
-                if stats is not None:
-                    stats.add(slot, "cron_skipped")
-                log.info("crontab: run of %s.%s due at %d skipped: the previous one is still "
-                         "running (overlap=False)", self.jobs[job].task, self.jobs[job].method, sec)
+                going.append((row, job, sec, lease))
+                continue
+            runs.set_status(row, RunStatus.SKIPPED)
+            if stats is not None:
+                stats.add(slot, "cron_skipped")
+            log.info("crontab: run of %s.%s due at %d skipped: the previous one is still "
+                     "running (overlap=False)", self.jobs[job].task, self.jobs[job].method, sec)
+            if lease is not None:
+                self._settle_skipped(row, job, sec, lease)
         if not going:
             return
         # DELIVERED before the send, not after: a run that fails at once in its task worker
         # writes FAILED, and a DELIVERED written once the send returned would hide it.
         now = time.time()
-        for row, _job, _sec in going:
+        for row, _job, _sec, _lease in going:
             runs.set_status(row, RunStatus.DELIVERED, now)
         try:
-            roles.current().deliver_many_by_process([(CRON_TASK, "run", [row, job, sec])
-                                                     for row, job, sec in going],
-                                                    origin_role=ORIGIN_CRON)
+            roles.current().deliver_many_by_process([
+                (CRON_TASK, "run", [row, job, sec] if lease is None else [row, job, sec, lease])
+                for row, job, sec, lease in going], origin_role=ORIGIN_CRON)
         except Exception as exc:
-            for row, job, sec in going:
+            for row, job, sec, lease in going:
                 log.error("crontab: run of %s.%s due at %d not delivered: %s",
                           self.jobs[job].task, self.jobs[job].method, sec, exc)
                 runs.set_status(row, RunStatus.FAILED)
                 origin.finish(job, sec, RunStatus.FAILED, 0.0)
+                if self.race is not None and lease is not None:
+                    # Its lease expires unstarted: another node takes the run.
+                    self.race.drop(row)
             return
+
+    def _settle_skipped(self, row: int, job: int, sec: int, lease: str) -> None:
+        """A won run skipped for overlap=False is settled in Redis too, so that no other node
+        takes it when the lease expires."""
+        assert self.leases is not None and self.race is not None
+        self.race.drop(row)
+        try:
+            self.leases.start(self.jobs[job].name, sec, lease, state="skipped")
+        except Exception as exc:
+            log.warning("crontab: skipped run of %s due at %d not recorded in the cluster: %s",
+                        self.jobs[job].name, sec, exc)
 
     @staticmethod
     def _sleep_to_next(proc: Process, runs: RunTable) -> None:

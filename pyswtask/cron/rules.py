@@ -38,9 +38,15 @@ class Job(NamedTuple):
     rule: str           # as written
     expr: str           # six fields, seconds first
     overlap: bool
+    cluster: bool = False   # once per cluster: raced for through a lease in Redis
+
+    @property
+    def name(self) -> str:
+        """``task.method``: how logs and the cluster's lease keys name the job."""
+        return f"{self.task}.{self.method}"
 
 
-_declared: list[tuple[Callable[..., Any], str, str, bool]] = []
+_declared: list[tuple[Callable[..., Any], str, str, bool, bool]] = []
 
 
 def normalize_rule(rule: str, where: str = "") -> str:
@@ -62,12 +68,17 @@ def normalize_rule(rule: str, where: str = "") -> str:
     return expr
 
 
-def scheduled(cron: str, *, overlap: bool = True) -> Callable[[F], F]:
+def scheduled(cron: str, *, overlap: bool = True,
+              once_per_cluster: bool = False) -> Callable[[F], F]:
     """Runs a method of a ``@task`` class on a cron rule: ``@scheduled(cron="*/5 * * * * *")``.
 
     The method is called with no arguments. ``overlap=False`` skips a run while the previous
-    one is still in flight. A bad rule raises CronRuleError here, naming the rule and the method.
+    one is still in flight on the node that runs it. ``once_per_cluster=True`` runs each due
+    second on one node of the cluster only (the ``cluster`` setting; see ``cron.lease``). A bad
+    rule raises CronRuleError here, naming the rule and the method.
     """
+    if not isinstance(once_per_cluster, bool):
+        raise TypeError(f"once_per_cluster must be True or False, not {once_per_cluster!r}")
 
     def decorate(fn: F) -> F:
         where = getattr(fn, "__qualname__", repr(fn))
@@ -79,7 +90,7 @@ def scheduled(cron: str, *, overlap: bool = True) -> Callable[[F], F]:
         except TypeError:
             raise TypeError(f"@scheduled method {where} must be callable without arguments "
                             "(besides self): the crontab passes none") from None
-        _declared.append((fn, cron, expr, overlap))
+        _declared.append((fn, cron, expr, overlap, once_per_cluster))
         return fn
 
     return decorate
@@ -94,11 +105,11 @@ def collect_jobs() -> list[Job]:
         spec = registry.get_spec(name)
         for klass in spec.cls.__mro__[:-1]:
             for attr, value in vars(klass).items():
-                for fn, rule, expr, overlap in _declared:
+                for fn, rule, expr, overlap, cluster in _declared:
                     if value is fn and attr in spec.methods:
-                        jobs.append(Job(name, attr, rule, expr, overlap))
+                        jobs.append(Job(name, attr, rule, expr, overlap, cluster))
                         found.add(id(fn))
-    for fn, rule, _, _ in _declared:
+    for fn, rule, *_ in _declared:
         if id(fn) not in found:
             raise TypeError(f"@scheduled(cron={rule!r}) is on {fn.__qualname__}, which is not a "
                             "public method of a @task class")
