@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_process import read_records
 
 from pyswtask import ServerNotRunning, stats, sysv
+from pyswtask.stats.segment import VERSION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,6 +109,9 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
     assert (tw1s["run"], tw1s["failed"]) == (31, 0)
     assert snap["workers"][0]["delivered"] == 83
     assert snap["workers"][0]["lost"] == 1 and snap["workers"][0]["timed_out"] == 1
+    # The sleep that timed out went to task worker 0, the one killed to task worker 1.
+    assert (tw0["lost"], tw0["timed_out"]) == (0, 1)
+    assert (tw1s["lost"], tw1s["timed_out"]) == (1, 0)
     # task_max_request=20: task worker 0 ran 51 (recycled at 20 and 40), 1 ran 31 (at 20).
     assert snap["task_max_request_recycles"] == 3
     assert snap["respawns"] == {"signal": 1, "exit_code": 0, "recycled": 3, "reload": 0,
@@ -158,6 +162,10 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
     assert m["pyswtask_task_worker_tasks_total", (("status", "failed"), ("task_worker", "1"))] == 5
     assert m["pyswtask_task_workers_idle", ()] == 2
     assert m["pyswtask_task_worker_tasks_waiting", (("task_worker", "1"),)] == 0
+    assert m["pyswtask_task_worker_tasks_lost_total", (("task_worker", "1"),)] == 0
+    assert m["pyswtask_task_worker_tasks_lost_total", (("task_worker", "2"),)] == 1
+    assert m["pyswtask_task_worker_tasks_timed_out_total", (("task_worker", "1"),)] == 1
+    assert m["pyswtask_task_worker_tasks_timed_out_total", (("task_worker", "2"),)] == 0
     assert m["pyswtask_process_up", (("id", "2"), ("role", "task_worker"))] == 1
     assert m["pyswtask_process_resident_memory_bytes", (("id", "0"), ("role", "worker"))] > 1 << 20
 
@@ -173,6 +181,37 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
         sysv_ipc.SharedMemory(sysv.stats_key(master))
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{phase1['metrics']}/metrics", timeout=5)
+
+
+def test_timeouts_per_task_worker_from_batch_co_and_co_batch(servers: ServerRunner) -> None:
+    srv = servers.start('''
+        server = Server(worker_num=1, task_worker_num=2)
+
+        def go(server, wid):
+            # Two on task worker 0 (a blocking batch), three on 1 (a CO await and a CO batch).
+            sync = Task.deliver_batch([("Demo", "sleep", [1.0])] * 2, 0.3, dst_worker_id=0)
+            return awaiting(sync)
+
+        async def awaiting(sync):
+            try:
+                await Task.co("Demo", "sleep", [1.0], 0.2, dst_worker_id=1)
+                co = "no timeout"
+            except TaskTimeout:
+                co = "TaskTimeout"
+            batch = await Task.co_batch([("Demo", "sleep", [1.0])] * 2, 0.3, dst_worker_id=1)
+            emit(event="done", kinds=[type(o).__name__ for o in sync + batch] + [co])
+        server.on("worker_start", go)
+        sys.exit(server.start())
+    ''')
+    done = read_records(srv, lambda r: any(x["event"] == "done" for x in r), timeout=30)
+    assert done[0]["kinds"] == ["TaskTimeout"] * 5
+    # Counted when the caller gives up, whether or not the sleeps have finished since.
+    snap = wait_for(lambda: (s := stats.read(pid=srv.pid))["tasks"]["run"] == 5 and s,
+                    timeout=20)
+    assert snap["tasks"]["timed_out"] == 5 and snap["workers"][0]["timed_out"] == 5
+    assert [(tw["timed_out"], tw["lost"]) for tw in snap["task_workers"]] == [(2, 0), (3, 0)]
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(30) == 0, srv.err
 
 
 def test_waiting_tasks_per_worker_and_per_task_worker_while_one_runs(
@@ -218,6 +257,9 @@ def test_queue_depth_and_no_per_task_worker_waiting_in_contention_mode(
     queue = sysv_ipc.MessageQueue(key)
     assert snap["queue"] == {"msqid": queue.id, "messages": 0, "bytes": 0}
     assert [tw["waiting"] for tw in snap["task_workers"]] == [None, None]
+    # The queue picks the task worker: what each lost, or held while its caller gave up,
+    # is not known (the per-worker totals are).
+    assert [(tw["lost"], tw["timed_out"]) for tw in snap["task_workers"]] == [(None, None)] * 2
     assert snap["delivered"] == 1 and snap["tasks"]["run"] == 1
     # Two messages of a type no reader of the server takes: they stay, and are counted.
     queue.send(b"abc", type=0x7FFF0000)
@@ -337,7 +379,7 @@ def test_status_tells_not_running_from_cannot_read(tmp_path: Any) -> None:
         shm.write(b"not stats")
         done = _status("--key", hex(key), "--json")
         assert done.returncode == 2, done.stderr
-        assert "cannot read the server's stats" in done.stderr and "version-1" in done.stderr
+        assert "cannot read the server's stats" in done.stderr and f"version-{VERSION}" in done.stderr
         with pytest.raises(stats.StatsUnreadable):
             stats.read(key=key)
     finally:

@@ -49,10 +49,11 @@ cdef class PendingTable:
                                     #   task worker
     cdef readonly uint64_t late_results
     cdef uint64_t lost_arena_end    # set by take_lost: the blocks of the tasks the dead one took
+    cdef uint64_t *stat_lost        # lost tasks per out channel (stats), or NULL
 
     cdef uint64_t new_id(self) noexcept
     cdef int add(self, uint64_t task_id, _Pending entry) except -1
-    cdef bint drop(self, uint64_t task_id) except -1
+    cdef int drop(self, uint64_t task_id) except -2
     cdef void update_load(self) noexcept
     cdef int on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1
     cdef list take_lost(self, int tw, uint64_t running, uint64_t read_upto, object reason)
@@ -98,6 +99,8 @@ cdef class Dispatcher(RecordReader):
     cdef readonly uint64_t delivered
     cdef uint64_t *stat_sent        # this worker's deliveries per out channel (stats), or NULL
     cdef object stat_view           # the buffer it points into, kept alive
+    cdef uint64_t *stat_timed_out   # tasks whose caller stopped waiting, per out channel, or NULL
+    cdef object stat_more           # the buffers of stat_timed_out and the table's stat_lost
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water
@@ -106,6 +109,7 @@ cdef class Dispatcher(RecordReader):
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0
     cdef int _wait_for_room(self) except -1
     cdef int _sent_record(self, Channel ch) except -1
+    cdef void _timed_out(self, int tw) noexcept
     cdef int _schedule_flush(self) except -1
     cdef int _hold(self) except -1
     cdef int _release(self) except -1

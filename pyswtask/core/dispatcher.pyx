@@ -106,11 +106,12 @@ cdef class PendingTable:
         self.update_load()
         return 0
 
-    cdef bint drop(self, uint64_t task_id) except -1:
-        """Forgets a task (its caller gave up); a result that comes later is discarded."""
-        cdef bint found = self.entries.pop(task_id, None) is not None
+    cdef int drop(self, uint64_t task_id) except -2:
+        """Forgets a task (its caller gave up); a result that comes later is discarded. Returns
+        the out channel it went to, -1 when it was not waiting."""
+        cdef object found = self.entries.pop(task_id, None)
         self.update_load()
-        return found
+        return -1 if found is None else (<_Pending>found).tw
 
     cdef inline void update_load(self) noexcept:
         # What deliver_by_process(worker_id=-1) compares: this worker's tasks without a result.
@@ -171,6 +172,8 @@ cdef class PendingTable:
                 self.lost_arena_end = entry.arena_end
         for task_id in lost:
             entry = <_Pending>self.entries.pop(task_id)
+            if self.stat_lost != NULL:
+                self.stat_lost[entry.tw] += 1
             what = "while running this task or sending its result" if task_id == running else (
                 "after running this task; its result was lost")
             self.complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
@@ -186,6 +189,8 @@ cdef class PendingTable:
             if found is None:
                 continue
             entry = <_Pending>found
+            if self.stat_lost != NULL:
+                self.stat_lost[entry.tw] += 1
             what = "while running this task or sending its result" if task_id == running else (
                 "after running this task; its result was lost")
             self.complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
@@ -531,7 +536,7 @@ cdef class Dispatcher(RecordReader):
         if entry.done:
             self.rtt = self.rtt * 0.9 + (monotonic() - started) * 0.1
             return entry.value
-        self.table.drop(task_id)
+        self._timed_out(self.table.drop(task_id))
         return TIMEOUT
 
     def call_many(self, list bodies, int dst, double timeout):
@@ -553,8 +558,13 @@ cdef class Dispatcher(RecordReader):
         self._wait(None, batch, monotonic() + timeout)
         if batch.remaining:
             for task_id in ids:
-                self.table.drop(task_id)
+                self._timed_out(self.table.drop(task_id))
         return batch.results
+
+    cdef void _timed_out(self, int tw) noexcept:
+        # tw: where a task whose caller stopped waiting went (-1: its result came first).
+        if tw >= 0 and self.stat_timed_out != NULL:
+            self.stat_timed_out[tw] += 1
 
     cdef int _wait_for_room(self) except -1:
         """Backpressure: task_queue_size tasks are waiting for results. Send what is queued and
@@ -575,19 +585,38 @@ cdef class Dispatcher(RecordReader):
                 self.in_wait_callbacks = False
         return self._schedule_deferred()
 
-    def count_into(self, counters):
+    def count_into(self, counters, lost=None, timed_out=None):
         """Counts every delivery from now on in counters (shared memory: a uint64 per out
         channel, the task worker's index in modes 1 and 2), which a successor in the same slot
-        goes on raising."""
+        goes on raising; and, when given, in rows of the same shape the tasks lost with their
+        task worker and those whose caller stopped waiting (call, call_many, forget with
+        timed_out)."""
         cdef unsigned char[:] c = counters
+        cdef unsigned char[:] l
+        cdef unsigned char[:] t
         if c.shape[0] < 8 * self.nout:
             raise ValueError("stats buffer too small")
+        if lost is not None:
+            l = lost
+            if l.shape[0] < 8 * self.nout:
+                raise ValueError("stats buffer too small (lost)")
+        if timed_out is not None:
+            t = timed_out
+            if t.shape[0] < 8 * self.nout:
+                raise ValueError("stats buffer too small (timed_out)")
         self.stat_view = c
         self.stat_sent = <uint64_t *>&c[0]
+        self.stat_more = (lost, timed_out)
+        self.table.stat_lost = <uint64_t *>&l[0] if lost is not None else NULL
+        self.stat_timed_out = <uint64_t *>&t[0] if timed_out is not None else NULL
 
-    def forget(self, uint64_t task_id):
-        """Drops a pending task (its caller gave up); a result that comes later is discarded."""
-        return self.table.drop(task_id)
+    def forget(self, uint64_t task_id, bint timed_out=False):
+        """Drops a pending task (its caller gave up); a result that comes later is discarded.
+        True when it was still waiting; timed_out: count it as timed out (count_into)."""
+        cdef int tw = self.table.drop(task_id)
+        if timed_out:
+            self._timed_out(tw)
+        return tw >= 0
 
     # -- sending --------------------------------------------------------------------------------
 

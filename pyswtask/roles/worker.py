@@ -75,7 +75,10 @@ class Worker(ChildRole):
             loop.add_reader(dispatcher.fileno(), dispatcher.on_readable)
             self.dispatcher = dispatcher
             if self.server.stats_segment is not None:
-                dispatcher.count_into(self.server.stats_segment.sent_row(self.index))
+                seg = self.server.stats_segment
+                dispatcher.count_into(seg.sent_row(self.index),
+                                      seg.worker_row(self.index, "lost"),
+                                      seg.worker_row(self.index, "timed_out"))
         self.writers: set[int] = set()      # inboxes this worker waits to finish writing to
         loop.add_reader(mailbox.fileno(), dispatch_messages, mailbox, self.server, self._relay)
         self.stopping: asyncio.Future[None] = loop.create_future()
@@ -212,14 +215,16 @@ class Worker(ChildRole):
         task_id = dispatcher.submit_future(body, dst_worker_id, future)
         expiry = loop.call_later(check_timeout(timeout), _expire, future,
                                  TaskTimeout.after(f"task {name}.{method}", timeout))
+        timed_out = False
         try:
             return await future
         except TaskTimeout:
+            timed_out = True
             self._count("timed_out")
             raise
         finally:
             expiry.cancel()
-            dispatcher.forget(task_id)
+            dispatcher.forget(task_id, timed_out)
 
     async def co_batch(self, calls: Iterable[Sequence[Any]], timeout: float,
                        dst_worker_id: int) -> list[Any]:
@@ -235,7 +240,7 @@ class Worker(ChildRole):
         for i, (task_id, fut) in enumerate(zip(ids, futures)):
             if not fut.done():
                 self._count("timed_out")
-                dispatcher.forget(task_id)
+                dispatcher.forget(task_id, True)
                 fut.cancel()
                 outcomes.append(TaskTimeout.after(f"batch item {i}", timeout))
             elif fut.exception() is not None:

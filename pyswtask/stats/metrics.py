@@ -4,7 +4,9 @@ in a process's memory and no multiprocess directory is needed.
 
 Metric names (all prefixed ``pyswtask_``): ``tasks_total{task,status}`` (status ``ok`` or
 ``failed``), ``task_duration_seconds{task}`` (histogram), ``task_worker_tasks_total
-{task_worker,status}``, ``task_worker_tasks_waiting{task_worker}``, ``task_workers_idle``,
+{task_worker,status}``, ``task_worker_tasks_waiting{task_worker}``,
+``task_worker_tasks_lost_total{task_worker}``, ``task_worker_tasks_timed_out_total
+{task_worker}`` (these three not in task_ipc_mode 3), ``task_workers_idle``,
 ``tasks_waiting{worker}``, ``deliveries_total{worker}``, ``tasks_lost_total{worker}``,
 ``tasks_timed_out_total{worker}``, ``respawns_total{cause}``, ``recycles_total{setting}``,
 ``queue_messages``, ``queue_bytes``, ``cron_runs_total{outcome}`` (``due``, ``run``, ``late``,
@@ -68,6 +70,16 @@ class StatsCollector:
             if tw["waiting"] is not None:
                 waiting.add_metric([str(tw["id"])], tw["waiting"])
         yield waiting
+        for metric, key, text in (
+                ("pyswtask_task_worker_tasks_lost", "lost",
+                 "Tasks lost with each task worker"),
+                ("pyswtask_task_worker_tasks_timed_out", "timed_out",
+                 "Tasks sent to each task worker whose caller stopped waiting")):
+            per_key = CounterMetricFamily(metric, text, labels=["task_worker"])
+            for tw in snap["task_workers"]:
+                if tw[key] is not None:
+                    per_key.add_metric([str(tw["id"])], tw[key])
+            yield per_key
         yield GaugeMetricFamily("pyswtask_task_workers_idle", "Task workers waiting for a task",
                                 value=snap["idle_task_workers"])
         for metric, key, text in (

@@ -12,15 +12,18 @@ Layout (little-endian, fixed; ``VERSION`` changes with it)::
     load      uint32 per worker (its tasks without a result), padded to 8 bytes
     sent      per worker, a uint64 per task worker: the tasks it delivered to each (in
               task_ipc_mode 3, all in the first: the queue picks the task worker)
+    lost      per worker, a uint64 per task worker: its tasks that went down with each (as sent)
+    timed out per worker, a uint64 per task worker: its tasks sent to each whose caller stopped
+              waiting (as sent)
     rows      per task worker, TASK_ROWS ROW records (one per task method it ran: counts, the
               sum of run times, the duration histogram's buckets); its last row counts the
               methods that found no free row ("other")
 
 One writer per field: the master writes the header and each slot's kind/pid/state/start time/
-respawns; a child raises only its own slot's counters and rows (the busy flags and load are the
-dispatchers' and task loops', as before). Readers take int64 fields as they are: each is read
-whole, and fields are independent, so no lock is needed. Counters of a slot go on across the
-respawns of its process.
+respawns; a child raises only its own slot's counters and rows (the busy flags, load and
+a worker's sent, lost and timed out rows are the dispatchers' and task loops'). Readers take
+int64 fields as they are: each is read whole, and fields are independent, so no lock is needed.
+Counters of a slot go on across the respawns of its process.
 
 This module owns the layout and the writing; what a snapshot shows is ``pyswtask.stats``'s.
 """
@@ -40,7 +43,7 @@ __all__ = ["StatsSegment", "HEADER", "SLOT", "ROW", "KINDS", "CAUSES", "TASK_ROW
            "MAGIC", "DURATION_BOUNDS", "stats_key", "StatsUnreadable"]
 
 MAGIC = b"PYSWSTAT"
-VERSION = 1
+VERSION = 2
 TASK_ROWS = 64
 KINDS = ("worker", "task worker", "process")
 # Why a child was respawned: killed by a signal, exited non-zero, exited 0 after it served
@@ -87,13 +90,17 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
+# The per-worker tables of a uint64 per task worker, in their order after load.
+_PER_TW = ("sent", "lost", "timed_out")
+
+
 def _offsets(nslots: int, task_worker_num: int, worker_num: int
              ) -> tuple[int, int, int, int, int]:
     slots = HEADER.itemsize
     busy = slots + nslots * SLOT.itemsize
     load = busy + _pad8(task_worker_num)
     sent = load + _pad8(4 * worker_num)
-    rows = sent + 8 * worker_num * max(task_worker_num, 1)
+    rows = sent + len(_PER_TW) * 8 * worker_num * max(task_worker_num, 1)
     return slots, busy, load, sent, rows
 
 
@@ -132,8 +139,12 @@ class StatsSegment:
         self.load_bytes = self.buf[load:load + 4 * self.worker_num]
         self.load = self.load_bytes.cast("I")
         self._sent_at = sent
-        self.sent = np.frombuffer(self.buf, "<u8", self.worker_num * max(self.task_worker_num, 1),
-                                  sent).reshape(self.worker_num, max(self.task_worker_num, 1))
+        width = max(self.task_worker_num, 1)
+        self._table_bytes = 8 * self.worker_num * width
+        self.sent, self.lost, self.timed_out = (
+            np.frombuffer(self.buf, "<u8", self.worker_num * width,
+                          sent + k * self._table_bytes).reshape(self.worker_num, width)
+            for k in range(len(_PER_TW)))
         self._rows_at = rows
         self.rows = np.frombuffer(self.buf, ROW, self.task_worker_num * TASK_ROWS, rows).reshape(
             self.task_worker_num, TASK_ROWS) if self.task_worker_num else np.zeros((0, 0), ROW)
@@ -209,7 +220,7 @@ class StatsSegment:
 
     def close(self) -> None:
         """Detaches; the creator also removes the segment."""
-        for name in ("header", "slots", "rows", "busy", "load", "load_bytes", "sent"):
+        for name in ("header", "slots", "rows", "busy", "load", "load_bytes", *_PER_TW):
             self.__dict__.pop(name, None)
         try:
             self.buf.release()
@@ -226,8 +237,13 @@ class StatsSegment:
 
     def sent_row(self, worker: int) -> memoryview:
         """A worker's deliveries per task worker, for its dispatcher to count into."""
+        return self.worker_row(worker, "sent")
+
+    def worker_row(self, worker: int, table: str) -> memoryview:
+        """A worker's row of a per-task-worker table (``sent``, ``lost``, ``timed_out``), for
+        its dispatcher to count into."""
         width = 8 * max(self.task_worker_num, 1)
-        at = self._sent_at + worker * width
+        at = self._sent_at + _PER_TW.index(table) * self._table_bytes + worker * width
         return self.buf[at:at + width]
 
     def _slot_bytes(self, slot: int, field: str, size: int) -> memoryview:

@@ -19,7 +19,11 @@ The snapshot's keys:
   ``rss`` (resident bytes), ``waiting``, ``delivered``, ``lost``, ``timed_out``
 - ``task_workers``: per task worker ``id``, ``index``, ``pid``, ``state``, ``started``,
   ``respawns``, ``rss``, ``idle``, ``run``, ``failed``, ``waiting`` (tasks the workers sent
-  it that it has not started; None in ``task_ipc_mode`` 3, where the queue picks)
+  it that it has not started), ``lost`` (the workers' tasks that went down with it),
+  ``timed_out`` (the workers' tasks sent to it whose caller stopped waiting); ``waiting``,
+  ``lost`` and ``timed_out`` are None in ``task_ipc_mode`` 3, where the queue picks the task
+  worker (the totals are in ``tasks`` and ``workers``). Tasks that separate programs deliver
+  through the queue are not in them.
 - ``processes``: per user process ``id``, ``name``, ``pid``, ``state``, ``started``,
   ``respawns``, ``rss``
 - ``task_methods``: per ``"name.method"``: ``ok``, ``failed``, ``seconds`` (sum of run times)
@@ -117,6 +121,8 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
     busy = bytes(seg.busy[:t])
     load = list(seg.load)
     sent = seg.sent.copy()
+    lost = seg.lost.copy()
+    timed_out = seg.timed_out.copy()
     # In mode 3 the queue picks the task worker: what waits for which one is not known.
     per_tw = int(h["task_ipc_mode"]) != 3
     workers, task_workers, processes = [], [], []
@@ -134,7 +140,10 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
                 if per_tw else None
             task_workers.append({**common, "index": i - w, "idle": busy[i - w] == 0,
                                  "run": int(s["tasks_run"]), "failed": int(s["tasks_failed"]),
-                                 "waiting": waiting})
+                                 "waiting": waiting,
+                                 "lost": int(lost[:, i - w].sum()) if per_tw else None,
+                                 "timed_out": int(timed_out[:, i - w].sum()) if per_tw
+                                 else None})
         else:
             processes.append({**common, "name": bytes(s["name"]).decode(errors="replace")})
     return {
