@@ -183,9 +183,12 @@ def test_counts_after_a_known_workload_inside_outside_status_and_metrics(
         urllib.request.urlopen(f"http://{phase1['metrics']}/metrics", timeout=5)
 
 
-def test_timeouts_per_task_worker_from_batch_co_and_co_batch(servers: ServerRunner) -> None:
-    srv = servers.start('''
-        server = Server(worker_num=1, task_worker_num=2)
+@pytest.mark.parametrize("mode", [1, 2])
+def test_timeouts_per_task_worker_from_batch_co_and_co_batch(servers: ServerRunner,
+                                                             mode: int) -> None:
+    # Mode 2 goes through the message queue, by type: the task worker is still known.
+    srv = servers.start(f'''
+        server = Server(worker_num=1, task_worker_num=2, task_ipc_mode={mode})
 
         def go(server, wid):
             # Two on task worker 0 (a blocking batch), three on 1 (a CO await and a CO batch).
