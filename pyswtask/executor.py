@@ -53,9 +53,9 @@ class TaskExecutor:
 
     def run_concurrently(self, loop: asyncio.AbstractEventLoop, task_loop: TaskLoop,
                          limit: int) -> None:
-        """Async methods of tasks from the channels become coroutine tasks of loop, at most
-        limit at once; their results go back through task_loop.finish. (Tasks from the message
-        queue still run one at a time: its hold counts on that.)"""
+        """Async methods become coroutine tasks of loop, at most limit at once; their results
+        go back through task_loop.finish. (A task from the message queue stays marked running
+        in the task worker's hold until it finishes.)"""
         self._loop = loop
         self._task_loop = task_loop
         self._limit = asyncio.Semaphore(limit)
@@ -75,7 +75,7 @@ class TaskExecutor:
         fn, on_loop = resolved
         if on_loop and self._task_loop is not None:
             raw = self._task_loop.current()
-            if raw is not None and raw[5] >= 0:
+            if raw is not None:
                 self._event_loop().create_task(
                     self._run_coroutine(fn, raw, name, method, params, logid, spanid, task_id))
                 return True, DEFERRED
@@ -123,7 +123,7 @@ class TaskExecutor:
             await limit.acquire()
         except asyncio.CancelledError:
             self._task_loop.finish(raw[5], task_id, False, _cancelled(name, method, task_id),
-                                   raw[0])
+                                   raw[0], raw[6])
             return
         events = self.events
         if self._version != events.version:
@@ -149,7 +149,7 @@ class TaskExecutor:
                 events.trigger(Event.AFTER_TASK, None, name, method, task_id, ok)
             if hooked and events.has_listeners(Event.RESOURCE_RELEASE):
                 events.trigger(Event.RESOURCE_RELEASE, None, name, method, task_id)
-        self._task_loop.finish(raw[5], task_id, ok, value, raw[0])
+        self._task_loop.finish(raw[5], task_id, ok, value, raw[0], raw[6])
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

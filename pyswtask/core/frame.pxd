@@ -27,6 +27,7 @@ cdef enum:
     _FLAGS_FRAG = 0x0E
     _FLAG_COMMAND = 0x10
     _FLAG_ARENA = 0x20
+    _FLAG_HELD_RUNNING = 0x40     # in a task worker's hold only: a deferred task not finished
 
 
 cdef packed struct FrameHeader:

@@ -50,6 +50,7 @@ cdef class QueueReader:
     cdef void taken(self) noexcept nogil
     cdef void running(self, uint64_t pos) noexcept nogil
     cdef void ran(self, uint64_t pos) noexcept nogil
+    cdef void mark_running(self, uint64_t pos, bint on) noexcept nogil
     cdef void release(self, uint64_t upto) noexcept nogil
     cdef uint64_t head(self) noexcept nogil
     cdef void give_up(self, uint64_t task_id, uint32_t flags_src) noexcept nogil

@@ -423,6 +423,15 @@ cdef class QueueReader:
     cdef inline void ran(self, uint64_t pos) noexcept nogil:
         self.hdr[_H_RUN] = 2 * pos + 2
 
+    cdef void mark_running(self, uint64_t pos, bint on) noexcept nogil:
+        """Marks the frame at pos as a task still running (a coroutine task, deferred) or not:
+        recover_hold reports a marked frame before the run position lost while running."""
+        cdef FrameHeader *f = <FrameHeader *>(self.ring + pos % self.cap)
+        if on:
+            f.flags = f.flags | _FLAG_HELD_RUNNING
+        else:
+            f.flags = f.flags & ~_FLAG_HELD_RUNNING
+
     cdef void release(self, uint64_t upto) noexcept nogil:
         """Frees the records before position upto (their tasks ran and their results left),
         zeroing them: the reader's room, and no stale frame for recover_hold to misread."""
@@ -519,7 +528,8 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
     - put_back: [(mtype, text)] to queue again, in order: the frames it had not started (a
       record it was running is cut after the running frame; the parts of a body it had not
       run go back one per message, as they came);
-    - running: (task id, worker, from a separate program, ASYNC) of the task it was running, or None;
+    - running: [(task id, worker, from a separate program, ASYNC)] of the tasks it was running
+      (one, or with coroutine tasks deferred, several);
     - ran: [(task id, worker, from a separate program, ASYNC)] of the workers' tasks it ran whose results may not have
       left it;
     - gone: (task id, flags, worker) of a task whose body it had partly released, or None
@@ -538,7 +548,8 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
     cdef const char *text
     cdef bint committed, started
     cdef list put_back = [], ran = [], held = []
-    cdef object running = None, gone = None, last
+    cdef list running = []
+    cdef object gone = None, last
     cdef long open_part = 0
     if <size_t>view.shape[0] < _HOLD_HEADER + cap:
         raise ValueError("the queue hold area is smaller than hold_size(msgmax, capacity)")
@@ -580,8 +591,8 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
                              PyBytes_FromStringAndSize(text + foff, fsize)))
             elif started:
                 held = []
-                if 2 * fpos + 1 == run:
-                    running = _lost_task(h.task_id, h.flags, h.src_worker)
+                if 2 * fpos + 1 == run or (h.flags & _FLAG_HELD_RUNNING):
+                    running.append(_lost_task(h.task_id, h.flags, h.src_worker))
                 elif not (h.flags & _FLAG_COMMAND):
                     ran.append(_lost_task(h.task_id, h.flags, h.src_worker))
             elif keep_from == n:
@@ -596,7 +607,7 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
             break
         pos += rec_size(n)
     put_back.extend(held)
-    if gone is not None and (running is not None and running[0] == gone_id
+    if gone is not None and (any(t[0] == gone_id for t in running)
                              or any(t[0] == gone_id for t in ran)):
         gone = None         # its body was whole after all: it ran, or runs
     # A body whose first parts go back but not its last: its other parts are still in the

@@ -67,6 +67,11 @@ cdef class TaskLoop(RecordReader):
     cdef uint8_t cur_flags
     cdef uint8_t cur_resent
     cdef int cur_peer
+    cdef uint64_t cur_fpos          # its frame's hold position (from the queue)
+    # Deferred tasks from the queue: frame hold position -> (its record's position, flags,
+    # worker); their records stay held until they finish.
+    cdef dict qdeferred
+    cdef bint qfinished             # one of them finished since the hold was last released
 
     cdef int _read(self, Channel ch) except -1
     cdef int _serve(self, Channel ch, size_t n) except -1

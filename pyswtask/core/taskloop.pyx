@@ -77,6 +77,7 @@ cdef class TaskLoop(RecordReader):
         self.epfd = -1
         self.tick_fd = -1
         self.cur_peer = -1
+        self.qdeferred = {}
 
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
@@ -258,6 +259,8 @@ cdef class TaskLoop(RecordReader):
                 if n == 0 and self.pending == 0 and not any_queued(self.channels) and (
                         self.reader is None or (self.reader.finished and self.reader.used == 0)):
                     break
+        if self.reader is not None:
+            self._release_queue()
         self.busy[self.index] = 0
         return self.tasks_done
 
@@ -366,10 +369,18 @@ cdef class TaskLoop(RecordReader):
 
     cdef int _release_queue(self) except -1:
         cdef Channel ch
+        cdef uint64_t upto
         for ch in self.channels:
             if ch.queued():
                 return 0
-        self.reader.release(self.qopen if self.qopen < _GAVE_UP else <uint64_t>-1)
+        self.qfinished = False
+        upto = self.qopen if self.qopen < _GAVE_UP else <uint64_t>-1
+        if self.qdeferred:
+            # Not past the record of a deferred task still running.
+            for rec_pos, _, _ in self.qdeferred.values():
+                if <uint64_t>rec_pos < upto:
+                    upto = <uint64_t>rec_pos
+        self.reader.release(upto)
         return 0
 
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept:
@@ -420,7 +431,11 @@ cdef class TaskLoop(RecordReader):
                 self.state.started(self.index, task_id, src)
             if ch is self.qchan:
                 fpos = self._frame_pos(h, p)
+                # Marked before it starts, unmarked if it finished here: a coroutine task
+                # deferred stays marked, so that its loss is reported even once others ran.
+                self.reader.mark_running(fpos, True)
                 self.reader.running(fpos)
+                self.cur_fpos = fpos
             self.cur_envelope = envelope
             self.cur_id = task_id
             self.cur_src = src
@@ -436,6 +451,10 @@ cdef class TaskLoop(RecordReader):
             if self.stat_counts != NULL:
                 self._count(key, ok, started)
             if ch is self.qchan:
+                if value is _DEFERRED:
+                    self.qdeferred[fpos] = (self.qpos, h.flags & ~_FLAG_HELD_RUNNING, src)
+                else:
+                    self.reader.mark_running(fpos, False)
                 self.reader.ran(fpos)
             if expected is None:
                 if len(self.durations) >= _DURATIONS_MAX:
@@ -558,11 +577,30 @@ cdef class TaskLoop(RecordReader):
             if ch.queued():
                 ch.flush()
                 ch.update_interest(self.epfd, self._interest())
+        if self.qfinished:
+            # Coroutine tasks from the queue ended: their records may be released now.
+            self._release_queue()
         return 0
 
-    def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None):
-        """The result of a task execute deferred, for the channel it came on (peer): sent with
-        the next flush (after the current slice). ok False: value is [type, message, traceback]."""
+    def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None,
+               uint64_t at=0):
+        """The result of a task execute deferred, for the channel it came on (peer; -1: the
+        queue, at the hold position current() gave for it): sent with the next flush (after
+        the current slice). ok False: value is [type, message, traceback]."""
+        cdef tuple held
+        if peer == -1 and self.reader is not None:
+            held = self.qdeferred.pop(at, None)
+            if held is None:
+                raise ValueError(f"no deferred task from the queue at {at}")
+            self.reader.mark_running(at, False)
+            self.qfinished = True
+            if self.pending > 0:
+                self.pending -= 1
+            if self.paused and self.pending <= self.pending_max // 2:
+                self._pause(False)
+            self._reply(self.qchan, task_id, <uint8_t>held[1], <uint16_t>held[2], ok, value,
+                        envelope)
+            return
         if not 0 <= peer < len(self.channels):
             raise ValueError(f"no channel {peer}")
         if self.pending > 0:
@@ -594,8 +632,10 @@ cdef class TaskLoop(RecordReader):
     def current(self):
         """(envelope, task id, source worker, from a separate program, attempt, channel) of the
         task running now (the attempt is 1 + the times it was sent again; channel -1: the
-        queue); None between tasks."""
+        queue), with, for a task from the queue, its hold position (finish's at; else 0); None
+        between tasks."""
         if self.cur_envelope is None:
             return None
         return (self.cur_envelope, self.cur_id, self.cur_src,
-                (self.cur_flags & _FLAG_COMMAND) != 0, 1 + self.cur_resent, self.cur_peer)
+                (self.cur_flags & _FLAG_COMMAND) != 0, 1 + self.cur_resent, self.cur_peer,
+                self.cur_fpos if self.cur_peer == -1 else 0)

@@ -14,7 +14,8 @@ finds no record, or a record whose master is gone, knows no server is running.
 A task worker's reader receives into a hold in shared memory (``hold_size``), one per task
 worker index, which the master maps before it forks. When a task worker dies, the master reads
 its hold (``ServerQueue.take_back``): what it had not started goes back on the queue (to be run
-once, by its successor or, in mode 3, by any task worker); the task it was running fails with
+once, by its successor or, in mode 3, by any task worker); the tasks it was running (one, or
+several coroutine tasks run concurrently) fail with
 TaskWorkerLost for its caller (a worker, on the channel from that task worker; a command, on its
 reply socket; a command's ASYNC task has nobody to tell, so the master logs it), as do the
 workers' tasks it ran whose results had not left it.
@@ -320,11 +321,11 @@ class ServerQueue:
         for src, ids in ran_by.items():
             if src < self.worker_num:
                 tell_worker(src, queue_lost_frame(worker_id, 0, ids, reason))
-        for task, what in ((running, "while running"),
-                           (gone, "before it started (its body was larger than the reader "
-                                  "could hold) with")):
-            if task is None:
-                continue
+        lost = [(task, "while running") for task in running]
+        if gone is not None:
+            lost.append((gone, "before it started (its body was larger than the reader could "
+                               "hold) with"))
+        for task, what in lost:
             task_id, src, from_command, is_async = task
             if task is gone:
                 self._parts_left(PART_TYPE_BASE | (task_id & (PART_TYPE_BASE - 1)))
