@@ -23,6 +23,7 @@ from typing import Any
 from . import roles, sysv
 from ._core import Mailbox
 from .cluster.node import ClusterNode
+from .counters import StatsSegment
 from .cron import Crontab
 from .http import HttpService
 from .roles import (
@@ -34,7 +35,6 @@ from .roles import (
     UserProcess,
     Worker,
 )
-from .stats.segment import StatsSegment
 from .titles import set_title
 from .transport import control
 from .transport.ipc import ServerIpc

@@ -28,9 +28,9 @@ from .transport.msgqueue import IpcMode, ServerQueue
 
 if TYPE_CHECKING:
     from .cluster.node import ClusterNode
+    from .counters import StatsSegment
     from .cron import Crontab
     from .http import HttpService
-    from .stats.segment import StatsSegment
 
 __all__ = ["Server", "DEFAULT_SETTINGS", "HOOKS"]
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_process import read_records
 
 from pyswtask import ServerNotRunning, stats, sysv
-from pyswtask.stats.segment import VERSION
+from pyswtask.counters import VERSION
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 cdef enum:
     DURATION_BOUNDS = 16
 
-# One task method's counters in a task worker's area of the stats segment (pyswtask.stats
+# One task method's counters in a task worker's area of the stats segment (pyswtask.counters
 # declares the same 256 bytes as its ROW dtype): written by that task worker only.
 cdef struct TaskStatRow:
     char name[96]                   # "name.method", UTF-8, NUL-padded; written once

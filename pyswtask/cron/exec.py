@@ -28,8 +28,8 @@ from .runner import CRON_TASK
 from .tables import CronTables
 
 if TYPE_CHECKING:
+    from ..counters import StatsSegment
     from ..roles import Process, ServerHandle
-    from ..stats.segment import StatsSegment
     from .lease import ClusterLeases
 
 __all__ = ["EXEC_PROCESS", "CronExec"]

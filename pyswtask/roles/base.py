@@ -32,9 +32,9 @@ from ..transport import command
 from ..transport.pipe import describe_ids, pack_message
 
 if TYPE_CHECKING:
+    from ..counters import StatsSegment
     from ..http import HttpService
     from ..process import ProcessSpec
-    from ..stats.segment import StatsSegment
     from ..transport.ipc import ChildIpc
     from ..transport.msgqueue import ServerQueue
 

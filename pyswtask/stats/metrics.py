@@ -31,7 +31,7 @@ from prometheus_client.core import (  # type: ignore[import-not-found,unused-ign
 )
 from prometheus_client.exposition import start_http_server  # type: ignore[import-not-found,unused-ignore]
 
-from .segment import StatsSegment
+from ..counters import StatsSegment
 from .snapshot import snapshot
 
 __all__ = ["MetricsServer", "StatsCollector"]

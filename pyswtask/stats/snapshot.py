@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from .. import sysv
+from ..counters import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
 from ..errors import ServerNotRunning
-from .segment import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
 
 __all__ = ["read", "snapshot", "StatsUnreadable", "resolve_key", "rss_bytes"]
 

@@ -36,8 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import sysv_ipc  # type: ignore[import-not-found]
 
-from .._core import TaskLoop
-from ..sysv import create_segment, stats_key
+from ._core import TaskLoop
+from .sysv import create_segment, stats_key
 
 __all__ = ["StatsSegment", "HEADER", "SLOT", "ROW", "KINDS", "CAUSES", "TASK_ROWS", "VERSION",
            "MAGIC", "DURATION_BOUNDS", "stats_key", "StatsUnreadable"]
