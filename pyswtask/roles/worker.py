@@ -213,8 +213,7 @@ class Worker(ChildRole):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         task_id = dispatcher.submit_future(body, dst_worker_id, future)
-        expiry = loop.call_later(check_timeout(timeout), _expire, future,
-                                 TaskTimeout.after(f"task {name}.{method}", timeout))
+        expiry = loop.call_later(check_timeout(timeout), _expire, future, name, method, timeout)
         timed_out = False
         try:
             return await future
@@ -343,9 +342,10 @@ def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _expire(future: asyncio.Future[Any], error: TaskTimeout) -> None:
+def _expire(future: asyncio.Future[Any], name: str, method: str, timeout: float) -> None:
+    # The error is made here, when a timeout happens, not for every call that might time out.
     if not future.done():
-        future.set_exception(error)
+        future.set_exception(TaskTimeout.after(f"task {name}.{method}", timeout))
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
