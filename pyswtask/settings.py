@@ -322,6 +322,14 @@ SETTINGS: tuple[Setting, ...] = (
     # queue over the nodes, a larger one hides the round trips to Redis.
     Setting("cluster_prefetch", 64, _positive_int,
             "cluster tasks a node takes from Redis at a time, to run on its task workers"),
+    # While Redis is unreachable a node keeps its workers' ASYNC cluster deliveries and sends
+    # them when it answers again; past either bound they finish with ClusterUnavailable.
+    Setting("cluster_hold_max", 100_000, _positive_int,
+            "ASYNC cluster deliveries a node holds while Redis is unreachable; more finish at "
+            "once with `ClusterUnavailable`"),
+    Setting("cluster_hold_timeout", 30.0, _positive_seconds,
+            "seconds a held ASYNC cluster delivery waits for Redis before it finishes with "
+            "`ClusterUnavailable`"),
     Setting("cron_cluster", False, _bool,
             "every `@scheduled` rule fires once per cluster (a lease in Redis), not once per node"),
 )

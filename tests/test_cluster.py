@@ -488,6 +488,124 @@ def test_redis_restarted(servers: ServerRunner, redis_server: RedisServer,
     check_outage(run_through_outage(servers, redis_server, tmp_path, restart))
 
 
+# Records a test reads while the node runs (emit's go to stdout, read once it exited).
+NOTE = textwrap.dedent('''
+    def note(**fields):
+        emit(**fields)
+        fd = os.open("notes.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, (json.dumps(fields) + "\\n").encode())
+        finally:
+            os.close(fd)
+''')
+
+
+def notes(folder: Path, event: str) -> list[dict[str, Any]]:
+    path = folder / "notes.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+HOLD = NOTE + textwrap.dedent('''
+    def on_worker_start(server, worker_id):
+        if worker_id != 0:
+            return
+        results = []
+        def finished(task_id, result):
+            results.append(task_id)
+            if isinstance(result, Exception):
+                note(event="async", id=task_id, error=type(result).__name__, message=str(result))
+            else:
+                note(event="async", id=task_id, value=result)
+            if len(results) == 11:
+                server.after(200, server.shutdown)
+        phases = set()
+        def tick(timer_id):
+            for phase, count in (("down", 8), ("back", 3)):
+                if phase not in phases and os.path.exists(phase):
+                    phases.add(phase)
+                    for i in range(count):
+                        Task.deliver("Reports", "slow", [f"{phase}{i}", 0], Task.TYPE_ASYNC,
+                                     callback=finished)
+                    note(event="sent", phase=phase)
+        server.tick(50, tick)
+''')
+
+
+@pytest.mark.slow
+def test_async_held_while_redis_is_down_up_to_the_hold_bounds(
+        servers: ServerRunner, redis_server: RedisServer, tmp_path: Path) -> None:
+    """cluster_hold_max ASYNC deliveries are held while Redis is down; more finish at once,
+    and the held ones after cluster_hold_timeout, all with ClusterUnavailable; none runs
+    later, and deliveries after Redis is back run."""
+    import time
+
+    url = redis_server.url
+    start_node(servers, url, "B")
+    wait_alive(url, "B")
+    a = start_node(servers, url, "A", HOLD, cluster_queues=[], cluster_hold_max=5,
+                   cluster_hold_timeout=2.0)
+    wait_alive(url, "A")
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        (tmp_path / "down").write_text("")
+        wait_for(lambda: len(notes(tmp_path, "async")) >= 3, 10)
+        at_once = time.monotonic() - started
+        early = notes(tmp_path, "async")
+        wait_for(lambda: len(notes(tmp_path, "async")) >= 8, 15)
+        held_for = time.monotonic() - started
+    finally:
+        redis_server.start()
+    (tmp_path / "back").write_text("")
+    records = finish(a, 60)
+    results = {r["id"]: r for r in records if r["event"] == "async"}
+    assert len(results) == 11, records
+    down = [r for r in results.values() if "error" in r]
+    assert len(down) == 8 and {r["error"] for r in down} == {"ClusterUnavailable"}
+    assert all("unreachable" in r["message"] for r in down), down
+    # Beyond the bound: at once (before the held ones, whose bound is 2 s).
+    assert len(early) == 3 and at_once < 1.8, (early, at_once)
+    # The held ones: after their 2 s, within the heartbeat's second and a margin.
+    assert 1.8 <= held_for < 8.0, held_for
+    back = sorted(r["value"][0] for r in results.values() if "value" in r)
+    assert back == ["back0", "back1", "back2"]
+    # What failed never reached Redis: only the deliveries after the restart ran.
+    r = redis.Redis.from_url(url)
+    started_ids = jsons(r, "test:started")
+    assert len(started_ids) == 3 and {s[1] for s in started_ids} == {"B"}
+
+
+def test_stopping_node_passes_back_its_workers_results_first(
+        servers: ServerRunner, redis_server: RedisServer, tmp_path: Path) -> None:
+    """A node stopped right after delivering ASYNC cluster tasks still gets every result
+    (its finish callbacks fire) before its workers stop."""
+    url = redis_server.url
+    start_node(servers, url, "B")
+    wait_alive(url, "B")
+    a = start_node(servers, url, "A", NOTE + textwrap.dedent('''
+        def on_worker_start(server, worker_id):
+            if worker_id != 0:
+                return
+            def finished(task_id, result):
+                emit(event="async", id=task_id, value=result)
+            def go():
+                for i in range(6):
+                    Task.deliver("Reports", "slow", [i, 0.5], Task.TYPE_ASYNC,
+                                 callback=finished)
+                note(event="sent")
+            server.after(50, go)
+    '''), cluster_queues=[], max_wait_time=10.0)
+    wait_for(lambda: notes(tmp_path, "sent") or a.proc.poll() is not None, 20)
+    assert notes(tmp_path, "sent"), a.wait(1)
+    os.kill(a.pid, signal.SIGTERM)
+    records = finish(a, 30)
+    results = [r for r in records if r["event"] == "async"]
+    # B's two task workers need about 1.5 s for the six; all came back to the stopping node.
+    assert sorted(r["value"][0] for r in results) == list(range(6)), a.err[-3000:]
+    assert {r["value"][1] for r in results} == {"B"}
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 def cli(args: list[str]) -> subprocess.CompletedProcess[str]:

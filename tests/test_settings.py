@@ -49,6 +49,8 @@ BAD_VALUES: dict[str, Any] = {
     "cluster_visibility_timeout": 0,
     "cluster_max_deliveries": 0,
     "cluster_prefetch": 0,
+    "cluster_hold_max": 0,
+    "cluster_hold_timeout": -1,
     "cron_cluster": "yes",
 }
 

@@ -25,10 +25,15 @@ worker's event loop. Three threads, each with its own connection:
   ``SEEN_MAX``).
 
 Redis down (a call fails or times out): the workers are told, so that CO deliveries raise
-``ClusterUnavailable`` at once; ASYNC ones are held here (up to ``HOLD_MAX`` for
-``HOLD_SECONDS``, then they finish with ``ClusterUnavailable``) and sent when a PING answers
-again; results not yet written are kept, unacknowledged, and written then. A consumer group
-that Redis lost (a restart without persistence) is created again.
+``ClusterUnavailable`` at once; ASYNC ones are held here (up to ``cluster_hold_max`` for
+``cluster_hold_timeout``, then they finish with ``ClusterUnavailable``) and sent when a PING
+answers again; results not yet written are kept, unacknowledged, and written then. A consumer
+group that Redis lost (a restart without persistence) is created again.
+
+Stopping (SIGTERM, before the workers, as every user process): the bridge takes no more tasks,
+waits for the results of those it took, and goes on passing the results of its own workers'
+deliveries back to them until none is outstanding, within ``max_wait_time``; the workers, still
+running, get them before they are stopped in turn.
 
 It must not run tasks (the task workers do, through ``runner``) nor know a worker's event loop.
 """
@@ -78,6 +83,8 @@ class Bridge:
         self.max_deliveries = int(settings["cluster_max_deliveries"])
         self.prefetch = int(settings["cluster_prefetch"])
         self.max_wait = float(settings["max_wait_time"])
+        self.hold_max = int(settings["cluster_hold_max"])
+        self.hold_timeout = float(settings["cluster_hold_timeout"])
 
     # -- the process ----------------------------------------------------------------------------
 
@@ -97,7 +104,8 @@ class _Run:
         self.relay = proc.delivery
         self.lib = require_redis()
         self.consumer = f"{bridge.node}:{os.getpid()}"
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()      # SIGTERM: take no more tasks
+        self.done = threading.Event()          # the last results passed on: threads end
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Any: redis-py's stubs type every reply as a union of everything a reply can be.
         # Not checked here: a bridge respawned while Redis is down starts down, and waits.
@@ -118,6 +126,9 @@ class _Run:
         self.lost_errors: list[tuple[TaskEntry, str]] = []
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.reply_last = b"0-0"
+        # This node's workers' deliveries whose result has not come back: their deadline
+        # (time.time(); CO) or 0 (ASYNC, whose result is awaited as long as the node runs).
+        self.outstanding: dict[str, float] = {}
         self.started = time.time()
 
     def serve(self) -> None:
@@ -163,10 +174,22 @@ class _Run:
                 if stop_by is None:
                     stop_by = now + self.b.max_wait
                 with self.lock:
-                    busy = self.taken or self.outgoing
+                    busy = self.taken or self.outgoing or self._awaited()
                 if not busy or now >= stop_by:
                     break
+        self.done.set()
         self._leave()
+
+    def _awaited(self) -> int:
+        """Results this node's workers still wait for; those whose CO caller gave up are
+        forgotten (their result, if it comes, is dropped by the worker anyway)."""
+        if self.outstanding and self.up:
+            now = time.time()
+            for task_id, deadline in list(self.outstanding.items()):
+                if deadline and deadline < now:
+                    self.outstanding.pop(task_id, None)
+            return len(self.outstanding)
+        return 0
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping.set()
@@ -269,6 +292,7 @@ class _Run:
             if error is None:
                 try:
                     self.appender.append(stream, [fields for _, _, fields in batch])
+                    self._await_results(batch)
                     continue
                 except self.lib.RedisError as exc:
                     error = exc
@@ -277,16 +301,24 @@ class _Run:
         if failed:
             self._hold_or_fail(failed, self._unavailable(error))
 
+    def _await_results(self, batch: list[tuple[int, list[Any], dict[bytes, Any]]]) -> None:
+        for _src, data, fields in batch:
+            self.outstanding[fields[b"id"]] = float(data[7] or 0.0)
+        # Bounded as the ids seen: a result that never comes (its reply stream trimmed while
+        # Redis was away) must not hold memory for ever.
+        while len(self.outstanding) > keys.SEEN_MAX:
+            self.outstanding.pop(next(iter(self.outstanding)), None)
+
     def _hold_or_fail(self, going: list[tuple[int, list[Any]]], error: ClusterUnavailable) -> None:
         now = time.monotonic()
         for src, data in going:
             is_async = len(data) == 8 and data[6] == TYPE_ASYNC
-            if is_async and len(self.held) < keys.HOLD_MAX:
+            if is_async and len(self.held) < self.b.hold_max:
                 self.held.append((now, src, data))
             else:
                 if is_async:
                     log.error("cluster: ASYNC task %s.%s of worker %d not delivered: %d held "
-                              "already (%s)", data[3], data[4], src, keys.HOLD_MAX, error)
+                              "already (%s)", data[3], data[4], src, self.b.hold_max, error)
                 self._reply_worker(src, data, error)
 
     def _release_held(self) -> None:
@@ -297,11 +329,11 @@ class _Run:
             self.held.clear()
 
     def _expire_held(self) -> None:
-        limit = time.monotonic() - keys.HOLD_SECONDS
+        limit = time.monotonic() - self.b.hold_timeout
         while self.held and self.held[0][0] < limit:
             _, src, data = self.held.popleft()
             log.error("cluster: ASYNC task %s.%s of worker %d not delivered: Redis unreachable "
-                      "for %s s", data[3], data[4], src, keys.HOLD_SECONDS)
+                      "for %s s", data[3], data[4], src, self.b.hold_timeout)
             self._reply_worker(src, data, self._unavailable())
 
     # -- running: tasks from Redis on this node's task workers ---------------------------------
@@ -523,7 +555,7 @@ class _Run:
 
     def _thread_failed(self) -> None:
         self.failed_at = time.monotonic()
-        self.stopping.wait(0.5)
+        self.done.wait(0.5)
 
     def _claim(self, r: Any, room: int) -> list[TaskEntry]:
         """Tasks idle for more than the visibility timeout, claimed for this node; those
@@ -578,11 +610,13 @@ class _Run:
         r: Any = connect(self.b.url, timeout=keys.TIMEOUT + keys.BLOCK_MS / 1000, check=False)
         stream = keys.reply_stream(self.b.node)
         self._reply_group(r, stream)
-        while not self.stopping.is_set():
+        while not self.done.is_set():
             try:
                 reply = r.xreadgroup(keys.GROUP, self.b.node, {stream: ">"}, count=1000,
                                      block=keys.BLOCK_MS, noack=True)
             except self.lib.ResponseError as exc:
+                if self.done.is_set():
+                    return      # the stream was removed as the node left
                 if "NOGROUP" not in str(exc):
                     log.error("cluster: reading the replies failed: %s", exc)
                     self._thread_failed()
@@ -614,6 +648,7 @@ class _Run:
         except ValueError as exc:
             log.error("cluster: %s dropped", exc)
             return
+        self.outstanding.pop(task_id, None)
         if task_id in self.seen:
             log.info("cluster: second result of task %s dropped", task_id)
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 __all__ = ["PREFIX", "GROUP", "queue_stream", "reply_stream", "dead_stream", "error_hash",
            "node_key", "NODE_PATTERN", "QUEUE_PATTERN", "DEAD_PATTERN", "QUEUE_MAXLEN",
-           "REPLY_MAXLEN", "DEAD_MAXLEN", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "HOLD_SECONDS",
+           "REPLY_MAXLEN", "DEAD_MAXLEN", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL",
            "HOLD_MAX", "TIMEOUT", "BLOCK_MS", "SEEN_MAX", "queue_of_stream"]
 
 PREFIX = "pyswtask"
@@ -37,9 +37,8 @@ DEAD_MAXLEN = 100_000
 HEARTBEAT_INTERVAL = 1.0        # seconds between a node's heartbeats
 HEARTBEAT_TTL = 5.0             # a node whose key is gone for this long is not alive
 
-# ASYNC deliveries held while Redis is unreachable: at most this many, for at most this long;
-# beyond either they finish with ClusterUnavailable.
-HOLD_SECONDS = 30.0
+# ASYNC deliveries a separate program holds while Redis is unreachable; one more raises
+# ClusterUnavailable (a node's bound is its cluster_hold_max setting).
 HOLD_MAX = 100_000
 
 TIMEOUT = 2.0                   # socket timeout of every Redis call of a node
