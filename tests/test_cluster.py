@@ -501,7 +501,7 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
                                                      redis_server: RedisServer) -> None:
     url = redis_server.url
     r = redis.Redis.from_url(url)
-    start_node(servers, url, "B", cluster_prefetch=2)
+    b = start_node(servers, url, "B", cluster_prefetch=2)
     wait_alive(url, "B")
     program = servers.start(program_script('''
         Task.configure(cluster=URL)
@@ -510,8 +510,8 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
         Task.flush()
     '''), name="program.py", args=["P", url])
     assert program.wait(30) == 0, program.err
-    # B took two (its prefetch); both wait on its task workers (or one behind the other).
-    wait_for(lambda: r.llen("test:started") >= 1, 20)
+    # Each of B's two task workers took one (a task worker takes one at a time).
+    wait_for(lambda: r.llen("test:started") == 2, 20)
     wait_for(lambda: r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 2, 20)
     stat = json.loads(cli(["cluster", "stat", "--url", url, "--json"]).stdout)
     (node,) = stat["nodes"]
@@ -519,8 +519,12 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
     assert 0 < node["expires_in_ms"] <= 5000
     (queue,) = stat["queues"]
     assert queue["queue"] == "reports" and queue["length"] == 5 and queue["pending"] == 2
-    (consumer,) = queue["consumers"]
-    assert consumer.startswith("B:") and queue["consumers"][consumer] == 2
+    # One consumer per task worker, named after B and the task worker's pid.
+    assert sorted(queue["consumers"].values()) == [1, 1]
+    started_by = {f"B:{s[2]}" for s in jsons(r, "test:started")}
+    assert set(queue["consumers"]) == started_by
+    for name in queue["consumers"]:
+        assert _parent_of(int(name.split(":")[1])) == b.pid
     assert 0 <= queue["oldest_pending_age"] < 30 and queue["dead_letters"] == 0
     text = cli(["cluster", "stat", "--url", url]).stdout
     assert "nodes alive: 1" in text and "reports" in text
@@ -528,6 +532,12 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
                           f"redis://127.0.0.1:{free_port()}/0"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 1 and "cannot reach the cluster's Redis" in bad.stderr
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
 # -- bad input ---------------------------------------------------------------------------------

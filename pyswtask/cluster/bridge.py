@@ -157,7 +157,7 @@ class _Run:
                 next_beat = now + keys.HEARTBEAT_INTERVAL
                 self._maintain()
             if now >= next_touch and self.up:
-                next_touch = now + self.b.visibility / 3
+                next_touch = now + min(self.b.visibility / 3, 10.0)
                 self._touch_running()
             if self.stopping.is_set():
                 if stop_by is None:
@@ -387,20 +387,42 @@ class _Run:
             self.lock.notify_all()
 
     def _touch_running(self) -> None:
-        """Resets the idle time of the tasks running here, so that only a node that stopped
-        answering has its tasks claimed."""
+        """Resets the idle time of the tasks this node holds (those the bridge runs, and
+        those pending on a live task worker's consumer), so that only a node that stopped
+        answering, or a task worker that died, has its tasks claimed. The consumers of this
+        node's task workers that are gone are deleted once nothing is pending on them."""
         by_queue: dict[str, list[bytes]] = {}
         for entry in self.running.values():
             by_queue.setdefault(entry.queue, []).append(entry.entry_id)
-        if not by_queue:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for queue, ids in by_queue.items():
-            pipe.xclaim(keys.queue_stream(queue), keys.GROUP, self.consumer, 0, ids, justid=True)
         try:
+            pipe = self.r.pipeline(transaction=False)
+            for queue, ids in by_queue.items():
+                pipe.xclaim(keys.queue_stream(queue), keys.GROUP, self.consumer, 0, ids,
+                            justid=True)
+            for queue in self.b.queues:
+                self._touch_task_workers(pipe, keys.queue_stream(queue))
             pipe.execute()
+        except self.lib.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                log.warning("cluster: touching the running tasks failed: %s", exc)
         except self.lib.RedisError as exc:
             self._went_down(exc)
+
+    def _touch_task_workers(self, pipe: Any, stream: str) -> None:
+        prefix = f"{self.b.node}:"
+        for consumer in self.r.xinfo_consumers(stream, keys.GROUP):
+            name = _text(consumer["name"])
+            pid = name[len(prefix):]
+            if not name.startswith(prefix) or name == self.consumer or not pid.isdigit():
+                continue
+            alive = _child_of(int(pid), self.server.master_pid)
+            if consumer["pending"] and alive:
+                ids = [p["message_id"] for p in self.r.xpending_range(
+                    stream, keys.GROUP, "-", "+", int(consumer["pending"]), consumername=name)]
+                if ids:
+                    pipe.xclaim(stream, keys.GROUP, name, 0, ids, justid=True)
+            elif not consumer["pending"] and not alive:
+                pipe.xgroup_delconsumer(stream, keys.GROUP, name)
 
     # -- health, heartbeat, trimming -------------------------------------------------------------
 
@@ -473,41 +495,23 @@ class _Run:
     # -- the consumer thread ---------------------------------------------------------------------
 
     def _consume(self) -> None:
+        """Claims, every quarter of the visibility timeout (at most every 5 s), what stayed
+        pending too long; the task workers read the new tasks themselves (``consumer``)."""
         if not self.b.queues:
             return
-        r: Any = connect(self.b.url, timeout=keys.TIMEOUT + keys.BLOCK_MS / 1000, check=False)
-        streams = {keys.queue_stream(q): ">" for q in self.b.queues}
-        next_claim = time.monotonic() + self.b.visibility / 4
-        while not self.stopping.is_set():
+        r: Any = connect(self.b.url, timeout=keys.TIMEOUT, check=False)
+        every = min(self.b.visibility / 4, 5.0)
+        while not self.stopping.wait(every):
             with self.lock:
-                while self.taken >= self.b.prefetch and not self.stopping.is_set():
-                    self.lock.wait(0.5)
                 room = self.b.prefetch - self.taken
-            if self.stopping.is_set():
-                return
+            if room <= 0:
+                continue
             try:
-                got: list[TaskEntry] = []
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + min(self.b.visibility / 4, 5.0)
-                    got = self._claim(r, room)
-                if not got:
-                    reply = r.xreadgroup(keys.GROUP, self.consumer, streams, count=room,
-                                         block=keys.BLOCK_MS)
-                    for stream, entries in reply or ():
-                        queue = keys.queue_of_stream(stream)
-                        got += [TaskEntry(queue, eid, fields) for eid, fields in entries
-                                if fields]
+                got = self._claim(r, room)
             except self.lib.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    log.warning("cluster: the consumer group is gone (Redis restarted?): "
-                                "creating it again")
-                    try:
-                        self._ensure_groups(r)
-                    except self.lib.RedisError:
-                        self._thread_failed()
-                else:
-                    log.error("cluster: reading the queues failed: %s", exc)
-                    self._thread_failed()
+                if "NOGROUP" not in str(exc):
+                    log.error("cluster: claiming tasks failed: %s", exc)
+                self._thread_failed()
                 continue
             except self.lib.RedisError:
                 self._thread_failed()
@@ -646,6 +650,17 @@ def _min_needed(pending: dict[str, Any], groups: list[dict[str, Any]]) -> bytes 
     if floor is None or floor == b"0-0":
         return None
     return floor
+
+
+def _child_of(pid: int, parent: int | None) -> bool:
+    """Whether process pid lives and is a child of parent (a task worker of this node)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return len(fields) > 1 and fields[0] != b"Z" and int(fields[1]) == parent
 
 
 def _text(value: Any) -> str:
