@@ -38,6 +38,8 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
+import ssl
 import time
 from typing import Any, Callable
 
@@ -71,12 +73,15 @@ class TaskWorkerConsumer:
     def __init__(self, url: str, queues: list[str], node: str, run: RunTask,
                  count: int = 1) -> None:
         self.lib = require_redis()
+        self.hiredis = require_hiredis()
         self.url = url
         self.name = f"{node}:{os.getpid()}"
         self.run = run
         self.count = max(1, count)
         self.streams = [keys.queue_stream(q) for q in queues]
-        self.conn: Any = None
+        self.conn: Any = None           # redis-py's: it connects (TLS, credentials) and packs
+        self.sock: Any = None           # its socket, non-blocking, read into self.reader
+        self.reader: Any = None
         self.pool: Any = None
         self.client_id = 0
         self.watch: Callable[[int, Any], None] | None = None
@@ -115,7 +120,7 @@ class TaskWorkerConsumer:
                 return max(0.0, self.retry_at - time.monotonic())
         try:
             self._turn()
-        except (self.lib.RedisError, OSError) as exc:
+        except (self.lib.RedisError, self.hiredis.HiredisError, OSError) as exc:
             self._down(exc)
         if self.conn is None:
             return max(0.0, self.retry_at - time.monotonic())
@@ -152,20 +157,16 @@ class TaskWorkerConsumer:
                     other.close()
             while (self.expect or self.batch or self.results) and self.conn is not None:
                 if self.expect:
-                    self._read_one()
+                    self._read_one(self._reply(keys.TIMEOUT))
                 self._turn()
             if self.conn is None:
                 return
-            pending = False
-            for stream in self.streams:
-                conn.send_command("XPENDING", stream, keys.GROUP, "-", "+", 1, self.name)
-                if conn.read_response():
-                    pending = True
+            pending = any(self._call("XPENDING", stream, keys.GROUP, "-", "+", 1, self.name)
+                          for stream in self.streams)
             if not pending:
                 for stream in self.streams:
-                    conn.send_command("XGROUP", "DELCONSUMER", stream, keys.GROUP, self.name)
-                    conn.read_response()
-        except (self.lib.RedisError, OSError) as exc:
+                    self._call("XGROUP", "DELCONSUMER", stream, keys.GROUP, self.name)
+        except (self.lib.RedisError, self.hiredis.HiredisError, OSError) as exc:
             log.warning("cluster: consumer %s left without cleaning up: %s", self.name, exc)
         finally:
             self._drop()
@@ -173,9 +174,13 @@ class TaskWorkerConsumer:
     # -- reading, running, writing ----------------------------------------------------------------
 
     def _turn(self) -> None:
-        conn = self.conn
-        while self.expect and conn.can_read(timeout=0):
-            self._read_one()
+        if self.expect:
+            self._receive()
+            while self.expect:
+                reply = self.reader.gets()
+                if reply is False:
+                    break
+                self._read_one(reply)
         if self.batch:
             self._run_one()
         if self.batch and not (self.results and
@@ -192,20 +197,16 @@ class TaskWorkerConsumer:
     def _reading(self) -> bool:
         return any(kind == _READ for kind, _ in self.expect)
 
-    def _read_one(self) -> None:
-        kind = self.expect[0][0]
-        try:
-            reply = self.conn.read_response()
-        except self.lib.ResponseError as exc:
-            self.expect.popleft()
+    def _read_one(self, reply: Any) -> None:
+        kind = self.expect.popleft()[0]
+        if isinstance(reply, self.hiredis.ReplyError):
             if kind == _READ:
-                self._read_failed(exc)
+                self._read_failed(reply)
             else:
                 # The script ran and one command failed (NOGROUP: a restarted Redis lost the
                 # group, and the pending entries with it): nothing to retry.
-                log.warning("cluster: consumer %s writing results: %s", self.name, exc)
+                log.warning("cluster: consumer %s writing results: %s", self.name, reply)
             return
-        self.expect.popleft()
         if kind == _DONE:
             return
         if not self.up:
@@ -266,26 +267,80 @@ class TaskWorkerConsumer:
                 keys.BLOCK_MS, "STREAMS", *self.streams, *(">" for _ in self.streams)]
 
     def _send(self, commands: list[tuple[list[Any], list[Result]]]) -> None:
-        # Expected first: a failed write gives its results back (_drop) to be written again.
-        for command, results in commands:
-            self.expect.append((_READ if command[0] == "XREADGROUP" else _DONE, results))
-        conn = self.conn
-        conn.send_packed_command(conn.pack_commands([c for c, _ in commands]),
-                                 check_health=False)
+        """Sends the commands in one write. Results written just before a read go without a
+        reply (CLIENT REPLY SKIP): the read's reply says they were, as Redis runs a
+        connection's commands in order; until it came they count as not written."""
+        wire: list[list[Any]] = []
+        if commands[-1][0][0] == "XREADGROUP" and len(commands) > 1:
+            skipped = [r for _, results in commands[:-1] for r in results]
+            for command, _ in commands[:-1]:
+                wire += (["CLIENT", "REPLY", "SKIP"], command)
+            wire.append(commands[-1][0])
+            self.expect.append((_READ, skipped))
+        else:
+            for command, results in commands:
+                wire.append(command)
+                self.expect.append((_READ if command[0] == "XREADGROUP" else _DONE, results))
+        self._write(b"".join(self.conn.pack_commands(wire)))
         self.sent_at = time.monotonic()
 
-    def _read_failed(self, exc: BaseException) -> None:
+    # -- the socket -------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        """Writes all of data; a peer that takes none of it for keys.TIMEOUT is down."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                if not _wait_for(self.sock, select.POLLOUT, keys.TIMEOUT):
+                    raise self.lib.TimeoutError("Redis took no data for "
+                                                f"{keys.TIMEOUT} s") from None
+
+    def _receive(self) -> None:
+        """Feeds the reader all the socket holds now, without waiting."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            if not data:
+                raise self.lib.ConnectionError("Redis closed the connection")
+            self.reader.feed(data)
+            if len(data) < 65536 and not (isinstance(self.sock, ssl.SSLSocket)
+                                          and self.sock.pending()):
+                return
+
+    def _reply(self, timeout: float) -> Any:
+        """The next reply, waiting for it up to timeout seconds (TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                return reply
+            left = deadline - time.monotonic()
+            if left <= 0 or not _wait_for(self.sock, select.POLLIN, left):
+                raise self.lib.TimeoutError(f"Redis did not answer within {timeout} s")
+            self._receive()
+
+    def _call(self, *command: Any) -> Any:
+        """One command and its reply, waiting (only where nothing else is outstanding)."""
+        self._write(b"".join(self.conn.pack_command(*command)))
+        reply = self._reply(keys.TIMEOUT)
+        if isinstance(reply, self.hiredis.ReplyError):
+            raise self.lib.ResponseError(str(reply))
+        return reply
+
+    def _read_failed(self, exc: Any) -> None:
         if "NOGROUP" not in str(exc):
-            raise exc
+            raise self.lib.ResponseError(str(exc))
         log.warning("cluster: the consumer group is gone (Redis restarted?): creating it again")
         self._ensure_groups()
 
     def _ensure_groups(self) -> None:
-        conn = self.conn
         for stream in self.streams:
-            conn.send_command("XGROUP", "CREATE", stream, keys.GROUP, "0", "MKSTREAM")
             try:
-                conn.read_response()
+                self._call("XGROUP", "CREATE", stream, keys.GROUP, "0", "MKSTREAM")
             except self.lib.ResponseError as err:
                 if "BUSYGROUP" not in str(err):
                     raise
@@ -301,6 +356,9 @@ class TaskWorkerConsumer:
             conn.send_command("CLIENT", "ID")
             self.client_id = int(conn.read_response())
             self.conn = conn
+            self.sock = conn._sock
+            self.sock.setblocking(False)
+            self.reader = self.hiredis.Reader()
             self._ensure_groups()
         except (self.lib.RedisError, OSError) as exc:
             self.conn = None
@@ -310,7 +368,7 @@ class TaskWorkerConsumer:
         self.backoff = BACKOFF_MIN
         self.history = True
         assert self.watch is not None
-        self.watch(conn._sock.fileno(), self.on_ready)
+        self.watch(self.sock.fileno(), self.on_ready)
         return True
 
     def _down(self, exc: BaseException | None) -> None:
@@ -324,10 +382,10 @@ class TaskWorkerConsumer:
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _drop(self) -> None:
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.sock = self.conn, None, None
         # Results whose write went with the connection: written again on the next one (a
         # second acknowledgement does nothing, a second result is dropped by its reader).
-        unconfirmed = [r for kind, results in self.expect if kind == _DONE for r in results]
+        unconfirmed = [r for _, results in self.expect for r in results]
         if unconfirmed:
             self.results[:0] = unconfirmed
             self.first_result = time.monotonic()
@@ -341,6 +399,22 @@ class TaskWorkerConsumer:
         if not self.expect:
             return -1.0
         return max(0.0, self.sent_at + keys.BLOCK_MS / 1000 + keys.TIMEOUT - time.monotonic())
+
+
+def require_hiredis() -> Any:
+    """The hiredis module, or ImportError naming the extra that installs it."""
+    try:
+        import hiredis
+    except ImportError:
+        raise ImportError("the cluster's task workers need hiredis: pip install "
+                          "'pyswtask[cluster]'") from None
+    return hiredis
+
+
+def _wait_for(sock: Any, events: int, timeout: float) -> bool:
+    poll = select.poll()
+    poll.register(sock.fileno(), events)
+    return bool(poll.poll(max(0.0, timeout) * 1000))
 
 
 def _entries(reply: Any) -> list[TaskEntry]:
