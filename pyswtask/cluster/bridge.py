@@ -1,24 +1,27 @@
-"""The ``clusterBridge`` user process: a node's one link to the cluster's Redis.
+"""The ``clusterBridge`` user process: a node's link to the cluster's Redis for what is
+node-wide; the tasks of the queues the node serves are read and run by its task workers
+themselves (``consumer``).
 
 The workers never call Redis: a worker's delivery of a cluster task is a pipe message to this
 process, and its results come back as pipe messages, so a stalled Redis can never block a
 worker's event loop. Three threads, each with its own connection:
 
 - the main thread reads its inbox: the workers' cluster deliveries (``XADD`` to the queue's
-  stream, many per call: ``scripts``) and the results of the tasks it had run locally
+  stream, many per call: ``scripts``) and the results of the claimed tasks it had run locally
   (``XADD`` to the delivering node's reply stream and ``XACK``, a batch in one ``MULTI``: a
   task is acknowledged only once its result is written). Every second it renews the node's
-  heartbeat key and trims what was acknowledged and read (``XTRIM MINID``).
-- the consumer thread takes tasks of the queues this node serves (``XREADGROUP``, at most
-  ``cluster_prefetch`` in flight) and, every quarter of ``cluster_visibility_timeout`` (at most
-  every 5 s), claims tasks left pending longer than ``cluster_visibility_timeout`` by a
-  consumer that stopped answering (``XAUTOCLAIM``); a task claimed past
-  ``cluster_max_deliveries`` goes to the dead-letter stream instead, and its CO caller gets
-  ``TaskWorkerLost``. The main thread hands each task
-  to the local task workers through a worker (the relay, as any user process delivers),
-  wrapped in the built-in ``pyswtask.cluster`` task (``runner``). Tasks in flight are
-  re-claimed by their own consumer (``XCLAIM ... JUSTID``) so that a long task is not taken
-  away from a node that is alive.
+  heartbeat key and trims what was acknowledged and read (``XTRIM MINID``). Every third of
+  ``cluster_visibility_timeout`` (at most every 10 s) it re-claims the tasks in flight on this
+  node (``XCLAIM ... JUSTID``): its own and those pending on the consumers of its live task
+  workers, so that a long task is not taken away from a node that is alive; and it deletes the
+  consumers of its task workers that are gone once nothing is pending on them.
+- the claim thread, every quarter of ``cluster_visibility_timeout`` (at most every 5 s),
+  claims tasks left pending longer than that by a consumer that stopped answering (a node, a
+  task worker that died: ``XAUTOCLAIM``, at most ``cluster_prefetch`` in flight); a task
+  claimed past ``cluster_max_deliveries`` goes to the dead-letter stream instead, and its CO
+  caller gets ``TaskWorkerLost``. The main thread hands each claimed task to the local task
+  workers through a worker (the relay, as any user process delivers), wrapped in the built-in
+  ``pyswtask.cluster`` task (``runner``).
 - the reply thread reads this node's reply stream (``XREADGROUP ... NOACK`` in a group of
   its own, so a respawned bridge goes on where its predecessor stopped) and passes each
   result to the worker that delivered the task, once (task ids seen are remembered, up to
@@ -130,8 +133,8 @@ class _Run:
             # The workers may have been told "down" by this bridge's predecessor.
             self._broadcast_state(True)
             self._heartbeat()
-        threads = [threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
-                                    name="pyswtask-cluster-consume"),
+        threads = [threading.Thread(target=self._guard, args=(self._claim_loop,), daemon=True,
+                                    name="pyswtask-cluster-claim"),
                    threading.Thread(target=self._guard, args=(self._read_replies,), daemon=True,
                                     name="pyswtask-cluster-replies")]
         for t in threads:
@@ -494,7 +497,7 @@ class _Run:
 
     # -- the consumer thread ---------------------------------------------------------------------
 
-    def _consume(self) -> None:
+    def _claim_loop(self) -> None:
         """Claims, every quarter of the visibility timeout (at most every 5 s), what stayed
         pending too long; the task workers read the new tasks themselves (``consumer``)."""
         if not self.b.queues:

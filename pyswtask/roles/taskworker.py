@@ -2,9 +2,12 @@
 ``task_enable_coroutine``, ``async def`` ones as coroutines, many at once).
 
 It reads tasks from every worker's channel (and from the message queue, on a thread, when the
-server has one), runs each through the executor and writes the result back. It delivers
+server has one; and, on a node of a cluster serving queues, from Redis through its own
+consumer, ``pyswtask.cluster.consumer``, whose socket the loop watches), runs each through the
+executor and writes the result back. It delivers
 nothing itself: waiting on another task from inside a task can deadlock the pool. The loop is
-the core's; this role only sets it up (signals, queue reader thread, executor) and reports.
+the core's; this role only sets it up (signals, queue reader thread, consumer, executor) and
+reports.
 Its asyncio loop (``slices``) exists once a timer is started here or with
 ``task_enable_coroutine``; it runs between tasks. ``Task.current()`` is answered here.
 """
