@@ -321,7 +321,8 @@ SETTINGS: tuple[Setting, ...] = (
     # Tasks taken but not finished are invisible to the other nodes: a small number spreads a
     # queue over the nodes, a larger one hides the round trips to Redis.
     Setting("cluster_prefetch", 64, _positive_int,
-            "cluster tasks a node takes from Redis at a time, to run on its task workers"),
+            "cluster tasks a node's task workers take from Redis at a time (split among them, "
+            "at least one each); its bridge claims at most as many"),
     # While Redis is unreachable a node keeps its workers' ASYNC cluster deliveries and sends
     # them when it answers again; past either bound they finish with ClusterUnavailable.
     Setting("cluster_hold_max", 100_000, _positive_int,

@@ -317,6 +317,41 @@ def test_task_worker_dying_mid_task_leaves_the_task_for_a_second_delivery(
     r = redis.Redis.from_url(url)
     assert r.hlen("pyswtask:err:reports") == 0
     assert r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 0
+    # The dead task worker's consumer is deleted by B's bridge, once nothing is pending on it;
+    # those of the live ones stay.
+    def names() -> set[str]:
+        return {c["name"].decode() for c in r.xinfo_consumers("pyswtask:q:reports", "pyswtask")}
+
+    wait_for(lambda: all(_alive(int(n.rsplit(":", 1)[1])) for n in names()), 10)
+    assert names()
+
+
+def test_stopping_node_runs_what_it_took_and_deletes_its_consumers(
+        servers: ServerRunner, redis_server: RedisServer) -> None:
+    url = redis_server.url
+    r = redis.Redis.from_url(url)
+    b = start_node(servers, url, "B")
+    wait_alive(url, "B")
+    program = servers.run(program_script('''
+        Task.configure(cluster=URL)
+        emit(event="co", value=Task.deliver("Reports", "where", [3], timeout=20))
+    '''), name="program.py", args=["P", url], timeout=60)
+    ((x, node, pid),) = [x["value"] for x in program.by_event("co")]
+    assert (x, node) == (3, "B")
+    # Each of B's task workers is a consumer of its own, named after B and its pid.
+    names = {c["name"].decode() for c in r.xinfo_consumers("pyswtask:q:reports", "pyswtask")}
+    workers = {n for n in names if _parent_of(int(n.rsplit(":", 1)[1])) == b.pid}
+    assert len(workers) == 2 and f"B:{pid}" in workers and all(n.startswith("B:") for n in names)
+    # Stopped while its task workers wait in XREADGROUP: it stops within max_wait_time and a
+    # margin, and leaves no consumer and nothing pending behind.
+    import time
+    started = time.monotonic()
+    os.kill(b.pid, signal.SIGTERM)
+    assert b.wait(30) == 0, b.err
+    assert time.monotonic() - started < 15
+    assert r.xinfo_consumers("pyswtask:q:reports", "pyswtask") == []
+    assert r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 0
+    assert not r.exists("pyswtask:node:B")
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -475,6 +510,72 @@ def test_redis_stalled_for_3_seconds(servers: ServerRunner, redis_server: RedisS
     check_outage(run_through_outage(servers, redis_server, tmp_path, stall))
 
 
+LOCAL_THROUGH_STALL = CLUSTER + textwrap.dedent('''
+    def on_worker_start(server, worker_id):
+        if worker_id != 0:
+            return
+        def tick(timer_id):
+            if os.path.exists("stop"):
+                server.clear_timer(timer_id)
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        emit(event="cluster", value=Task.deliver("Reports", "where", [1],
+                                                                 timeout=5))
+                        break
+                    except ClusterUnavailable:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+                server.shutdown()
+                return
+            started = time.monotonic()
+            emit(event="local", value=Task.deliver("Demo", "echo", ["x"], timeout=10),
+                 at=time.time(), took=time.monotonic() - started)
+        server.tick(100, tick)
+
+    # One task worker: the local tasks and the consumer blocked on Redis share its loop.
+    server = Server(worker_num=1, task_worker_num=1, cluster=URL, node=NODE, max_wait_time=2.0)
+    server.on("worker_start", on_worker_start)
+    server.start()
+''')
+
+
+@pytest.mark.slow
+def test_local_tasks_go_on_while_redis_stalls_under_a_blocked_consumer(
+        servers: ServerRunner, redis_server: RedisServer, tmp_path: Path) -> None:
+    import time
+
+    url = redis_server.url
+    r = redis.Redis.from_url(url)
+    b = servers.start(LOCAL_THROUGH_STALL, name="node_B.py", args=["B", url])
+    wait_alive(url, "B")
+    wait_for(lambda: r.exists("pyswtask:q:reports") and any(
+        c["name"].startswith(b"B:") for c in r.xinfo_consumers("pyswtask:q:reports",
+                                                               "pyswtask")), 20)
+    time.sleep(0.5)
+    paused = time.time()
+    redis_server.pause()
+    try:
+        time.sleep(3.0)
+    finally:
+        redis_server.resume()
+    resumed = time.time()
+    time.sleep(1.0)
+    (tmp_path / "stop").write_text("")
+    records = finish(b, 60)
+    local = [x for x in records if x["event"] == "local"]
+    assert all(x["value"] == "x" for x in local)
+    # The task worker waits on a stalled Redis only to connect, at most the socket timeout
+    # (2 s): local tasks kept running through the stall.
+    assert max(x["took"] for x in local) < 4.0, sorted(x["took"] for x in local)[-5:]
+    during = [x for x in local if paused + 0.2 < x["at"] < resumed]
+    assert len(during) >= 5, f"{len(during)} local tasks ran during the 3 s stall"
+    # The consumer reads again once Redis is back: a cluster task runs on B.
+    ((value,),) = [[x["value"]] for x in records if x["event"] == "cluster"]
+    assert value[:2] == [1, "B"]
+
+
 @pytest.mark.slow
 def test_redis_restarted(servers: ServerRunner, redis_server: RedisServer,
                          tmp_path: Path) -> None:
@@ -619,7 +720,7 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
                                                      redis_server: RedisServer) -> None:
     url = redis_server.url
     r = redis.Redis.from_url(url)
-    start_node(servers, url, "B", cluster_prefetch=2)
+    b = start_node(servers, url, "B", cluster_prefetch=2)
     wait_alive(url, "B")
     program = servers.start(program_script('''
         Task.configure(cluster=URL)
@@ -628,8 +729,8 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
         Task.flush()
     '''), name="program.py", args=["P", url])
     assert program.wait(30) == 0, program.err
-    # B took two (its prefetch); both wait on its task workers (or one behind the other).
-    wait_for(lambda: r.llen("test:started") >= 1, 20)
+    # Each of B's two task workers took one (a task worker takes one at a time).
+    wait_for(lambda: r.llen("test:started") == 2, 20)
     wait_for(lambda: r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 2, 20)
     stat = json.loads(cli(["cluster", "stat", "--url", url, "--json"]).stdout)
     (node,) = stat["nodes"]
@@ -637,8 +738,12 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
     assert 0 < node["expires_in_ms"] <= 5000
     (queue,) = stat["queues"]
     assert queue["queue"] == "reports" and queue["length"] == 5 and queue["pending"] == 2
-    (consumer,) = queue["consumers"]
-    assert consumer.startswith("B:") and queue["consumers"][consumer] == 2
+    # One consumer per task worker, named after B and the task worker's pid.
+    assert sorted(queue["consumers"].values()) == [1, 1]
+    started_by = {f"B:{s[2]}" for s in jsons(r, "test:started")}
+    assert set(queue["consumers"]) == started_by
+    for name in queue["consumers"]:
+        assert _parent_of(int(name.split(":")[1])) == b.pid
     assert 0 <= queue["oldest_pending_age"] < 30 and queue["dead_letters"] == 0
     text = cli(["cluster", "stat", "--url", url]).stdout
     assert "nodes alive: 1" in text and "reports" in text
@@ -646,6 +751,21 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
                           f"redis://127.0.0.1:{free_port()}/0"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 1 and "cannot reach the cluster's Redis" in bad.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -1,24 +1,27 @@
-"""The ``clusterBridge`` user process: a node's one link to the cluster's Redis.
+"""The ``clusterBridge`` user process: a node's link to the cluster's Redis for what is
+node-wide; the tasks of the queues the node serves are read and run by its task workers
+themselves (``consumer``).
 
 The workers never call Redis: a worker's delivery of a cluster task is a pipe message to this
 process, and its results come back as pipe messages, so a stalled Redis can never block a
 worker's event loop. Three threads, each with its own connection:
 
 - the main thread reads its inbox: the workers' cluster deliveries (``XADD`` to the queue's
-  stream, many per call: ``scripts``) and the results of the tasks it had run locally
+  stream, many per call: ``scripts``) and the results of the claimed tasks it had run locally
   (``XADD`` to the delivering node's reply stream and ``XACK``, a batch in one ``MULTI``: a
   task is acknowledged only once its result is written). Every second it renews the node's
-  heartbeat key and trims what was acknowledged and read (``XTRIM MINID``).
-- the consumer thread takes tasks of the queues this node serves (``XREADGROUP``, at most
-  ``cluster_prefetch`` in flight) and, every quarter of ``cluster_visibility_timeout`` (at most
-  every 5 s), claims tasks left pending longer than ``cluster_visibility_timeout`` by a
-  consumer that stopped answering (``XAUTOCLAIM``); a task claimed past
-  ``cluster_max_deliveries`` goes to the dead-letter stream instead, and its CO caller gets
-  ``TaskWorkerLost``. The main thread hands each task
-  to the local task workers through a worker (the relay, as any user process delivers),
-  wrapped in the built-in ``pyswtask.cluster`` task (``runner``). Tasks in flight are
-  re-claimed by their own consumer (``XCLAIM ... JUSTID``) so that a long task is not taken
-  away from a node that is alive.
+  heartbeat key and trims what was acknowledged and read (``XTRIM MINID``). Every third of
+  ``cluster_visibility_timeout`` (at most every 10 s) it re-claims the tasks in flight on this
+  node (``XCLAIM ... JUSTID``): its own and those pending on the consumers of its live task
+  workers, so that a long task is not taken away from a node that is alive; and it deletes the
+  consumers of its task workers that are gone once nothing is pending on them.
+- the claim thread, every quarter of ``cluster_visibility_timeout`` (at most every 5 s),
+  claims tasks left pending longer than that by a consumer that stopped answering (a node, a
+  task worker that died: ``XAUTOCLAIM``, at most ``cluster_prefetch`` in flight); a task
+  claimed past ``cluster_max_deliveries`` goes to the dead-letter stream instead, and its CO
+  caller gets ``TaskWorkerLost``. The main thread hands each claimed task to the local task
+  workers through a worker (the relay, as any user process delivers), wrapped in the built-in
+  ``pyswtask.cluster`` task (``runner``).
 - the reply thread reads this node's reply stream (``XREADGROUP ... NOACK`` in a group of
   its own, so a respawned bridge goes on where its predecessor stopped) and passes each
   result to the worker that delivered the task, once (task ids seen are remembered, up to
@@ -141,8 +144,8 @@ class _Run:
             # The workers may have been told "down" by this bridge's predecessor.
             self._broadcast_state(True)
             self._heartbeat()
-        threads = [threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
-                                    name="pyswtask-cluster-consume"),
+        threads = [threading.Thread(target=self._guard, args=(self._claim_loop,), daemon=True,
+                                    name="pyswtask-cluster-claim"),
                    threading.Thread(target=self._guard, args=(self._read_replies,), daemon=True,
                                     name="pyswtask-cluster-replies")]
         for t in threads:
@@ -168,7 +171,7 @@ class _Run:
                 next_beat = now + keys.HEARTBEAT_INTERVAL
                 self._maintain()
             if now >= next_touch and self.up:
-                next_touch = now + self.b.visibility / 3
+                next_touch = now + min(self.b.visibility / 3, 10.0)
                 self._touch_running()
             if self.stopping.is_set():
                 if stop_by is None:
@@ -419,20 +422,42 @@ class _Run:
             self.lock.notify_all()
 
     def _touch_running(self) -> None:
-        """Resets the idle time of the tasks running here, so that only a node that stopped
-        answering has its tasks claimed."""
+        """Resets the idle time of the tasks this node holds (those the bridge runs, and
+        those pending on a live task worker's consumer), so that only a node that stopped
+        answering, or a task worker that died, has its tasks claimed. The consumers of this
+        node's task workers that are gone are deleted once nothing is pending on them."""
         by_queue: dict[str, list[bytes]] = {}
         for entry in self.running.values():
             by_queue.setdefault(entry.queue, []).append(entry.entry_id)
-        if not by_queue:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for queue, ids in by_queue.items():
-            pipe.xclaim(keys.queue_stream(queue), keys.GROUP, self.consumer, 0, ids, justid=True)
         try:
+            pipe = self.r.pipeline(transaction=False)
+            for queue, ids in by_queue.items():
+                pipe.xclaim(keys.queue_stream(queue), keys.GROUP, self.consumer, 0, ids,
+                            justid=True)
+            for queue in self.b.queues:
+                self._touch_task_workers(pipe, keys.queue_stream(queue))
             pipe.execute()
+        except self.lib.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                log.warning("cluster: touching the running tasks failed: %s", exc)
         except self.lib.RedisError as exc:
             self._went_down(exc)
+
+    def _touch_task_workers(self, pipe: Any, stream: str) -> None:
+        prefix = f"{self.b.node}:"
+        for consumer in self.r.xinfo_consumers(stream, keys.GROUP):
+            name = _text(consumer["name"])
+            pid = name[len(prefix):]
+            if not name.startswith(prefix) or name == self.consumer or not pid.isdigit():
+                continue
+            alive = _child_of(int(pid), self.server.master_pid)
+            if consumer["pending"] and alive:
+                ids = [p["message_id"] for p in self.r.xpending_range(
+                    stream, keys.GROUP, "-", "+", int(consumer["pending"]), consumername=name)]
+                if ids:
+                    pipe.xclaim(stream, keys.GROUP, name, 0, ids, justid=True)
+            elif not consumer["pending"] and not alive:
+                pipe.xgroup_delconsumer(stream, keys.GROUP, name)
 
     # -- health, heartbeat, trimming -------------------------------------------------------------
 
@@ -504,42 +529,24 @@ class _Run:
 
     # -- the consumer thread ---------------------------------------------------------------------
 
-    def _consume(self) -> None:
+    def _claim_loop(self) -> None:
+        """Claims, every quarter of the visibility timeout (at most every 5 s), what stayed
+        pending too long; the task workers read the new tasks themselves (``consumer``)."""
         if not self.b.queues:
             return
-        r: Any = connect(self.b.url, timeout=keys.TIMEOUT + keys.BLOCK_MS / 1000, check=False)
-        streams = {keys.queue_stream(q): ">" for q in self.b.queues}
-        next_claim = time.monotonic() + self.b.visibility / 4
-        while not self.stopping.is_set():
+        r: Any = connect(self.b.url, timeout=keys.TIMEOUT, check=False)
+        every = min(self.b.visibility / 4, 5.0)
+        while not self.stopping.wait(every):
             with self.lock:
-                while self.taken >= self.b.prefetch and not self.stopping.is_set():
-                    self.lock.wait(0.5)
                 room = self.b.prefetch - self.taken
-            if self.stopping.is_set():
-                return
+            if room <= 0:
+                continue
             try:
-                got: list[TaskEntry] = []
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + min(self.b.visibility / 4, 5.0)
-                    got = self._claim(r, room)
-                if not got:
-                    reply = r.xreadgroup(keys.GROUP, self.consumer, streams, count=room,
-                                         block=keys.BLOCK_MS)
-                    for stream, entries in reply or ():
-                        queue = keys.queue_of_stream(stream)
-                        got += [TaskEntry(queue, eid, fields) for eid, fields in entries
-                                if fields]
+                got = self._claim(r, room)
             except self.lib.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    log.warning("cluster: the consumer group is gone (Redis restarted?): "
-                                "creating it again")
-                    try:
-                        self._ensure_groups(r)
-                    except self.lib.RedisError:
-                        self._thread_failed()
-                else:
-                    log.error("cluster: reading the queues failed: %s", exc)
-                    self._thread_failed()
+                if "NOGROUP" not in str(exc):
+                    log.error("cluster: claiming tasks failed: %s", exc)
+                self._thread_failed()
                 continue
             except self.lib.RedisError:
                 self._thread_failed()
@@ -681,6 +688,17 @@ def _min_needed(pending: dict[str, Any], groups: list[dict[str, Any]]) -> bytes 
     if floor is None or floor == b"0-0":
         return None
     return floor
+
+
+def _child_of(pid: int, parent: int | None) -> bool:
+    """Whether process pid lives and is a child of parent (a task worker of this node)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return len(fields) > 1 and fields[0] != b"Z" and int(fields[1]) == parent
 
 
 def _text(value: Any) -> str:

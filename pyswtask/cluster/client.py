@@ -28,7 +28,7 @@ from ..transport.writebehind import WriteBehind
 from . import keys
 from .connection import check_url, connect, describe_url, require_redis
 from .entries import error_from_wire, parse_result, task_fields, unpack_value
-from .scripts import TaskAppender
+from .scripts import APPEND, TaskAppender, append_args
 
 __all__ = ["configure", "client", "ClusterClient"]
 
@@ -83,6 +83,7 @@ class ClusterClient:
         self.lib = require_redis()
         self.r: Any = connect(url, timeout=keys.TIMEOUT)
         self.appender = TaskAppender(self.r)
+        self.co_conn: Any = None        # CO deliveries' writes and first reads (the lock held)
         self.pid = os.getpid()
         self.node = f"{socket.gethostname()}:{self.pid}:program"
         self.reply = keys.reply_stream(self.node)
@@ -127,10 +128,11 @@ class ClusterClient:
                     self.behind.wake()
                 return seq
             try:
-                self._write()
+                first = self._write_and_read(timeout)
             except ClusterUnavailable:
                 self.held = [h for h in self.held if h[1] is not fields]
                 raise
+        self._take(first, seq)
         return self._wait(seq, name, method, timeout)
 
     def flush(self, timeout: float) -> bool:
@@ -157,6 +159,8 @@ class ClusterClient:
             log.error("%d ASYNC cluster deliveries lost: the cluster's Redis at %s did not "
                       "answer", len(self.held), describe_url(self.url))
         try:
+            if self.co_conn is not None:
+                self.co_conn.disconnect()
             self.r.delete(self.reply)
             self.r.close()
         except self.lib.RedisError:
@@ -174,14 +178,67 @@ class ClusterClient:
         """Writes every held delivery, one call per stream (the lock held); what was written
         leaves the hold even when a later stream's call fails."""
         while self.held:
-            stream = self.held[0][0]
-            batch = [fields for s, fields in self.held if s == stream]
+            self._write_stream()
+
+    def _write_stream(self) -> None:
+        stream = self.held[0][0]
+        batch = [fields for s, fields in self.held if s == stream]
+        try:
+            self.appender.append(stream, batch)
+        except self.lib.RedisError as exc:
+            raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
+                                     f"unreachable: {exc}") from exc
+        self.held = [h for h in self.held if h[0] != stream]
+
+    def _write_and_read(self, timeout: float) -> Any:
+        """Writes every held delivery (the lock held) and, in the same round trip, reads the
+        reply stream, blocking briefly: the CO delivery's result may come with it. The
+        XREAD's reply, for ``_take``."""
+        while len({stream for stream, _ in self.held}) > 1:
+            self._write_stream()
+        stream = self.held[0][0]
+        args = append_args(keys.QUEUE_MAXLEN, [fields for _, fields in self.held])
+        block = max(1, int(min(timeout, keys.BLOCK_MS / 1000) * 1000))
+        if self.co_conn is None:
+            # Its own: the pool's check of a connection it hands out costs system calls.
+            self.co_conn = self.r.connection_pool.make_connection()
+        conn = self.co_conn
+        try:
+            conn.send_packed_command(conn.pack_commands([
+                ["EVAL", APPEND, 1, stream, *args],
+                ["XREAD", "COUNT", 100, "BLOCK", block, "STREAMS", self.reply, self.last]]))
+            error: BaseException | None = None
             try:
-                self.appender.append(stream, batch)
-            except self.lib.RedisError as exc:
-                raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
-                                         f"unreachable: {exc}") from exc
-            self.held = [h for h in self.held if h[0] != stream]
+                conn.read_response()
+            except self.lib.ResponseError as exc:
+                error = exc
+            else:
+                self.held = []
+            reply = conn.read_response()
+        except (self.lib.RedisError, OSError) as exc:
+            conn.disconnect()       # made again by the next call
+            error = exc
+            reply = None
+        if error is not None:
+            raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
+                                     f"unreachable: {error}") from error
+        return reply
+
+    def _take(self, reply: Any, seq: int) -> None:
+        """Keeps the result of seq from an XREAD reply of the reply stream (raw or parsed)."""
+        for _stream, entries in reply or ():
+            for eid, fields in entries:
+                self.last = eid
+                if isinstance(fields, list):
+                    it = iter(fields)
+                    fields = dict(zip(it, it))
+                try:
+                    _id, _worker, _pid, got, ok, value = parse_result(fields)
+                except ValueError as exc:
+                    log.error("cluster: %s dropped", exc)
+                    continue
+                if got == seq:      # a result nobody waits for any more is dropped
+                    self.results[got] = (ok, value)
 
     def _wait(self, seq: int, name: str, method: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -195,16 +252,7 @@ class ClusterClient:
             except self.lib.RedisError as exc:
                 raise ClusterUnavailable(f"the cluster's Redis at {describe_url(self.url)} is "
                                          f"unreachable: {exc}") from exc
-            for _stream, entries in reply or ():
-                for eid, fields in entries:
-                    self.last = eid
-                    try:
-                        _id, _worker, _pid, got, ok, value = parse_result(fields)
-                    except ValueError as exc:
-                        log.error("cluster: %s dropped", exc)
-                        continue
-                    if got == seq:      # a result nobody waits for any more is dropped
-                        self.results[got] = (ok, value)
+            self._take(reply, seq)
         ok, value = self.results.pop(seq)
         if not ok:
             raise error_from_wire(unpack_value(value))

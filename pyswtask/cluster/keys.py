@@ -3,7 +3,8 @@
 One place, so that the nodes, a separate program and ``pyswtask cluster`` agree on them:
 
 - ``pyswtask:q:<queue>``: a queue's task stream, read by the consumer group ``pyswtask`` (one
-  group per stream: every node serving the queue is a consumer in it, named ``<node>:<pid>``);
+  group per stream: every task worker of a node serving the queue is a consumer in it, and so
+  is the node's bridge for the tasks it claims, each named ``<node>:<pid>``);
 - ``pyswtask:r:<node>``: a delivering node's (or separate program's) reply stream;
 - ``pyswtask:dead:<queue>``: tasks that were delivered ``cluster_max_deliveries`` times
   without an acknowledged result, with their last error;

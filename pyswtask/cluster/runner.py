@@ -1,10 +1,12 @@
-"""The built-in task a node's bridge delivers to its own task workers for each cluster task
-(``pyswtask.cluster.run``): unpacks the task's envelope, makes its cluster id visible to the
-method (``current_task()``) and runs it as the task worker would run a local task.
+"""The built-in task that runs each cluster task in a task worker (``pyswtask.cluster.run``):
+a task worker runs it for each task its consumer takes from Redis, a node's bridge delivers it
+to its task workers for each task it claimed. It unpacks the task's envelope, makes its
+cluster id visible to the method (``current_task()``) and runs it as the task worker would run
+a local task.
 
 Cluster tasks run at least once (a node that dies before its result was written leaves the
 task for another node), so a method that must not act twice checks ``current_task()``'s id.
-It must not talk to Redis: the bridge does, around it.
+It must not talk to Redis: the consumer and the bridge do, around it.
 """
 
 from __future__ import annotations

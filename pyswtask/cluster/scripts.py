@@ -1,13 +1,14 @@
-"""Many entries appended to a stream in one call: a Lua script, for the cluster's per-task
-writes (tasks to a queue's stream, from a delivering node's bridge and from a separate
-program; results to a reply stream, inside the bridge's MULTI).
+"""The cluster's per-task writes as Lua scripts: many entries appended to a stream in one call
+(tasks to a queue's stream, from a delivering node's bridge and from a separate program;
+results to a reply stream, inside the bridge's MULTI), and a task worker's result written and
+its task acknowledged in one call (``DONE``).
 
 One script call per batch instead of one XADD per task: the client packs one command (in C,
 hiredis) and reads one reply, where a pipeline packs and parses one per task in Python, which
 costs more than Redis's own work. The script runs atomically: a batch is appended whole or
 not at all.
 
-It must not decide what to write: the bridge and the client give it the fields.
+It must not decide what to write: the bridge, the client and the consumer give it the fields.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Iterable
 
 from . import keys
 
-__all__ = ["APPEND", "append_args", "TaskAppender"]
+__all__ = ["APPEND", "append_args", "TaskAppender", "DONE", "done_args"]
 
 # KEYS[1]: the stream. ARGV: MAXLEN, then the fields of each entry, each entry's field count
 # first: n, f1, v1, ..., n, f1, v1, ...
@@ -30,6 +31,35 @@ while i <= #ARGV do
 end
 return added
 """
+
+
+# A task worker's results (consumer): KEYS[1] the queue's stream. ARGV: the group, the reply
+# streams' MAXLEN, then per task its reply stream ("": nobody reads its result), its entry id
+# and its result's fields, their count first. Atomic: the tasks are acknowledged only with
+# their results written.
+DONE = """
+local i, ids = 3, {}
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 2])
+  if ARGV[i] ~= '' then
+    redis.call('XADD', ARGV[i], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 3, i + 2 + n))
+  end
+  ids[#ids + 1] = ARGV[i + 1]
+  i = i + 3 + n
+end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+"""
+
+
+def done_args(results: Iterable[tuple[str, bytes, dict[bytes, Any]]]) -> list[Any]:
+    """The ARGV of DONE for (reply stream or "", entry id, result fields) of each task."""
+    args: list[Any] = [keys.GROUP, keys.REPLY_MAXLEN]
+    for stream, entry_id, fields in results:
+        args += (stream, entry_id, len(fields) * 2)
+        for name, value in fields.items():
+            args.append(name)
+            args.append(value)
+    return args
 
 
 def append_args(maxlen: int, entries: Iterable[dict[bytes, Any]]) -> list[Any]:

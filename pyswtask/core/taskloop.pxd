@@ -55,6 +55,10 @@ cdef class TaskLoop(RecordReader):
     cdef int tick_fd                # readable when the slices have I/O to handle
     cdef double next_due            # monotonic time on_tick is due (0: not)
     cdef public bint tick_due       # set from Python: on_tick runs at the next turn
+    # Between tasks: one more descriptor of the role's own (a cluster consumer's Redis socket).
+    cdef object on_watch            # on_watch() -> seconds until it is due again (< 0: never)
+    cdef int watch_fd
+    cdef double watch_due           # monotonic time on_watch is due (0: not)
     cdef readonly Py_ssize_t pending  # tasks whose result comes later, through finish()
     cdef Py_ssize_t pending_max     # task_max_concurrency: the channels pause at it
     cdef bint paused
@@ -85,5 +89,6 @@ cdef class TaskLoop(RecordReader):
     cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
                     object value, object envelope) except -1
     cdef int _tick(self) except -1
+    cdef int _watched(self) except -1
     cdef int _pause(self, bint on) except -1
     cdef size_t _interest(self) noexcept

@@ -5,7 +5,7 @@ from libc.errno cimport EINTR, errno
 from posix.unistd cimport close, read, write
 
 from .includes.clock cimport monotonic
-from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
+from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
@@ -17,6 +17,7 @@ cdef enum:
     _INBOX_TAG = 0xFFFFFFFE
     _QUEUE_TAG = 0xFFFFFFFD
     _TICK_TAG = 0xFFFFFFFC
+    _WATCH_TAG = 0xFFFFFFFB
     _DURATIONS_MAX = 4096
 
 # TaskLoop.qopen when no body is open, and once an open body's parts were released.
@@ -76,6 +77,7 @@ cdef class TaskLoop(RecordReader):
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
         self.tick_fd = -1
+        self.watch_fd = -1
         self.cur_peer = -1
         self.qdeferred = {}
 
@@ -173,7 +175,7 @@ cdef class TaskLoop(RecordReader):
         cdef epoll_event evs[_EVENTS_MAX]
         cdef int n, i, timeout_ms = -1, wait_ms
         cdef double left
-        cdef bint tick
+        cdef bint tick, watched
         cdef bint stopping = False
         cdef bint recycling = False
         cdef double deadline = 0.0
@@ -203,6 +205,11 @@ cdef class TaskLoop(RecordReader):
                     left = 0 if left <= 0 else left + 1
                     if wait_ms < 0 or left < wait_ms:
                         wait_ms = <int>left
+            if self.watch_due > 0:
+                left = (self.watch_due - monotonic()) * 1000.0
+                left = 0 if left <= 0 else left + 1
+                if wait_ms < 0 or left < wait_ms:
+                    wait_ms = <int>left
             # At task_max_concurrency it counts as busy: dispatchers prefer another.
             self.busy[self.index] = self.paused
             with nogil:
@@ -213,7 +220,7 @@ cdef class TaskLoop(RecordReader):
                     continue
                 raise OSError(errno, "epoll_wait failed")
             self.busy[self.index] = 1
-            tick = False
+            tick = watched = False
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
                     r = read(self.stop_fd, sigbuf, sizeof(sigbuf))
@@ -244,6 +251,9 @@ cdef class TaskLoop(RecordReader):
                 if evs[i].data.u32 == _TICK_TAG:
                     tick = True
                     continue
+                if evs[i].data.u32 == _WATCH_TAG:
+                    watched = True
+                    continue
                 ch = <Channel>self.channels[evs[i].data.u32]
                 if evs[i].events & EPOLLOUT:
                     ch.flush()
@@ -253,6 +263,9 @@ cdef class TaskLoop(RecordReader):
             if self.on_tick is not None and (tick or self.tick_due or (
                     self.next_due > 0 and monotonic() >= self.next_due)):
                 self._tick()
+            if self.on_watch is not None and (watched or (
+                    self.watch_due > 0 and monotonic() >= self.watch_due)):
+                self._watched()
             if stopping:
                 if monotonic() >= deadline:
                     break
@@ -581,6 +594,46 @@ cdef class TaskLoop(RecordReader):
             # Coroutine tasks from the queue ended: their records may be released now.
             self._release_queue()
         return 0
+
+    def watch(self, int fd, on_ready):
+        """Runs on_ready() between tasks when fd is readable, and when the time it returned
+        last (seconds from then; < 0: none) has come. A later call replaces the descriptor
+        (fd -1: none, on_ready still called when due); on_ready None stops it all."""
+        cdef epoll_event ev
+        if self.watch_fd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.watch_fd, &ev)   # closed already: fine
+            self.watch_fd = -1
+        self.on_watch = on_ready
+        if on_ready is None:
+            self.watch_due = 0.0
+            return
+        if fd >= 0:
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            ev.data.u32 = _WATCH_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on a watched descriptor")
+            self.watch_fd = fd
+
+    def watch_after(self, double seconds):
+        """Calls the watcher at the latest after seconds (< 0: only when its descriptor is
+        readable), as if it had returned that."""
+        self.watch_due = monotonic() + seconds if seconds >= 0 else 0.0
+
+    cdef int _watched(self) except -1:
+        cdef double due
+        self.watch_due = 0.0
+        due = self.on_watch()
+        if self.on_watch is not None:
+            self.watch_due = monotonic() + due if due >= 0 else 0.0
+        return 0
+
+    def count(self, str name, str method, bint ok, double seconds):
+        """Counts a task the role ran itself (not read from a channel) as if it had."""
+        self.tasks_done += 1
+        if self.stat_counts != NULL:
+            self._count((name, method), ok, seconds)
+            self.stat_counts[0] += 1
 
     def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None,
                uint64_t at=0):

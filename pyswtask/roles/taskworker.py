@@ -2,9 +2,12 @@
 ``task_enable_coroutine``, ``async def`` ones as coroutines, many at once).
 
 It reads tasks from every worker's channel (and from the message queue, on a thread, when the
-server has one), runs each through the executor and writes the result back. It delivers
+server has one; and, on a node of a cluster serving queues, from Redis through its own
+consumer, ``pyswtask.cluster.consumer``, whose socket the loop watches), runs each through the
+executor and writes the result back. It delivers
 nothing itself: waiting on another task from inside a task can deadlock the pool. The loop is
-the core's; this role only sets it up (signals, queue reader thread, executor) and reports.
+the core's; this role only sets it up (signals, queue reader thread, consumer, executor) and
+reports.
 Its asyncio loop (``slices``) exists once a timer is started here or with
 ``task_enable_coroutine``; it runs between tasks. ``Task.current()`` is answered here.
 """
@@ -16,10 +19,15 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from .._core import Dispatcher, Mailbox, QueueReader, TaskLoop
+from ..cluster.consumer import TaskWorkerConsumer
+from ..cluster.entries import TaskEntry
+from ..cluster.runner import CLUSTER_TASK
 from ..context import TaskContext, context_from_wire
+from ..envelope import TYPE_ASYNC
 from ..errors import DeliveryError, NoTaskRunning
 from ..events import Event, events
 from ..executor import TaskExecutor, running_task
@@ -38,6 +46,7 @@ class TaskWorker(ChildRole):
     kind = "task worker"
 
     slices: Slices | None = None
+    consumer: TaskWorkerConsumer | None = None
 
     def setup(self, mailbox: Mailbox) -> None:
         server = self.server
@@ -49,6 +58,13 @@ class TaskWorker(ChildRole):
         signal.set_wakeup_fd(wfd)
         executor = self.executor = TaskExecutor(events)
         self.queue = self._queue_options()
+        cluster = server.cluster
+        if cluster is not None and cluster.queues:
+            # cluster_prefetch is the node's: split among its task workers.
+            count = server.settings["cluster_prefetch"] // max(1, server.task_worker_num)
+            self.consumer = TaskWorkerConsumer(cluster.url, cluster.queues, cluster.name,
+                                               self._run_cluster_task, count)
+            self.queue["on_stopping"] = _both(self.queue.get("on_stopping"), self.consumer.stop)
         self.task_loop = TaskLoop(
             self.worker_id, self.index, self.ipc.task_fds, self.ipc.busy, rfd,
             execute=executor.execute, on_signal=_is_stop, on_protocol_error=log.error,
@@ -61,6 +77,22 @@ class TaskWorker(ChildRole):
         if server.settings["task_enable_coroutine"]:
             executor.run_concurrently(self._slices().loop, self.task_loop,
                                       server.settings["task_max_concurrency"])
+        if self.consumer is not None:
+            self.consumer.attach(self.task_loop.watch, self.task_loop.watch_after)
+
+    def _run_cluster_task(self, entry: TaskEntry) -> tuple[bool, Any]:
+        """Runs a cluster task this task worker took from Redis (its consumer), as the
+        executor runs any task, counted as one the channels brought."""
+        envelope = (CLUSTER_TASK, "run", [entry.id, entry.queue, entry.deliveries, entry.body],
+                    TYPE_ASYNC, "", 0)
+        token = running_task.set((envelope, 0, -1, True, entry.deliveries, -1, 0))
+        started = time.monotonic()
+        try:
+            ok, value = self.executor.execute(envelope, 0, -1)
+        finally:
+            running_task.reset(token)
+        self.task_loop.count(CLUSTER_TASK, "run", ok, time.monotonic() - started)
+        return ok, value
 
     def _slices(self) -> Slices:
         """This task worker's asyncio loop, made and attached to the task loop on first use."""
@@ -79,6 +111,8 @@ class TaskWorker(ChildRole):
         events.trigger(Event.TASK_WORKER_START, server, self.worker_id)
         control.announce_ready(self.send_message, server.master_id, os.getpid())
         self.task_loop.run(server.settings["max_wait_time"])
+        if self.consumer is not None:
+            self.consumer.close()
         if self.slices is not None:
             for handle in self.timers.values():
                 handle.cancel()
@@ -136,6 +170,16 @@ class TaskWorker(ChildRole):
         raise DeliveryError(f"{api} cannot be called from a task worker: task workers run one "
                             "task at a time, and waiting there on another task can deadlock; "
                             "return a value, or deliver from the worker that gets the result")
+
+
+def _both(first: Any, second: Any) -> Any:
+    if first is None:
+        return second
+
+    def both() -> None:
+        first()
+        second()
+    return both
 
 
 def _ignore(signum: int, frame: Any) -> None:
