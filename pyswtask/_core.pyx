@@ -71,7 +71,8 @@ Each is defined, with its layout, in the file that alone builds and reads it:
 - SysV queue messages (core/msgqueue.pyx): a message's text is a record; the later fragments
   of a body travel under a type of their own (PART_TYPE_BASE and up). The stop sentinel is
   8 bytes, four zero bytes then the pid (u32) of the process whose reader must stop
-  (``sentinel``, ``is_sentinel``); a record never starts with zero bytes.
+  (``sentinel``, ``is_sentinel``); a record never starts with zero bytes. The wake-up, four
+  0xFF bytes then a pid, ends that process's task loop's msgrcv (``wake_message``).
 - Reply datagrams (core/reply.pyx): a command's CO results on its reply socket, one record per
   datagram (``reply_records``, ``ReplyAssembler``).
 - Task-worker state (core/state.pyx): per task worker, uint64 slots [running task, its worker,

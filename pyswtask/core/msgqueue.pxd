@@ -1,5 +1,5 @@
 # Declarations of core/msgqueue.pyx: the SysV message queue's channel, its sender for separate
-# programs, and the task worker's reader thread.
+# programs, and the task worker's reader (a thread, or the task loop itself with a watch thread).
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
@@ -42,8 +42,25 @@ cdef class QueueReader:
     cdef readonly bint finished
     cdef readonly int error         # errno that stopped the thread, or 0
     cdef readonly uint64_t lost_parts
+    # Direct reading (the task loop's own thread waits in msgrcv; the thread only watches the
+    # loop's other descriptors and its next deadline, and wakes msgrcv by a message):
+    cdef readonly bint direct
+    cdef int watch_epfd             # the watch's epoll: the task loop's epoll and wake_fd
+    cdef bint armed                 # the task loop waits (or is about to) in msgrcv
+    cdef bint quit                  # the watch ends
+    cdef bint wake_sent             # a wake-up message is queued and not received yet
+    cdef readonly bint fired        # the watch saw something for the loop since it was armed
+    cdef double deadline            # when the loop is due anyway (monotonic; 0: never)
+    cdef long open_ptype            # part type of a body whose later parts are still coming
+    cdef double parts_since         # when the last of them came
 
     cdef void _run(self) noexcept nogil
+    cdef int receive(self, double deadline, bint block) noexcept nogil
+    cdef void _watch(self) noexcept nogil
+    cdef int _control(self, char *rec, ssize_t n) noexcept nogil
+    cdef int _end_direct(self) noexcept nogil
+    cdef void end_watch(self) noexcept nogil
+    cdef char *_try_reserve(self) noexcept nogil
     cdef char *_reserve(self) noexcept nogil
     cdef void _commit(self, char *rec, size_t n) noexcept nogil
     cdef ssize_t take(self, char **text, uint64_t *pos) noexcept nogil

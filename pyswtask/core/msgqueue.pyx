@@ -2,10 +2,14 @@
 # task_ipc_mode is 2 or 3. A message's text is a record: whole frames, as on a channel.
 # Declarations in msgqueue.pxd.
 
-from libc.errno cimport EAGAIN, EIDRM, EINTR, EINVAL, ENOMSG, errno
+from libc.errno cimport EAGAIN, EIDRM, EINTR, EINVAL, ENOMSG, EPERM, errno
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
-from posix.unistd cimport usleep, write
+from posix.signal cimport kill
+from posix.unistd cimport close, read, usleep, write
+
+from .includes.clock cimport monotonic
+from .includes.epoll cimport EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN, epoll_create1, epoll_ctl, epoll_event, epoll_wait
 
 from .includes.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                                 pthread_mutex_unlock)
@@ -16,6 +20,17 @@ cdef enum:
     _SENTINEL_SIZE = 8
     # How long a task worker waits for the remaining parts of a body whose first part it took.
     _PARTS_WAIT_US = 10000000
+    # Control messages (see sentinel_pid).
+    _CTL_STOP = 1
+    _CTL_WAKE = 2
+    # What QueueReader.receive returns.
+    RECV_RECORD = 1             # a record was committed to the hold: take it
+    RECV_WOKEN = 2              # the watch woke it: something else is due
+    RECV_INTERRUPTED = 3        # a signal (EINTR): run Python's handlers
+    RECV_NO_ROOM = 4            # the hold is full: results must leave first
+    RECV_PARTS_WAIT = 5         # the rest of a body has not come yet: try again soon
+    RECV_EMPTY = 6              # nothing waiting (when not blocking)
+    RECV_END = 7                # its stop sentinel came, or the queue is gone
 
 # Message types at and above this carry the later parts of a fragmented body, one type per task
 # (below it: the task workers' own types). Whichever task worker took the first part reads the
@@ -135,15 +150,23 @@ cdef class QueueChannel(Channel):
         return 0
 
 
-# The stop sentinel: a message of 8 bytes, 4 zero bytes then the pid (u32, little-endian) of the
-# process whose reader must stop. A record starts with the frame magic, so it is never one.
+# Control messages, of 8 bytes: 4 marker bytes then the pid (u32, little-endian) of the process
+# they are for. The stop sentinel (marker 0) stops that process's reader; the wake-up (marker
+# 0xFFFFFFFF) ends its task loop's msgrcv when the loop has something else to do (direct
+# reading). A record starts with the frame magic, so it is never one.
 
-cdef inline bint sentinel_pid(const char *text, size_t n, uint32_t *pid) noexcept nogil:
-    """Whether text is a stop sentinel; if so, stores the pid it names."""
-    if n != _SENTINEL_SIZE or text[0] != 0 or text[1] != 0 or text[2] != 0 or text[3] != 0:
-        return False
+cdef inline int sentinel_pid(const char *text, size_t n, uint32_t *pid) noexcept nogil:
+    """_CTL_STOP for a stop sentinel, _CTL_WAKE for a wake-up, else 0; stores the pid named."""
+    cdef uint32_t marker
+    if n != _SENTINEL_SIZE:
+        return 0
+    memcpy(&marker, text, 4)
+    if marker != 0 and marker != <uint32_t>0xFFFFFFFF:
+        return 0
     memcpy(pid, text + 4, 4)
-    return True
+    if marker == 0:
+        return _CTL_STOP
+    return _CTL_WAKE
 
 
 def sentinel(uint32_t pid):
@@ -151,11 +174,17 @@ def sentinel(uint32_t pid):
     return b"\0\0\0\0" + pid.to_bytes(4, "little")
 
 
+def wake_message(uint32_t pid):
+    """The text of the message that ends the msgrcv of the process pid's task loop."""
+    return b"\xff\xff\xff\xff" + pid.to_bytes(4, "little")
+
+
 def is_sentinel(text):
-    """Whether a message's text is a stop sentinel (of any process)."""
+    """Whether a message's text is a control message (a stop sentinel or a wake-up, of any
+    process): not a task."""
     cdef const unsigned char[::1] view = text
     cdef uint32_t pid
-    return view.shape[0] == _SENTINEL_SIZE and sentinel_pid(<const char *>&view[0], 8, &pid)
+    return view.shape[0] == _SENTINEL_SIZE and sentinel_pid(<const char *>&view[0], 8, &pid) != 0
 
 
 cdef class QueueSender:
@@ -285,19 +314,39 @@ cdef class QueueReader:
     mtype > 0 reads that type only (ipc modes 1 and 2: this task worker's own messages); < 0
     reads every type up to -mtype (mode 3: contention). The thread ends at a sentinel naming
     this process, or when the queue is removed.
+
+    direct: the task loop's own thread waits in msgrcv (``receive``), as a task worker with
+    nothing but the queue to wait for can: a message wakes that thread alone, instead of the
+    reader thread, which then wakes the loop. The thread only watches: it waits on the task
+    loop's epoll descriptor (``watch_loop``) and until the loop's next deadline while the loop
+    is in msgrcv, and then ends that msgrcv by a wake-up message (see sentinel_pid) of the
+    loop's own type. wake_fd is then the watch's own (blocking) eventfd, which ``receive``
+    writes when it arms the watch or brings its deadline forward. Signals end msgrcv by EINTR
+    (the thread that runs ``run`` must block them, so that they reach the loop's thread).
     """
 
     def __cinit__(self, *args, **kwargs):
         pthread_mutex_init(&self.mutex, NULL)
+        self.watch_epfd = -1
 
     def __init__(self, int msqid, long mtype, size_t msgmax, int wake_fd, uint32_t pid,
-                 size_t capacity=1 << 20, hold=None):
+                 size_t capacity=1 << 20, hold=None, bint direct=False):
         cdef unsigned char[::1] view
+        cdef epoll_event ev
         self.msqid = msqid
         self.mtype = mtype
         self.msgmax = msgmax
         self.wake_fd = wake_fd
         self.pid = pid
+        self.direct = direct
+        if direct:
+            self.watch_epfd = epoll_create1(EPOLL_CLOEXEC)
+            if self.watch_epfd < 0:
+                raise OSError(errno, "epoll_create1 failed")
+            ev.events = EPOLLIN
+            ev.data.u64 = 1
+            if epoll_ctl(self.watch_epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed on the watch's eventfd")
         self.cap = hold_capacity(msgmax, capacity)
         if hold is None:
             hold = bytearray(_HOLD_HEADER + self.cap)
@@ -312,9 +361,26 @@ cdef class QueueReader:
 
     def __dealloc__(self):
         pthread_mutex_destroy(&self.mutex)
+        if self.watch_epfd >= 0:
+            close(self.watch_epfd)
+
+    def watch_loop(self, int epfd):
+        """(direct) The task loop's epoll descriptor: the watch wakes the loop's msgrcv when
+        it is readable."""
+        cdef epoll_event ev
+        if not self.direct:
+            raise ValueError("watch_loop is for a reader made with direct=True")
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        if epoll_ctl(self.watch_epfd, EPOLL_CTL_ADD, epfd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl failed on the task loop's descriptor")
 
     def run(self):
-        """The thread's body."""
+        """The thread's body: the reader, or with direct, the watch."""
+        if self.direct:
+            with nogil:
+                self._watch()
+            return
         with nogil:
             self._run()
         self.finished = True
@@ -322,7 +388,6 @@ cdef class QueueReader:
 
     cdef void _run(self) noexcept nogil:
         cdef ssize_t n
-        cdef uint32_t target
         cdef char *rec
         cdef long ptype
         while True:
@@ -334,14 +399,10 @@ cdef class QueueReader:
                 if errno != EIDRM and errno != EINVAL:
                     self.error = errno
                 return
-            if sentinel_pid(rec + _REC_HEADER, <size_t>n, &target):
-                if target != self.pid:
-                    # Another task worker's stop (contention mode): put it back for its owner.
-                    msgsnd(self.msqid, rec + 8, n, IPC_NOWAIT)
-                memset(rec + 8, 0, 8 + <size_t>n)
-                if target == self.pid:
-                    return
-                usleep(100)
+            n = self._control(rec, n)
+            if n == -_CTL_STOP:
+                return
+            if n < 0:
                 continue
             # Once committed, the record may be run and released at any time: look first.
             ptype = open_part_type(rec + _REC_HEADER, <size_t>n)
@@ -349,25 +410,183 @@ cdef class QueueReader:
             if ptype and self._read_parts(ptype) < 0:
                 return
 
+    cdef int _control(self, char *rec, ssize_t n) noexcept nogil:
+        """n, the length of the message just received into rec, when it is a record; else the
+        control message is consumed, and: -_CTL_STOP / -_CTL_WAKE when it named this process,
+        -3 when it named another (put back for it, in contention mode, while that one lives)."""
+        cdef uint32_t target
+        cdef int kind = sentinel_pid(rec + _REC_HEADER, <size_t>n, &target)
+        if kind == 0:
+            return <int>n
+        if target != self.pid:
+            if kill(<int>target, 0) == 0 or errno == EPERM:
+                msgsnd(self.msqid, rec + 8, n, IPC_NOWAIT)
+            kind = 3
+        # The hold keeps no trace of it (recover_hold reads zeros as the end).
+        memset(rec + 8, 0, 8 + <size_t>n)
+        if kind == 3:
+            usleep(100)         # its owner's turn
+        return -kind
+
+    cdef int receive(self, double deadline, bint block) noexcept nogil:
+        """(direct) Receives the next message into the hold, on the task loop's thread;
+        waits for it in msgrcv when block, the watch ending the wait at deadline (monotonic; 0:
+        none) or when the loop's epoll descriptor is readable. Returns a RECV_ value."""
+        cdef char *rec
+        cdef ssize_t n
+        cdef long ptype
+        cdef bint kick, last
+        cdef FrameHeader h
+        while True:
+            rec = self._try_reserve()
+            if rec == NULL:
+                return RECV_NO_ROOM
+            if self.open_ptype:
+                # The later parts of a body follow its first at once, unless its sender died.
+                n = msgrcv(self.msqid, rec + 8, self.msgmax, self.open_ptype, IPC_NOWAIT)
+                if n < 0:
+                    if errno != ENOMSG and errno != EINTR:
+                        return self._end_direct()
+                    if monotonic() - self.parts_since < _PARTS_WAIT_US * 1e-6:
+                        return RECV_PARTS_WAIT
+                    # The task loop drops the fragments it has.
+                    self.lost_parts += 1
+                    self.open_ptype = 0
+                    continue
+                self.parts_since = monotonic()
+                last = (check_header(rec + _REC_HEADER, <size_t>n, &h) != NULL
+                        or (h.flags & _FLAG_FRAG_LAST) != 0)
+                self._commit(rec, <size_t>n)
+                if last:
+                    self.open_ptype = 0
+                return RECV_RECORD
+            if block:
+                pthread_mutex_lock(&self.mutex)
+                kick = not self.armed or (deadline > 0 and (self.deadline <= 0
+                                                            or deadline < self.deadline))
+                self.armed = True
+                self.fired = False
+                self.deadline = deadline
+                pthread_mutex_unlock(&self.mutex)
+                if kick:
+                    self._wake()
+            n = msgrcv(self.msqid, rec + 8, self.msgmax, self.mtype, 0 if block else IPC_NOWAIT)
+            if n < 0:
+                if errno == EINTR:
+                    return RECV_INTERRUPTED
+                if errno == ENOMSG:
+                    return RECV_EMPTY
+                return self._end_direct()
+            n = self._control(rec, n)
+            if n == -_CTL_WAKE:
+                pthread_mutex_lock(&self.mutex)
+                self.wake_sent = False
+                pthread_mutex_unlock(&self.mutex)
+                return RECV_WOKEN
+            if n == -_CTL_STOP:
+                self.finished = True
+                self.end_watch()
+                return RECV_END
+            if n < 0:
+                continue
+            ptype = open_part_type(rec + _REC_HEADER, <size_t>n)
+            self._commit(rec, <size_t>n)
+            if ptype:
+                self.open_ptype = ptype
+                self.parts_since = monotonic()
+            return RECV_RECORD
+
+    cdef int _end_direct(self) noexcept nogil:
+        # msgrcv failed for good: the queue is gone (its server stopped), or worse.
+        if errno != EIDRM and errno != EINVAL:
+            self.error = errno
+        self.finished = True
+        self.end_watch()
+        return RECV_END
+
+    cdef void end_watch(self) noexcept nogil:
+        """(direct) Ends the watch thread."""
+        pthread_mutex_lock(&self.mutex)
+        self.quit = True
+        pthread_mutex_unlock(&self.mutex)
+        self._wake()
+
+    cdef void _watch(self) noexcept nogil:
+        # While the task loop is armed (in msgrcv): wait on its epoll descriptor, until its
+        # deadline; then end its msgrcv with one wake-up message, and sleep until armed again.
+        cdef epoll_event ev
+        cdef int n, timeout
+        cdef double deadline, now
+        cdef uint64_t count
+        cdef char wake[16]             # long mtype, then the 8 bytes
+        cdef uint32_t marker = <uint32_t>0xFFFFFFFF
+        (<long *>wake)[0] = self.mtype if self.mtype > 0 else -self.mtype
+        memcpy(wake + sizeof(long), &marker, 4)
+        memcpy(wake + sizeof(long) + 4, &self.pid, 4)
+        pthread_mutex_lock(&self.mutex)
+        while not self.quit:
+            if not self.armed:
+                pthread_mutex_unlock(&self.mutex)
+                read(self.wake_fd, &count, 8)
+                pthread_mutex_lock(&self.mutex)
+                continue
+            deadline = self.deadline
+            pthread_mutex_unlock(&self.mutex)
+            timeout = -1
+            if deadline > 0:
+                now = monotonic()
+                timeout = 0 if deadline <= now else <int>((deadline - now) * 1000.0) + 1
+            n = epoll_wait(self.watch_epfd, &ev, 1, timeout)
+            pthread_mutex_lock(&self.mutex)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                self.error = errno
+                break
+            if n > 0 and ev.data.u64 == 1:
+                read(self.wake_fd, &count, 8)       # armed again, or a new deadline
+                continue
+            if n == 0 and (self.deadline <= 0 or monotonic() < self.deadline):
+                continue                            # the deadline moved on meanwhile
+            self.armed = False
+            self.fired = True
+            if self.wake_sent or self.quit:
+                continue
+            self.wake_sent = True
+            pthread_mutex_unlock(&self.mutex)
+            # Waits for room when the queue is full: only a message can end msgrcv.
+            while msgsnd(self.msqid, wake, _SENTINEL_SIZE, 0) < 0 and errno == EINTR:
+                pass
+            pthread_mutex_lock(&self.mutex)
+        pthread_mutex_unlock(&self.mutex)
+
+    cdef char *_try_reserve(self) noexcept nogil:
+        """Where the next message goes, when there is room for one; else NULL."""
+        cdef size_t need = rec_size(self.msgmax), off, skip
+        cdef uint64_t tail
+        pthread_mutex_lock(&self.mutex)
+        tail = self.hdr[_H_TAIL]
+        off = tail % self.cap
+        skip = self.cap - off if self.cap - off < need else 0
+        if tail - self.hdr[_H_HEAD] + skip + need <= self.cap:
+            if skip:
+                (<uint32_t *>(self.ring + off))[0] = _WRAP
+                self.hdr[_H_TAIL] = tail + skip
+                off = 0
+            pthread_mutex_unlock(&self.mutex)
+            return self.ring + off
+        pthread_mutex_unlock(&self.mutex)
+        return NULL
+
     cdef char *_reserve(self) noexcept nogil:
         """Where the next message goes, once there is room for one: what does not fit waits
         in the queue, where it holds back its senders."""
-        cdef size_t need = rec_size(self.msgmax), off, skip
-        cdef uint64_t tail
+        cdef char *rec
         cdef unsigned int waits = 0
         while True:
-            pthread_mutex_lock(&self.mutex)
-            tail = self.hdr[_H_TAIL]
-            off = tail % self.cap
-            skip = self.cap - off if self.cap - off < need else 0
-            if tail - self.hdr[_H_HEAD] + skip + need <= self.cap:
-                if skip:
-                    (<uint32_t *>(self.ring + off))[0] = _WRAP
-                    self.hdr[_H_TAIL] = tail + skip
-                    off = 0
-                pthread_mutex_unlock(&self.mutex)
-                return self.ring + off
-            pthread_mutex_unlock(&self.mutex)
+            rec = self._try_reserve()
+            if rec != NULL:
+                return rec
             # The task loop frees room once results it held have left: nudge it now and then,
             # as it may be waiting for nothing but that.
             if waits % 50 == 0:
@@ -383,7 +602,7 @@ cdef class QueueReader:
         self.hdr[_H_TAIL] += rec_size(n)
         self.used += rec_size(n)
         pthread_mutex_unlock(&self.mutex)
-        if was_empty:
+        if was_empty and not self.direct:
             self._wake()
 
     cdef ssize_t take(self, char **text, uint64_t *pos) noexcept nogil:

@@ -2,6 +2,8 @@
 
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
+from .includes.epoll cimport epoll_event
+
 # Buckets of the task-duration histogram: DURATION_BOUNDS finite upper bounds, then +Inf.
 cdef enum:
     DURATION_BOUNDS = 16
@@ -27,8 +29,8 @@ cdef class TaskLoop(RecordReader):
     cdef object on_signal           # on_signal(bytes of signal numbers) -> True to stop
     cdef object on_inbox            # on_inbox(): reads this process's pipe messages
     cdef dict durations             # (name, method) -> moving average of run time, seconds
-    cdef QueueReader reader         # the message queue's reader thread, or None
-    cdef int queue_fd               # its wake descriptor
+    cdef QueueReader reader         # the message queue's reader, or None
+    cdef int queue_fd               # its wake descriptor (-1: it is direct, read here)
     cdef Channel qchan              # stands for the queue: where its fragments are reassembled
     cdef const char *qrec           # the queue record being run, in the reader's hold
     cdef size_t qlen
@@ -81,6 +83,7 @@ cdef class TaskLoop(RecordReader):
     cdef int _serve(self, Channel ch, size_t n) except -1
     cdef int _take_over(self) except -1
     cdef int _read_queue(self) except -1
+    cdef int _wait_direct(self, epoll_event *evs, int wait_ms) except? -2
     cdef int _track_open_body(self, const char *text, size_t n) except -1
     cdef int _release_queue(self) except -1
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept

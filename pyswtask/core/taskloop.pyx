@@ -134,7 +134,10 @@ cdef class TaskLoop(RecordReader):
         self.qopen = _NO_OPEN
         self.on_reply = on_reply
         self.on_stopping = on_stopping
-        if reader is not None:
+        if reader is not None and reader.direct:
+            # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
+            reader.watch_loop(self.epfd)
+        elif reader is not None:
             ev.data.u32 = _QUEUE_TAG
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, queue_fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl failed on the queue's wake descriptor")
@@ -212,8 +215,11 @@ cdef class TaskLoop(RecordReader):
                     wait_ms = <int>left
             # At task_max_concurrency it counts as busy: dispatchers prefer another.
             self.busy[self.index] = self.paused
-            with nogil:
-                n = epoll_wait(self.epfd, evs, _EVENTS_MAX, wait_ms)
+            if self.reader is not None and self.reader.direct and not self.reader.finished:
+                n = self._wait_direct(evs, wait_ms)
+            else:
+                with nogil:
+                    n = epoll_wait(self.epfd, evs, _EVENTS_MAX, wait_ms)
             if n < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
@@ -274,8 +280,38 @@ cdef class TaskLoop(RecordReader):
                     break
         if self.reader is not None:
             self._release_queue()
+            if self.reader.direct:
+                self.reader.end_watch()
         self.busy[self.index] = 0
         return self.tasks_done
+
+    cdef int _wait_direct(self, epoll_event *evs, int wait_ms) except? -2:
+        """The wait of a loop whose reader is direct: in msgrcv, for the next message (run
+        here, at once), until the watch or a signal ends it (the channels' and other events
+        are then polled), or wait_ms (< 0: no limit). As epoll_wait, returns the events."""
+        cdef int r, poll_ms = 0
+        cdef double deadline = 0.0
+        if self.reader.used:
+            self._read_queue()      # more than one turn's budget was waiting
+        else:
+            if wait_ms > 0:
+                deadline = monotonic() + wait_ms * 1e-3
+            with nogil:
+                r = self.reader.receive(deadline, wait_ms != 0)
+            if r == RECV_RECORD:
+                self.busy[self.index] = 1
+                self._read_queue()
+                if not self.reader.fired:
+                    return 0
+            elif r == RECV_INTERRUPTED:
+                PyErr_CheckSignals()
+            elif r == RECV_NO_ROOM:
+                # Room comes back as results leave (EPOLLOUT) or deferred tasks end.
+                poll_ms = 10 if wait_ms < 0 or wait_ms > 10 else wait_ms
+            elif r == RECV_PARTS_WAIT:
+                poll_ms = 1 if wait_ms != 0 else 0
+        with nogil:
+            return epoll_wait(self.epfd, evs, _EVENTS_MAX, poll_ms)
 
     cdef int _read(self, Channel ch) except -1:
         # One record per wake-up: epoll is level-triggered, so a channel with more waiting comes
@@ -349,7 +385,8 @@ cdef class TaskLoop(RecordReader):
             self._track_open_body(text, <size_t>n)
         else:
             # More is waiting: come back after the channels had their turn.
-            write(self.queue_fd, &one, 8)
+            if self.queue_fd >= 0:
+                write(self.queue_fd, &one, 8)
         self.busy[self.index] = self.paused
         for ch in self.channels:
             if ch.queued():

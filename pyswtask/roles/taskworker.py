@@ -1,9 +1,11 @@
 """The task worker role: the compiled TaskLoop runs tasks one at a time, synchronously (with
 ``task_enable_coroutine``, ``async def`` ones as coroutines, many at once).
 
-It reads tasks from every worker's channel (and from the message queue, on a thread, when the
-server has one; and, on a node of a cluster serving queues, from Redis through its own
-consumer, ``pyswtask.cluster.consumer``, whose socket the loop watches), runs each through the
+It reads tasks from every worker's channel and, when the server has one, from the message
+queue (on a reader thread; in task_ipc_mode 2 and 3, where tasks come only from the queue, in
+msgrcv on its own thread, as a Swoole task worker does, with a thread that watches the rest),
+and, on a node of a cluster serving queues, from Redis through its own consumer
+(``pyswtask.cluster.consumer``, whose socket the loop watches); it runs each through the
 executor and writes the result back. It delivers
 nothing itself: waiting on another task from inside a task can deadlock the pool. The loop is
 the core's; this role only sets it up (signals, queue reader thread, consumer, executor) and
@@ -32,7 +34,7 @@ from ..errors import DeliveryError, NoTaskRunning
 from ..events import Event, events
 from ..executor import TaskExecutor, running_task
 from ..transport import control
-from ..transport.msgqueue import ReplySender
+from ..transport.msgqueue import IpcMode, ReplySender
 from ..transport.pipe import dispatch_messages
 from .base import ChildRole, timer_interval
 from .slices import Slices
@@ -133,17 +135,22 @@ class TaskWorker(ChildRole):
         return 0
 
     def _queue_options(self) -> dict[str, Any]:
-        """The server's message queue, read by a thread of this task worker (msgrcv cannot be
-        polled); the thread wakes the loop through an eventfd."""
+        """The server's message queue. msgrcv cannot be polled: where tasks come from the
+        queue only (task_ipc_mode 2 and 3), the task loop waits in msgrcv itself and a thread
+        watches its other descriptors and timers (one wake-up per task); else a thread reads
+        the queue and wakes the loop through an eventfd."""
         queue = self.server.queue
         if queue is None:
             return {}
         index, worker_id = self.index, self.worker_id
-        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        direct = queue.mode != IpcMode.SOCKETS
+        # Direct: the watch's own eventfd, which it blocks on between watches.
+        wake_fd = os.eventfd(0, os.EFD_CLOEXEC if direct else os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         pid = os.getpid()
         reader = QueueReader(queue.msqid, queue.reader_type(index), queue.msgmax, wake_fd, pid,
-                             hold=queue.holds[index])
-        threading.Thread(target=reader.run, name="pyswtask-queue", daemon=True).start()
+                             hold=queue.holds[index], direct=direct)
+        threading.Thread(target=_unsignalled, args=(reader.run,), name="pyswtask-queue",
+                         daemon=True).start()
         replies = ReplySender(queue.msqid, worker_id)
         max_wait = self.server.settings["max_wait_time"]
 
@@ -152,7 +159,8 @@ class TaskWorker(ChildRole):
                 log.error("task worker %d could not queue its reader's stop: queue full",
                           worker_id)
 
-        return {"reader": reader, "queue_fd": wake_fd, "on_reply": replies.send,
+        return {"reader": reader, "queue_fd": -1 if direct else wake_fd,
+                "on_reply": replies.send,
                 "on_stopping": on_stopping}
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:
@@ -184,6 +192,12 @@ def _both(first: Any, second: Any) -> Any:
 
 def _ignore(signum: int, frame: Any) -> None:
     pass
+
+
+def _unsignalled(run: Any) -> None:
+    # Signals go to the main thread, whose msgrcv or epoll_wait they must interrupt.
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    run()
 
 
 # What on_signal tells the TaskLoop.

@@ -1,9 +1,10 @@
 """The server's SysV message queue (Swoole's ``message_queue_key`` / ``task_ipc_mode``).
 
 The master creates the queue (mode 0600) before it forks and removes it when the server stops.
-Task workers read it on a thread of their own (``QueueReader``); message type
-``worker_num + 1 + i`` is task worker ``i``'s, as in Swoole. In task_ipc_mode 2 the workers send
-their tasks there too, by type; in mode 3 every task worker reads every task type (contention).
+Task workers read it with ``QueueReader`` (in modes 2 and 3 in msgrcv on their own thread, else
+on a reader thread); message type ``worker_num + 1 + i`` is task worker ``i``'s, as in Swoole.
+In task_ipc_mode 2 the workers send their tasks there too, by type; in mode 3 every task worker
+reads every task type (contention).
 Results always come back on the worker's unix socket channel, or, for a separate program (a
 "command"), on that program's reply socket.
 
