@@ -402,7 +402,9 @@ cdef class Dispatcher(RecordReader):
     them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
-    _FlushWatch. Without a loop every task is sent at once."""
+    _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
+    next) are never written through: all of a turn's leave in one record at its flush. Without a
+    loop every task is sent at once."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -611,7 +613,10 @@ cdef class Dispatcher(RecordReader):
             self.table.push_deadline(at, task_id)
             if self.timer is None or at < self.timer_at:
                 self._arm(at)
-        self._schedule_flush()
+        # Not written through: the caller awaits its future next, so the loop soon reaches the
+        # flush, which then sends every task its turn delivered in one record. A send per task
+        # would wake the task worker per task, the costliest part of a request doing one.
+        self._schedule_flush(False)
         return task_id
 
     cdef int _arm(self, double at) except -1:
@@ -734,16 +739,20 @@ cdef class Dispatcher(RecordReader):
 
     # -- sending --------------------------------------------------------------------------------
 
-    cdef int _schedule_flush(self) except -1:
+    cdef int _schedule_flush(self, bint through=True) except -1:
         if self.schedule is None:
             self.flush()
             return 0
         if not self.flush_scheduled:
-            # The first task since the loop last flushed: nothing of this turn is queued before
-            # it, so writing it through costs one send and no task waits for the turn to end.
             self.flush_scheduled = True
             self.schedule(self._scheduled_flush)
-            self.flush()
+            if through:
+                # The first task since the loop last flushed: nothing of this turn is queued
+                # before it, so writing it through costs one send and no task waits for the turn
+                # to end.
+                self.flush()
+            elif any_queued(self.outs):
+                self._hold()
             return 0
         if self.holding:
             # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
