@@ -125,7 +125,7 @@ cdef class Dispatcher(RecordReader):
     cdef int _wait_for_room(self) except -1
     cdef int _sent_record(self, Channel ch) except -1
     cdef void _timed_out(self, int tw) noexcept
-    cdef int _schedule_flush(self, bint through=*) except -1
+    cdef int _schedule_flush(self, bint eager=*) except -1
     cdef int _hold(self) except -1
     cdef int _release(self) except -1
     cdef int _schedule_deferred(self) except -1

@@ -403,8 +403,8 @@ cdef class Dispatcher(RecordReader):
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
     _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
-    next) are never written through: all of a turn's leave in one record at its flush. Without a
-    loop every task is sent at once."""
+    next) are neither written through nor watched: all of a turn's leave in one record at its
+    flush. Without a loop every task is sent at once."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -614,8 +614,10 @@ cdef class Dispatcher(RecordReader):
             if self.timer is None or at < self.timer_at:
                 self._arm(at)
         # Not written through: the caller awaits its future next, so the loop soon reaches the
-        # flush, which then sends every task its turn delivered in one record. A send per task
-        # would wake the task worker per task, the costliest part of a request doing one.
+        # flush, which then sends every task its turn delivered in one record (a send per task
+        # would wake the task worker per task, the costliest part of a request doing one). Nor
+        # watched: the caller cannot go on before the loop comes back anyway, and the watch's
+        # periodic looks would cost a thread wake-up per millisecond of a busy HTTP worker.
         self._schedule_flush(False)
         return task_id
 
@@ -739,20 +741,22 @@ cdef class Dispatcher(RecordReader):
 
     # -- sending --------------------------------------------------------------------------------
 
-    cdef int _schedule_flush(self, bint through=True) except -1:
+    cdef int _schedule_flush(self, bint eager=True) except -1:
+        """eager=False: the caller yields to the loop next (it awaits a future), so its frame
+        waits for the turn's flush, neither written through nor watched."""
         if self.schedule is None:
             self.flush()
             return 0
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.schedule(self._scheduled_flush)
-            if through:
+            if eager:
                 # The first task since the loop last flushed: nothing of this turn is queued
                 # before it, so writing it through costs one send and no task waits for the turn
                 # to end.
                 self.flush()
-            elif any_queued(self.outs):
-                self._hold()
+            return 0
+        if not eager:
             return 0
         if self.holding:
             # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
