@@ -649,7 +649,7 @@ cdef class Dispatcher(RecordReader):
         cdef uint64_t task_id = self._submit(body, dst, 0, entry)
         cdef Channel ch = self.last
         cdef double started = monotonic()
-        self.flush()
+        self._flush_all()
         if ch is not None and not any_queued(self.outs):
             self._wait_on(ch, entry, started + timeout)
         else:
@@ -675,7 +675,7 @@ cdef class Dispatcher(RecordReader):
             entry.obj = batch
             entry.index = i
             ids.append(self._submit(<bytes>bodies[i], dst, 0, entry))
-        self.flush()
+        self._flush_all()
         self._wait(None, batch, monotonic() + timeout)
         if batch.remaining:
             for task_id in ids:
@@ -693,11 +693,11 @@ cdef class Dispatcher(RecordReader):
         that a burst delivered in one loop turn holds at most task_queue_size tasks and results
         (a callback that delivers and waits again leaves its results to the loop)."""
         cdef Py_ssize_t room = self.table.max_pending - (self.table.max_pending >> 4)
-        self.flush()
+        self._flush_all()
         while len(self.table.entries) >= room:
             self._poll(100)
             if self.via_queue:
-                self.flush()
+                self._flush_all()
         if self.table.deferred and not self.in_wait_callbacks:
             self.in_wait_callbacks = True
             try:
@@ -745,7 +745,7 @@ cdef class Dispatcher(RecordReader):
         """eager=False: the caller yields to the loop next (it awaits a future), so its frame
         waits for the turn's flush, neither written through nor watched."""
         if self.schedule is None:
-            self.flush()
+            self._flush_all()
             return 0
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -754,7 +754,7 @@ cdef class Dispatcher(RecordReader):
                 # The first task since the loop last flushed: nothing of this turn is queued
                 # before it, so writing it through costs one send and no task waits for the turn
                 # to end.
-                self.flush()
+                self._flush_all()
             return 0
         if not eager:
             return 0
@@ -816,19 +816,23 @@ cdef class Dispatcher(RecordReader):
 
     def _scheduled_flush(self):
         self.flush_scheduled = False
-        self.flush()
+        self._flush_all()
         if self.via_queue and self.schedule_later is not None and any_queued(self.outs):
             self.flush_scheduled = True
             self.schedule_later(self._scheduled_flush)
 
     def flush(self):
         """Sends what is queued on every channel, as far as the sockets take it."""
+        self._flush_all()
+
+    cdef int _flush_all(self) except -1:
         cdef Channel ch
         for ch in self.outs:
             if ch.queued():
                 self._flush_channel(ch)
         if self.holding and not any_queued(self.outs):
             self._release()
+        return 0
 
     @property
     def queued(self):
@@ -889,7 +893,7 @@ cdef class Dispatcher(RecordReader):
             else:
                 timeout_ms = <int>((deadline - now) * 1000.0) + 1
             if self.via_queue and any_queued(self.outs):
-                self.flush()
+                self._flush_all()
                 if any_queued(self.outs):
                     timeout_ms = 1
             self._poll(timeout_ms)
@@ -899,7 +903,8 @@ cdef class Dispatcher(RecordReader):
         """The event loop's reader callback for fileno(): handles whatever is ready, then runs
         the finish callbacks due."""
         self._poll(0)
-        self.run_deferred()
+        if self.table.deferred:
+            self.run_deferred()
 
     def run_deferred(self):
         """Runs the finish callbacks of ASYNC tasks whose results have come."""
