@@ -13,7 +13,8 @@ from typing import Any
 
 # Extras summarized as medians over the rounds (latency percentiles and the like) ...
 MEDIAN_KEYS = ("p50_us", "p99_us", "mean_us", "p50_ms", "p99_ms", "max_ms", "elapsed_s",
-               "send_s", "batch_p50_us", "batch_p99_us", "batch_mean_us")
+               "send_s", "batch_p50_us", "batch_p99_us", "batch_mean_us", "cpu_us_per_req",
+               "worker_cpu_us_per_req", "task_worker_cpu_us_per_req")
 # ... and counts added up over the rounds (cron runs).
 SUM_KEYS = ("records", "expected", "missed", "duplicated")
 

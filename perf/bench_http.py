@@ -16,9 +16,12 @@ rounds (A B C, then C B A, ...), on two routes (perf/_http_apps.py, perf/swoole/
 
 pyswtask runs on uvloop with httptools when they are installed, as plain uvicorn does. Prints
 one JSON line per (workload, system): requests/s (the median of the rounds) with p50_ms and
-p99_ms; then one per pyswtask/peer ratio (> 1 favours pyswtask); then the task's cost on
-pyswtask's own throughput (http_task / http_hello). wrk (Debian's package ``wrk``) is needed:
-without it the script says so in one line and measures nothing.
+p99_ms, and the server's CPU per request (``cpu_us_per_req``: user + system time of every process
+of the server while wrk ran, over the requests answered; for pyswtask also its workers' and
+task workers' shares), less noisy than requests/s on a shared machine; then one per
+pyswtask/peer ratio (> 1 favours pyswtask); then the task's cost on pyswtask's own throughput
+(http_task / http_hello), with the workers' CPU a task adds to a request. wrk (Debian's
+package ``wrk``) is needed: without it the script says so in one line and measures nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import _procs  # noqa: E402
 import _summary  # noqa: E402
 import _swoole  # noqa: E402
 
@@ -140,6 +144,27 @@ def has_uvloop() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+# Process titles of pyswtask's roles whose CPU per request is reported apart.
+ROLE_TITLES = (("worker_cpu_us_per_req", "pyswtask: worker "),
+               ("task_worker_cpu_us_per_req", "pyswtask: task worker "))
+
+
+def cpu_per_request(procs: dict[int, str], before: dict[int, int],
+                    requests: int | None) -> dict[str, float]:
+    """Microseconds of CPU per request the server's processes used since ``before`` (their
+    ticks then): all of them, and pyswtask's workers and task workers apart."""
+    if not requests:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {pid: _procs.cpu_ticks(pid) - ticks for pid, ticks in before.items()}
+    out = {"cpu_us_per_req": round(sum(used.values()) / hz / requests * 1e6, 2)}
+    for key, title in ROLE_TITLES:
+        mine = [used[pid] for pid, t in procs.items() if t.startswith(title)]
+        if mine:
+            out[key] = round(sum(mine) / hz / requests * 1e6, 2)
+    return out
+
+
 def measure(system: str, served: Served, duration: float, connections: int,
             extras: dict[str, Any], ours: bool = False,
             workloads: tuple[tuple[str, str], ...] = WORKLOADS) -> list[dict[str, Any]]:
@@ -148,7 +173,10 @@ def measure(system: str, served: Served, duration: float, connections: int,
         for workload, path in workloads:
             url = f"http://127.0.0.1:{served.port}{path}"
             wrk(url, 1.0, connections)      # warm-up: connections, caches, the executor's processes
+            procs = _procs.group_procs(served.proc.pid)
+            before = {pid: _procs.cpu_ticks(pid) for pid in procs}
             row = wrk(url, duration, connections)
+            row.update(cpu_per_request(procs, before, row.get("requests")))
             rows.append({"workload": workload, "system": system, "unit": "req/s",
                          "connections": connections, "duration_s": duration, **extras, **row,
                          **({"ours": True} if ours else {})})
@@ -231,18 +259,25 @@ def broker_runners() -> tuple[Any, list[tuple[str, Callable[[float, int], list[d
 
 
 def task_cost(rounds: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
-    """pyswtask's http_task throughput over its own http_hello one, within each round."""
-    per_round = []
+    """pyswtask's http_task throughput over its own http_hello one, within each round, and the
+    CPU per request its workers spend on the task (http_task's minus http_hello's)."""
+    per_round, extra_cpu = [], []
     for rnd in rounds:
-        got = {r["workload"]: r["value"] for r in rnd if r["system"] == "pyswtask" and r.get("value")}
+        got = {r["workload"]: r for r in rnd if r["system"] == "pyswtask" and r.get("value")}
         if "http_task" in got and "http_hello" in got:
-            per_round.append(got["http_task"] / got["http_hello"])
+            task, hello = got["http_task"], got["http_hello"]
+            per_round.append(task["value"] / hello["value"])
+            if "worker_cpu_us_per_req" in task and "worker_cpu_us_per_req" in hello:
+                extra_cpu.append(task["worker_cpu_us_per_req"] - hello["worker_cpu_us_per_req"])
     if not per_round:
         return None
-    return {"ratio": "pyswtask http_task / http_hello", "workload": "http_task",
+    cost = {"ratio": "pyswtask http_task / http_hello", "workload": "http_task",
             "value": round(statistics.median(per_round), 3), "rounds": len(per_round),
             "unit": "req/s", "meaning": "the share of hello-world throughput left with one "
             "await Task.co per request (target: at least 0.75)"}
+    if extra_cpu:
+        cost["task_extra_worker_cpu_us"] = round(statistics.median(extra_cpu), 2)
+    return cost
 
 
 def main() -> None:
@@ -269,8 +304,8 @@ def main() -> None:
                 rounds[i].extend(rows)
                 for r in rows:
                     print(f"[round {i + 1}/{runs}] {r['system']} {r['workload']}: {r['value']} "
-                          f"req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms", file=sys.stderr,
-                          flush=True)
+                          f"req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, CPU "
+                          f"{r.get('cpu_us_per_req')} us/req", file=sys.stderr, flush=True)
     finally:
         if redis is not None:
             redis.stop()

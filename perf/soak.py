@@ -58,6 +58,10 @@ import textwrap
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import cpu_ticks as _cpu_ticks  # noqa: E402
+from _procs import group_procs as _group_procs  # noqa: E402
+
 SOURCES = ["worker0.co", "worker0.async", "worker1.co", "worker1.async",
            "process.co", "process.async", "queue.co", "queue.async"]
 # Deliveries per second per source (the timers above); capacities are sized from them.
@@ -241,27 +245,6 @@ COMMAND = SHARED + textwrap.dedent('''
 ''')
 
 
-def _group_procs(pgid: int) -> dict[int, str]:
-    """pid -> process title of every process in process group pgid (the server runs in a
-    group of its own, not a session)."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError):
-            continue
-        out[int(name)] = title
-    return out
-
-
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -271,16 +254,6 @@ def _status_kib(pid: int, field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def _cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError):
-        return 0
 
 
 def _role(title: str) -> str | None:

@@ -8,7 +8,7 @@ the public signatures and their documentation only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Sequence
 
 from . import roles
 from .cluster import client as cluster_client
@@ -121,11 +121,14 @@ class Task:
                                                   worker_id, type, callback)
 
     @staticmethod
-    async def co(name: str, method: str, params: Sequence[Any] = (), timeout: float = 3.0, *,
-                 dst_worker_id: int = -1) -> Any:
-        """CO delivery for asyncio code in a worker: awaits the result without blocking the
-        worker's other coroutines. Raises as ``deliver`` does."""
-        return await roles.current().co(name, method, params, timeout, dst_worker_id)
+    def co(name: str, method: str, params: Sequence[Any] = (), timeout: float = 3.0, *,
+           dst_worker_id: int = -1) -> Coroutine[Any, Any, Any]:
+        """CO delivery for asyncio code in a worker: ``await Task.co(...)`` awaits the result
+        without blocking the worker's other coroutines. Raises as ``deliver`` does.
+
+        Returns the coroutine of the process's role itself, not one wrapping it: a coroutine
+        less to create and resume on every request of an HTTP handler that delivers."""
+        return roles.current().co(name, method, params, timeout, dst_worker_id)
 
     @staticmethod
     async def co_batch(calls: Iterable[Sequence[Any]], timeout: float = 3.0, *,

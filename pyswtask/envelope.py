@@ -91,7 +91,8 @@ def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: i
                                  deadline, origin[0], origin[1])
     except (TypeError, ValueError, OverflowError) as exc:
         raise params_error(name, method, params, exc) from None
-    check_length(f"params of {name}.{method} pack", len(body), limit)
+    if limit and len(body) > limit:
+        check_length(f"params of {name}.{method} pack", len(body), limit)
     return body
 
 

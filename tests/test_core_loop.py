@@ -6,6 +6,7 @@ writing raw records, which is how malformed input is injected.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import select
@@ -181,6 +182,80 @@ def test_results_are_matched_by_id_late_and_foreign_ones_dropped(
     assert "a fragment of task" in errors[0] and "whose start never came" in errors[0]
     assert "unsupported frame version" in errors[1] and len(errors) == 2
     assert d.forget(ids[2]) and not d.forget(ids[2])
+
+
+@pytest.mark.timeout(30)
+def test_futures_time_out_in_deadline_order_from_one_timer(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    mine, peer = pair
+    loop = asyncio.new_event_loop()
+    armed: list[float] = []
+
+    def call_later(delay: float, fn: Any) -> asyncio.TimerHandle:
+        armed.append(delay)
+        return loop.call_later(delay, fn)
+
+    try:
+        d, _, _ = make_dispatcher(mine.fileno())
+        d.set_scheduler(loop.call_soon, None, call_later)
+        loop.add_reader(d.fileno(), d.on_readable)
+        t0 = time.monotonic()
+        done_at: dict[str, float] = {}
+        futures: dict[str, tuple[asyncio.Future[Any], int]] = {}
+        for label, timeout in (("c", 0.6), ("a", 0.2), ("b", 0.4), ("answered", 5.0),
+                               ("c2", 0.6)):
+            fut = loop.create_future()
+            fut.add_done_callback(
+                lambda f, label=label: done_at.setdefault(label, time.monotonic() - t0))
+            futures[label] = (fut, d.submit_future(body(label), -1, fut, timeout))
+        # One timer at a time, moved only for an earlier deadline: c, then a.
+        assert len(armed) == 2 and armed[0] > 0.5 and armed[1] <= 0.2
+        answer = pack_frame(FRAME_RESULT, 0, futures["answered"][1], 1, msgpack.packb("yes"))
+        loop.call_later(0.05, peer.send, answer)
+        late = pack_frame(FRAME_RESULT, 0, futures["a"][1], 1, msgpack.packb("too late"))
+        loop.call_later(0.3, peer.send, late)
+        loop.run_until_complete(asyncio.wait([f for f, _ in futures.values()], timeout=10))
+        assert sent_ids(peer, 5) == [task_id for _, task_id in futures.values()]
+        assert futures["answered"][0].result() == "yes"
+        for label in ("a", "b", "c", "c2"):
+            assert futures[label][0].result() is TIMEOUT
+        assert sorted(done_at, key=done_at.__getitem__) == ["answered", "a", "b", "c", "c2"]
+        for label, timeout in (("a", 0.2), ("b", 0.4), ("c", 0.6)):
+            assert timeout <= done_at[label] < timeout + 1.0, done_at
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert d.pending_count == 0 and d.late_results == 1
+        # a future submitted without a timeout waits for its result however long it takes
+        fut = loop.create_future()
+        task_id = d.submit_future(body("no timeout"), -1, fut)
+        loop.run_until_complete(asyncio.sleep(0.3))
+        assert not fut.done() and d.pending_count == 1 and d.forget(task_id)
+    finally:
+        loop.close()
+
+
+def test_the_futures_of_a_turn_leave_in_one_record_at_the_loops_flush(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # A coroutine awaits its future right after submitting: nothing is written through (nor
+    # sent by the flush watch), so the turn's tasks wake the task worker once.
+    mine, peer = pair
+    scheduled: list[Any] = []
+    d, _, _ = make_dispatcher(mine.fileno())
+    d.set_scheduler(scheduled.append)
+    ids = [d.submit_future(body(i), -1, object()) for i in range(5)]
+    assert select.select([peer], [], [], 0.05)[0] == [] and len(scheduled) == 1
+    scheduled[0]()
+    assert [f[2] for f in parse_frames(peer.recv(65536, socket.MSG_DONTWAIT))] == ids
+    assert d.queued == 0
+
+
+def test_a_future_with_a_timeout_needs_the_loops_timer(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    mine, _ = pair
+    d, _, _ = make_dispatcher(mine.fileno())
+    d.set_scheduler(lambda fn: None)
+    with pytest.raises(ValueError, match="needs set_scheduler"):
+        d.submit_future(body(1), -1, object(), 1.0)
+    assert d.pending_count == 0
 
 
 def test_the_first_async_task_of_a_turn_is_written_through_the_rest_coalesced(

@@ -27,6 +27,11 @@ cdef class _Pending:
     cdef uint8_t resent         # how often that happened (the frame header carries it)
 
 
+cdef struct _Deadline:
+    double at                       # monotonic seconds
+    uint64_t task_id
+
+
 @cython.final
 cdef class _Batch:
     cdef list results
@@ -50,6 +55,9 @@ cdef class PendingTable:
     cdef readonly uint64_t late_results
     cdef uint64_t lost_arena_end    # set by take_lost: the blocks of the tasks the dead one took
     cdef uint64_t *stat_lost        # lost tasks per out channel (stats), or NULL
+    cdef _Deadline *deadlines       # a min-heap of the deadlines of futures (submit_future with
+    cdef Py_ssize_t ndeadlines      #   a timeout); an entry whose task is no longer waiting
+    cdef Py_ssize_t deadlines_cap   #   stays until it reaches the top
 
     cdef uint64_t new_id(self) noexcept
     cdef int add(self, uint64_t task_id, _Pending entry) except -1
@@ -61,6 +69,10 @@ cdef class PendingTable:
     cdef int complete(self, uint64_t task_id, _Pending entry, object value,
                       bint failed) except -1
     cdef int run_deferred(self) except -1
+    cdef int push_deadline(self, double at, uint64_t task_id) except -1
+    cdef void pop_deadline(self) noexcept
+    cdef int trim_deadlines(self) except -1
+    cdef list take_due(self, double now)
 
 
 @cython.final
@@ -91,6 +103,9 @@ cdef class Dispatcher(RecordReader):
     cdef Channel last               # where the last task's result comes back (None: any)
     cdef object schedule            # loop.call_soon, or None outside an event loop
     cdef object schedule_later      # loop.call_later-like: retries sends the queue refused
+    cdef object schedule_timer      # loop.call_later: the futures' deadlines (None: no loop)
+    cdef object timer               # the timer handle armed for the earliest deadline, or None
+    cdef double timer_at            # when it is due (monotonic)
     cdef bint flush_scheduled
     cdef bint deferred_scheduled
     cdef bint in_wait_callbacks     # finish callbacks running from _wait_for_room
@@ -110,10 +125,12 @@ cdef class Dispatcher(RecordReader):
     cdef int _wait_for_room(self) except -1
     cdef int _sent_record(self, Channel ch) except -1
     cdef void _timed_out(self, int tw) noexcept
-    cdef int _schedule_flush(self) except -1
+    cdef int _schedule_flush(self, bint eager=*) except -1
     cdef int _hold(self) except -1
     cdef int _release(self) except -1
     cdef int _schedule_deferred(self) except -1
+    cdef int _arm(self, double at) except -1
+    cdef int _flush_all(self) except -1
     cdef int _flush_channel(self, Channel ch) except -1
     cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1

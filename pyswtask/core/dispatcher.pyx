@@ -8,6 +8,7 @@ import threading
 import weakref
 
 from libc.errno cimport EINTR, errno
+from libc.stdlib cimport free, realloc
 from posix.unistd cimport close, read, usleep, write
 
 from .includes.clock cimport monotonic
@@ -77,6 +78,10 @@ cdef class PendingTable:
     def __cinit__(self, *args, **kwargs):
         self.entries = {}
         self.deferred = []
+        self.deadlines = NULL
+
+    def __dealloc__(self):
+        free(self.deadlines)
 
     def __init__(self, *, on_finish, make_error, make_lost, uint64_t epoch, load=None,
                  int slot=0, Py_ssize_t max_pending=65536):
@@ -126,6 +131,9 @@ cdef class PendingTable:
             self.late_results += 1
             return 0
         self.update_load()
+        if self.ndeadlines and self.deadlines[0].task_id == task_id:
+            # Results mostly come in the order of their deadlines: the heap stays small.
+            self.trim_deadlines()
         entry = <_Pending>found
         try:
             value = unpackb(p, n)
@@ -227,6 +235,78 @@ cdef class PendingTable:
                 self.on_finish(item[0], item[1], item[2])
         return 0
 
+    # -- deadlines: one timer for all the futures, not one per call -------------------------------
+
+    cdef int push_deadline(self, double at, uint64_t task_id) except -1:
+        cdef Py_ssize_t i, parent, cap
+        cdef _Deadline *grown
+        if self.ndeadlines == self.deadlines_cap:
+            cap = self.deadlines_cap * 2 if self.deadlines_cap else 256
+            grown = <_Deadline *>realloc(self.deadlines, cap * sizeof(_Deadline))
+            if grown == NULL:
+                raise MemoryError()
+            self.deadlines = grown
+            self.deadlines_cap = cap
+        i = self.ndeadlines
+        self.ndeadlines += 1
+        # With one timeout for every call the new deadline is the latest: no sift at all.
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.deadlines[parent].at <= at:
+                break
+            self.deadlines[i] = self.deadlines[parent]
+            i = parent
+        self.deadlines[i].at = at
+        self.deadlines[i].task_id = task_id
+        return 0
+
+    cdef void pop_deadline(self) noexcept:
+        cdef Py_ssize_t i = 0, child, n
+        cdef _Deadline last
+        self.ndeadlines -= 1
+        n = self.ndeadlines
+        if n == 0:
+            return
+        last = self.deadlines[n]
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and self.deadlines[child + 1].at < self.deadlines[child].at:
+                child += 1
+            if last.at <= self.deadlines[child].at:
+                break
+            self.deadlines[i] = self.deadlines[child]
+            i = child
+        self.deadlines[i] = last
+
+    cdef int trim_deadlines(self) except -1:
+        """Drops the deadlines at the top whose tasks no longer wait."""
+        while self.ndeadlines and self.deadlines[0].task_id not in self.entries:
+            self.pop_deadline()
+        return 0
+
+    cdef list take_due(self, double now):
+        """The futures whose deadline passed, taken off the table (their tasks then count as
+        timed out with their out channel), as (out channel, future) pairs."""
+        cdef list due = []
+        cdef _Pending entry
+        cdef uint64_t task_id
+        while self.ndeadlines:
+            task_id = self.deadlines[0].task_id
+            found = self.entries.get(task_id)
+            if found is not None:
+                if self.deadlines[0].at > now:
+                    break
+                del self.entries[task_id]
+                entry = <_Pending>found
+                entry.body = None
+                due.append((entry.tw, entry.obj))
+            self.pop_deadline()
+        if due:
+            self.update_load()
+        return due
+
 
 cdef class _FlushWatch:
     """The thread that bounds how long coalesced ASYNC frames wait for the loop's flush.
@@ -322,7 +402,9 @@ cdef class Dispatcher(RecordReader):
     them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
-    _FlushWatch. Without a loop every task is sent at once."""
+    _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
+    next) are neither written through nor watched: all of a turn's leave in one record at its
+    flush. Without a loop every task is sent at once."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
@@ -379,13 +461,15 @@ cdef class Dispatcher(RecordReader):
         """The epoll descriptor: readable whenever a result or send space is waiting."""
         return self.epfd
 
-    def set_scheduler(self, schedule, schedule_later=None):
+    def set_scheduler(self, schedule, schedule_later=None, schedule_timer=None):
         """Gives the dispatcher loop.call_soon, so that ASYNC frames delivered after the first
         of a loop turn go out together (one send per record, not per task) and finish callbacks
         run from the loop. schedule_later(callback) runs callback a little later: with a message
-        queue, which has no descriptor to wait on, it retries what a full queue refused."""
+        queue, which has no descriptor to wait on, it retries what a full queue refused.
+        schedule_timer(delay, callback) is loop.call_later: the deadlines of submit_future."""
         self.schedule = schedule
         self.schedule_later = schedule_later
+        self.schedule_timer = schedule_timer
 
     @property
     def arena_used(self):
@@ -511,14 +595,51 @@ cdef class Dispatcher(RecordReader):
         self._schedule_flush()
         return task_id
 
-    def submit_future(self, bytes body, int dst, future):
-        """Queues a task whose result resolves future (an asyncio future of this loop)."""
+    def submit_future(self, bytes body, int dst, future, double timeout=-1.0):
+        """Queues a task whose result resolves future (an asyncio future of this loop): its
+        value, or the error as the future's exception. With a timeout (seconds, >= 0; it needs
+        set_scheduler's schedule_timer), a task still without a result then is dropped, counted
+        as timed out, and its future's result is TIMEOUT."""
         cdef _Pending entry = _Pending.__new__(_Pending)
+        cdef double at
         entry.kind = _P_FUTURE
         entry.obj = future
+        if timeout >= 0 and self.schedule_timer is None:
+            raise ValueError("submit_future with a timeout needs set_scheduler(..., "
+                             "schedule_timer)")
         cdef uint64_t task_id = self._submit(body, dst, 0, entry)
-        self._schedule_flush()
+        if timeout >= 0:
+            at = monotonic() + timeout
+            self.table.push_deadline(at, task_id)
+            if self.timer is None or at < self.timer_at:
+                self._arm(at)
+        # Not written through: the caller awaits its future next, so the loop soon reaches the
+        # flush, which then sends every task its turn delivered in one record (a send per task
+        # would wake the task worker per task, the costliest part of a request doing one). Nor
+        # watched: the caller cannot go on before the loop comes back anyway, and the watch's
+        # periodic looks would cost a thread wake-up per millisecond of a busy HTTP worker.
+        self._schedule_flush(False)
         return task_id
+
+    cdef int _arm(self, double at) except -1:
+        # One timer, for the earliest deadline: a timer per call cost more than the rest of
+        # delivering a task from a coroutine.
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = at
+        self.timer = self.schedule_timer(max(at - monotonic(), 0.0), self._expire_due)
+        return 0
+
+    def _expire_due(self):
+        """The timer: the futures whose deadline passed get TIMEOUT."""
+        cdef tuple item
+        self.timer = None
+        for item in self.table.take_due(monotonic()):
+            self._timed_out(<int>item[0])
+            if not item[1].done():
+                item[1].set_result(TIMEOUT)
+        if self.table.ndeadlines:
+            self._arm(self.table.deadlines[0].at)
 
     def call(self, bytes body, int dst, double timeout):
         """Sends a task and blocks until its result: the value, an error instance from
@@ -528,7 +649,7 @@ cdef class Dispatcher(RecordReader):
         cdef uint64_t task_id = self._submit(body, dst, 0, entry)
         cdef Channel ch = self.last
         cdef double started = monotonic()
-        self.flush()
+        self._flush_all()
         if ch is not None and not any_queued(self.outs):
             self._wait_on(ch, entry, started + timeout)
         else:
@@ -554,7 +675,7 @@ cdef class Dispatcher(RecordReader):
             entry.obj = batch
             entry.index = i
             ids.append(self._submit(<bytes>bodies[i], dst, 0, entry))
-        self.flush()
+        self._flush_all()
         self._wait(None, batch, monotonic() + timeout)
         if batch.remaining:
             for task_id in ids:
@@ -572,11 +693,11 @@ cdef class Dispatcher(RecordReader):
         that a burst delivered in one loop turn holds at most task_queue_size tasks and results
         (a callback that delivers and waits again leaves its results to the loop)."""
         cdef Py_ssize_t room = self.table.max_pending - (self.table.max_pending >> 4)
-        self.flush()
+        self._flush_all()
         while len(self.table.entries) >= room:
             self._poll(100)
             if self.via_queue:
-                self.flush()
+                self._flush_all()
         if self.table.deferred and not self.in_wait_callbacks:
             self.in_wait_callbacks = True
             try:
@@ -620,16 +741,22 @@ cdef class Dispatcher(RecordReader):
 
     # -- sending --------------------------------------------------------------------------------
 
-    cdef int _schedule_flush(self) except -1:
+    cdef int _schedule_flush(self, bint eager=True) except -1:
+        """eager=False: the caller yields to the loop next (it awaits a future), so its frame
+        waits for the turn's flush, neither written through nor watched."""
         if self.schedule is None:
-            self.flush()
+            self._flush_all()
             return 0
         if not self.flush_scheduled:
-            # The first task since the loop last flushed: nothing of this turn is queued before
-            # it, so writing it through costs one send and no task waits for the turn to end.
             self.flush_scheduled = True
             self.schedule(self._scheduled_flush)
-            self.flush()
+            if eager:
+                # The first task since the loop last flushed: nothing of this turn is queued
+                # before it, so writing it through costs one send and no task waits for the turn
+                # to end.
+                self._flush_all()
+            return 0
+        if not eager:
             return 0
         if self.holding:
             # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
@@ -689,19 +816,23 @@ cdef class Dispatcher(RecordReader):
 
     def _scheduled_flush(self):
         self.flush_scheduled = False
-        self.flush()
+        self._flush_all()
         if self.via_queue and self.schedule_later is not None and any_queued(self.outs):
             self.flush_scheduled = True
             self.schedule_later(self._scheduled_flush)
 
     def flush(self):
         """Sends what is queued on every channel, as far as the sockets take it."""
+        self._flush_all()
+
+    cdef int _flush_all(self) except -1:
         cdef Channel ch
         for ch in self.outs:
             if ch.queued():
                 self._flush_channel(ch)
         if self.holding and not any_queued(self.outs):
             self._release()
+        return 0
 
     @property
     def queued(self):
@@ -762,7 +893,7 @@ cdef class Dispatcher(RecordReader):
             else:
                 timeout_ms = <int>((deadline - now) * 1000.0) + 1
             if self.via_queue and any_queued(self.outs):
-                self.flush()
+                self._flush_all()
                 if any_queued(self.outs):
                     timeout_ms = 1
             self._poll(timeout_ms)
@@ -772,7 +903,8 @@ cdef class Dispatcher(RecordReader):
         """The event loop's reader callback for fileno(): handles whatever is ready, then runs
         the finish callbacks due."""
         self._poll(0)
-        self.run_deferred()
+        if self.table.deferred:
+            self.run_deferred()
 
     def run_deferred(self):
         """Runs the finish callbacks of ASYNC tasks whose results have come."""
