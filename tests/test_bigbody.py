@@ -23,6 +23,7 @@ from pyswtask._core import (
     Dispatcher,
     pack_envelope,
     pack_frame,
+    parse_frames,
 )
 
 # Tasks that hash what they get and echo it back, so both directions are checked.
@@ -247,3 +248,73 @@ def test_a_reference_outside_the_arena_is_dropped_and_named() -> None:
         right.close()
         busy.close()
 
+
+
+def test_a_body_in_the_arena_leaves_at_once_with_the_frames_held_before_it() -> None:
+    # Inside a loop turn, small ASYNC tasks after the first are held for the turn's end; a task
+    # whose body goes to the arena is sent at once, behind them, in order.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    right.setblocking(False)
+    tasks, results = Arena(1 << 20), Arena(1 << 20)
+    busy = mmap.mmap(-1, 1)
+    scheduled: list[object] = []
+    try:
+        d = Dispatcher(0, [left.fileno()], busy, on_finish=lambda *a: None,
+                       make_error=RuntimeError, make_lost=RuntimeError,
+                       on_protocol_error=print, epoch=1, arenas=[(tasks, results)])
+        d.set_scheduler(scheduled.append)
+        small = pack_envelope("Big", "digest", [b"s"])
+        first = d.submit(small)
+        held = d.submit(small)
+        big = d.submit(pack_envelope("Big", "digest", [b"b" * ARENA_MIN_BODY]))
+        frames = []
+        while True:
+            try:
+                frames += parse_frames(right.recv(65536))
+            except BlockingIOError:
+                break
+        assert [(f[2], bool(f[1] & FLAG_ARENA)) for f in frames] == [
+            (first, False), (held, False), (big, True)]
+        assert len(scheduled) == 1, "the turn's flush ran"
+        scheduled.clear()
+        del d
+    finally:
+        left.close()
+        right.close()
+        busy.close()
+
+
+def _rss_kib(size_kib: int) -> int:
+    # The resident size of this process's one mapping of size_kib (an arena made for it).
+    lines = open("/proc/self/smaps").read().splitlines()
+    found = [int(next(x for x in lines[i:] if x.startswith("Rss:")).split()[1])
+             for i, line in enumerate(lines)
+             if line.startswith("Size:") and int(line.split()[1]) == size_kib]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_ring_is_mapped_ahead_of_its_bodies_in_bulk() -> None:
+    # The producer's first body maps the next few bodies' pages too (one system call, not a
+    # page fault per 4 KiB), bounded to a few bodies: not the whole ring.
+    capacity = (5 << 20) + (3 << 16)        # a size no other mapping of this process has
+    size_kib = (capacity + 4096) // 1024
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tasks, results = Arena(capacity), Arena(1 << 20)
+    busy = mmap.mmap(-1, 1)
+    try:
+        d = Dispatcher(0, [left.fileno()], busy, on_finish=lambda *a: None,
+                       make_error=RuntimeError, make_lost=RuntimeError,
+                       on_protocol_error=print, epoch=1, arenas=[(tasks, results)])
+        body = pack_envelope("Big", "digest", [b"q" * 20000])
+        d.submit(body)
+        rss = _rss_kib(size_kib)
+        assert 256 <= rss <= 512, rss
+        for _ in range(10):
+            d.submit(body)
+        assert _rss_kib(size_kib) <= 1024, "mapped far beyond the bodies"
+        del d
+    finally:
+        left.close()
+        right.close()
+        busy.close()

@@ -318,7 +318,8 @@ cdef class Dispatcher(RecordReader):
     the first task of a loop turn is sent at once, as Swoole's task() writes at once; tasks
     delivered after it in the same turn are queued and leave together, one record (64 KiB,
     ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
-    for the end of the turn. They never wait for the loop itself: when the code that delivered
+    for the end of the turn; a task whose body went to the arena leaves at once, with what is
+    held before it. They never wait for the loop itself: when the code that delivered
     them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
@@ -487,7 +488,10 @@ cdef class Dispatcher(RecordReader):
                PyBytes_GET_SIZE(body))
         entry.arena_end = ch.spilled
         self.table.add(task_id, entry)
-        if ch.queued() >= _RECORD_MAX:
+        if ch.queued() >= _RECORD_MAX or ch.spilled:
+            # A body in the arena goes at once: one send is little next to writing the body,
+            # and the task worker starts on it while the next ones are written (held until the
+            # turn's end, a burst of them would reach it all at once, and fill the arena).
             self._sent_record(ch)
         return task_id
 
