@@ -37,6 +37,8 @@ class Big:
         return [hashlib.sha256(data).hexdigest(), data]
     def double(self, data):
         return data * 2
+    def attempt(self, data):
+        return [hashlib.sha256(data).hexdigest(), Task.current().attempt]
     def slow(self, data, seconds):
         time.sleep(seconds)
         return [hashlib.sha256(data).hexdigest(), len(data)]
@@ -190,6 +192,91 @@ def test_a_task_worker_killed_with_bodies_in_its_arena_leaks_none(servers: Serve
     assert done["lost"] == 1 and done["good"] == 39, done
     assert 0 < done["first_lost"] < 39
     assert done["used"] == 0, done
+
+
+@pytest.mark.timeout(90)
+def test_a_large_task_read_but_not_started_by_a_killed_task_worker_is_sent_again_intact(
+        servers: ServerRunner) -> None:
+    # Its body is kept only in the arena: sent again, it is read back from there. The held
+    # small task and the large one after it leave in one record, so the task worker killed
+    # while it runs the first has read the second without starting it.
+    srv = servers.start(script('''
+        import hashlib
+        from pyswtask import TaskWorkerLost
+        server = Server(worker_num=1, task_worker_num=1, max_wait_time=2.0)
+
+        def go(server, wid):
+            emit(event="tw", pid=Task.deliver("Demo", "pid"))
+            server.after(50, burst)
+
+        def burst():
+            done = {}
+            data = blob(65536, 7)
+            def finish(tid, result):
+                done[tid] = result
+                if len(done) == 3:
+                    server.after(300, lambda: report())
+            def report():
+                emit(event="done", first=done[t1] == [hashlib.sha256(b"a").hexdigest(), 1],
+                     lost=type(done[t2]).__name__, big=done[t3],
+                     want=hashlib.sha256(data).hexdigest(), **arena())
+                server.shutdown()
+            t1 = Task.deliver("Big", "slow", [b"a", 0.0], Task.TYPE_ASYNC, callback=finish)
+            t2 = Task.deliver("Big", "slow", [b"b", 5.0], Task.TYPE_ASYNC, callback=finish)
+            t3 = Task.deliver("Big", "attempt", [data], Task.TYPE_ASYNC, callback=finish)
+            emit(event="burst", **arena())
+        server.on("worker_start", go)
+        server.start()
+    '''))
+    recs = read_records(srv, lambda r: any(x["event"] == "burst" for x in r))
+    burst = next(r for r in recs if r["event"] == "burst")
+    assert burst["sent"] == 1 and burst["used"] > 0
+    tw_pid = next(r["pid"] for r in recs if r["event"] == "tw")
+    time.sleep(1.5)
+    os.kill(tw_pid, signal.SIGKILL)
+    assert srv.wait(60) == 0, srv.err
+    done = srv.by_event("done")[0]
+    assert done["first"] and done["lost"] == "TaskWorkerLost", done
+    assert done["big"] == [done["want"], 2], "the large task was not sent again intact"
+    assert done["used"] == 0, done
+
+
+@pytest.mark.timeout(90)
+def test_finish_callbacks_of_large_results_run_between_batches_of_a_few_mib(
+        servers: ServerRunner) -> None:
+    # Twenty 1 MiB results wait while the worker sleeps; the loop decodes a few MiB of them,
+    # runs their callbacks (freeing them), then reads on: never all twenty alive at once.
+    srv = servers.run(script('''
+        import hashlib
+        server = Server(worker_num=1, task_worker_num=1)
+        N = 20
+
+        def go(server, wid):
+            server.after(50, burst)
+
+        def burst():
+            got = []
+            want = {}
+            def finish(tid, result):
+                got.append((tid, result == want[tid], roles.current().dispatcher.pending_count))
+                if len(got) == N:
+                    emit(event="done", order=[g[0] for g in got] == sorted(want),
+                         ok=all(g[1] for g in got), waiting=[g[2] for g in got])
+                    server.shutdown()
+            for i in range(N):
+                data = blob(1 << 20, i)
+                tid = Task.deliver("Big", "double", [data[: len(data) // 2]], Task.TYPE_ASYNC,
+                                   callback=finish)
+                want[tid] = data[: len(data) // 2] * 2
+            time.sleep(3)       # every result comes meanwhile
+        server.on("worker_start", go)
+        server.start()
+    '''), timeout=80)
+    done = srv.by_event("done")[0]
+    assert done["order"] and done["ok"], done
+    # Results not yet decoded when the first callback ran: all but the first batch's.
+    assert 10 <= done["waiting"][0] < 20, done
+    assert done["waiting"][-1] == 0
 
 
 @pytest.mark.timeout(60)

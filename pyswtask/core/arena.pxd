@@ -31,6 +31,7 @@ cdef class Arena:
     cdef int64_t reserve(self, size_t n) noexcept
     cdef const char *block(self, uint64_t pos, uint32_t n) noexcept
     cdef void consumed(self, uint64_t end) noexcept
+    cdef object copy_out(self, uint64_t pos, uint32_t n)
 
 
 cdef inline uint64_t arena_end(uint64_t pos, uint64_t n) noexcept nogil:

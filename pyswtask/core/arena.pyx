@@ -19,6 +19,7 @@
 
 from libc.errno cimport errno
 from libc.stdint cimport uintptr_t
+from .includes.python cimport PyBytes_FromStringAndSize
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE
 from posix.mman cimport madvise, mmap, munmap
 
@@ -161,6 +162,14 @@ cdef class Arena:
         if pos % self.capacity + n > self.mapped:
             self._map_ahead(pos % self.capacity + n, n, False)
         return self.ring + pos % self.capacity
+
+    cdef object copy_out(self, uint64_t pos, uint32_t n):
+        """The producer's copy of its block [pos, pos + n) as bytes, or None once a later block
+        was written over it. Only the producer writes the ring and positions only grow, so the
+        block is intact, freed or not, until head passes a full lap beyond it."""
+        if pyswtask_load_u64(self.head) - pos > self.capacity:
+            return None
+        return PyBytes_FromStringAndSize(self.ring + pos % self.capacity, n)
 
     cdef void consumed(self, uint64_t end) noexcept:
         """Everything before end may be reused."""
