@@ -25,7 +25,8 @@ COMMITTED = os.path.join(HERE, "results", "latest.jsonl")
 DESCRIPTIONS = {
     "async_throughput": "ASYNC deliver -> finish: each of the 2 workers keeps up to 1,000 tasks in "
                         "flight (100 for 1 MiB), each finish sends the next; tasks/s from the first "
-                        "delivery to the last finish. Swoole: `task()` -> `onFinish`; from 8 KiB up Swoole "
+                        "delivery to the last finish, started 300 ms after the workers (both sides) so "
+                        "that every process is up. Swoole: `task()` -> `onFinish`; from 8 KiB up Swoole "
                         "passes each task through a temporary file in its `task_tmpdir` (/tmp), and "
                         "swoole_tmpfs is the same with `task_tmpdir` on a tmpfs (/dev/shm). Pool / "
                         "executor: `apply_async` / `submit` with a completion callback.",

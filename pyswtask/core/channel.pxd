@@ -45,6 +45,7 @@ cdef class Channel:
     cdef Arena tx_arena         # large bodies sent on this end go here when it has room, or None
     cdef Arena rx_arena         # and those received come from here (None: refused)
     cdef uint64_t spilled       # end of the block the last put wrote into tx_arena (0: none)
+    cdef uint64_t spilled_at    # and its position
     cdef readonly uint64_t arena_sent   # bodies sent by reference
     cdef readonly uint64_t arena_full   # bodies for the arena that went through the socket: no room
 

@@ -75,9 +75,10 @@ cdef class Channel:
                 # room, it goes through the socket as any body does: never a wait.
                 memcpy(self.tx_arena.ring + <uint64_t>pos % self.tx_arena.capacity, body, n)
                 p = self.reserve(_HEADER_SIZE + _ARENA_REF_SIZE)
-                write_header(p, ftype, flags | _FLAG_ARENA, task_id, src, _ARENA_REF_SIZE)
+                write_header(p, ftype, flags | _FLAG_ARENA, task_id, src, _ARENA_REF_SIZE, resent)
                 write_ref(p + _HEADER_SIZE, <uint64_t>pos, <uint32_t>n)
                 self.spilled = arena_end(<uint64_t>pos, n)
+                self.spilled_at = <uint64_t>pos
                 self.arena_sent += 1
                 return 0
             self.arena_full += 1

@@ -23,7 +23,10 @@ cdef class _Pending:
     cdef Py_ssize_t index
     cdef int tw                 # the out channel it went to
     cdef bytes body             # kept to send again if a dead task worker never started it
+                                #   (None while the body is in the arena: it is read back)
     cdef uint64_t arena_end     # the end of its body's block in the channel's arena (0: none)
+    cdef uint64_t arena_pos     # and where it starts,
+    cdef uint32_t arena_len     # and the body's length
     cdef uint8_t resent         # how often that happened (the frame header carries it)
 
 
@@ -66,6 +69,7 @@ cdef class PendingTable:
     cdef int on_result(self, uint64_t task_id, uint8_t ftype, const char *p, size_t n) except -1
     cdef list take_lost(self, int tw, uint64_t running, uint64_t read_upto, object reason)
     cdef int take_lost_ids(self, uint64_t running, list ran, object reason) except -1
+    cdef int fail_lost(self, uint64_t task_id, object message) except -1
     cdef int complete(self, uint64_t task_id, _Pending entry, object value,
                       bint failed) except -1
     cdef int run_deferred(self) except -1
@@ -112,6 +116,7 @@ cdef class Dispatcher(RecordReader):
     cdef bint holding               # frames wait for the scheduled flush (the watch knows)
     cdef _FlushWatch watch          # None until frames first wait
     cdef readonly uint64_t delivered
+    cdef size_t read_bytes          # bodies of results read by the current _read
     cdef uint64_t *stat_sent        # this worker's deliveries per out channel (stats), or NULL
     cdef object stat_view           # the buffer it points into, kept alive
     cdef uint64_t *stat_timed_out   # tasks whose caller stopped waiting, per out channel, or NULL

@@ -34,6 +34,11 @@ cdef unsigned int _HOLD_MAX_PERIODS = 5
 # then costs it one timed wake-up per period instead of an eventfd write and two wake-ups per
 # turn, and an idle worker still leaves it asleep.
 cdef unsigned int _LINGER_PERIODS = 50
+# Result bodies read from one channel in one go before the finish callbacks run: a batch of
+# large results decoded at once are that many fresh objects alive together, whose memory malloc
+# hands back to the system past its trim threshold and takes again, page by page, for the next.
+# Callbacks run between batches free each result in time for the next one to reuse it.
+cdef size_t _READ_BYTES = 4 << 20
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
@@ -187,6 +192,14 @@ cdef class PendingTable:
             self.complete(task_id, entry, self.make_lost(f"{reason} {what}"), True)
         self.update_load()
         return [(task_id, self.entries[task_id]) for task_id in sorted(again)]
+
+    cdef int fail_lost(self, uint64_t task_id, object message) except -1:
+        """Fails one waiting task with make_lost(message)."""
+        cdef _Pending entry = <_Pending>self.entries.pop(task_id)
+        if self.stat_lost != NULL:
+            self.stat_lost[entry.tw] += 1
+        self.update_load()
+        return self.complete(task_id, entry, self.make_lost(message), True)
 
     cdef int take_lost_ids(self, uint64_t running, list ran, object reason) except -1:
         """Fails the task that task worker was running and those it ran whose results did not
@@ -398,7 +411,8 @@ cdef class Dispatcher(RecordReader):
     the first task of a loop turn is sent at once, as Swoole's task() writes at once; tasks
     delivered after it in the same turn are queued and leave together, one record (64 KiB,
     ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
-    for the end of the turn. They never wait for the loop itself: when the code that delivered
+    for the end of the turn; a task whose body went to the arena leaves at once, with what is
+    held before it. They never wait for the loop itself: when the code that delivered
     them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
@@ -570,8 +584,18 @@ cdef class Dispatcher(RecordReader):
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
                PyBytes_GET_SIZE(body))
         entry.arena_end = ch.spilled
+        if ch.spilled:
+            # The body stays in the arena block until a task worker starts the task, which is
+            # as long as a copy would be needed: none is kept (nor faulted in, for each of a
+            # burst of large bodies).
+            entry.body = None
+            entry.arena_pos = ch.spilled_at
+            entry.arena_len = <uint32_t>PyBytes_GET_SIZE(body)
         self.table.add(task_id, entry)
-        if ch.queued() >= _RECORD_MAX:
+        if ch.queued() >= _RECORD_MAX or ch.spilled:
+            # A body in the arena goes at once: one send is little next to writing the body,
+            # and the task worker starts on it while the next ones are written (held until the
+            # turn's end, a burst of them would reach it all at once, and fill the arena).
             self._sent_record(ch)
         return task_id
 
@@ -937,6 +961,7 @@ cdef class Dispatcher(RecordReader):
     cdef int _read(self, Channel ch) except -1:
         cdef ssize_t r
         cdef int k
+        self.read_bytes = 0
         for k in range(_READ_BUDGET):
             r = recv_record(ch.fd, self.scratch)
             if r <= 0:
@@ -944,11 +969,15 @@ cdef class Dispatcher(RecordReader):
                 # master holds both ends.
                 return 0
             self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
+            if self.read_bytes >= _READ_BYTES:
+                # The rest waits for the next turn (epoll is level-triggered).
+                return 0
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         if h.type == _FRAME_LOST:
             return self._on_lost(ch, body, n)
+        self.read_bytes += n
         return self.table.on_result(h.task_id, h.type, body, n)
 
     cdef int _on_lost(self, Channel ch, const char *p, size_t n) except -1:
@@ -970,17 +999,38 @@ cdef class Dispatcher(RecordReader):
             self.on_protocol_error(f"{self.who}: malformed lost-task notice dropped: {exc}")
             return 0
         again = self.table.take_lost(ch.peer, running, read_upto, reason)
-        if self.table.lost_arena_end and ch.tx_arena is not None:
-            ch.tx_arena.consumed(self.table.lost_arena_end)
+        # The bodies of those in the arena are read back before anything is written there.
+        bodies = []
         for task_id, value in again:
             entry = <_Pending>value
+            body = entry.body
+            if body is None:
+                body = (<Channel>self.outs[entry.tw]).tx_arena.copy_out(entry.arena_pos,
+                                                                       entry.arena_len)
+                if body is None:
+                    # More than a whole arena of bodies was written after it before the
+                    # notice came: its body is gone, as with its task worker.
+                    self.table.fail_lost(task_id, f"{reason} before it started this task, "
+                                         "whose body was overwritten in the task arena before "
+                                         "it could be sent again")
+                    continue
+            bodies.append((task_id, entry, body))
+        if self.table.lost_arena_end and ch.tx_arena is not None:
+            ch.tx_arena.consumed(self.table.lost_arena_end)
+        for task_id, entry, body in bodies:
             out = <Channel>self.outs[entry.tw]
             if entry.resent < 255:
                 entry.resent += 1
             out.put(_FRAME_TASK, _FLAG_ASYNC if entry.kind == _P_ASYNC else 0, task_id,
-                    self.worker_id, PyBytes_AS_STRING(entry.body), PyBytes_GET_SIZE(entry.body),
+                    self.worker_id, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body),
                     entry.resent)
             entry.arena_end = out.spilled
+            if out.spilled:
+                entry.body = None
+                entry.arena_pos = out.spilled_at
+                entry.arena_len = <uint32_t>PyBytes_GET_SIZE(body)
+            else:
+                entry.body = body
         if again:
             self._schedule_flush()
         return 0

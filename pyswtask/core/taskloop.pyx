@@ -569,6 +569,10 @@ cdef class TaskLoop(RecordReader):
             else:
                 ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
                        <const char *>buf.buf, <size_t>buf.len)
+                if ch.spilled:
+                    # A result in the arena leaves at once, not with the rest of the record's:
+                    # the worker reads it while this task worker runs the next task.
+                    ch.flush()
         finally:
             PyBuffer_Release(&buf)
             _result_packer.reset()
