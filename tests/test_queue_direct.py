@@ -70,17 +70,20 @@ def test_timers_messages_and_timers_set_by_a_task_run_while_the_task_worker_idle
             emit(returned=Task.deliver("Clock", "later", [300], timeout=10))
             time.sleep(0.8)
     ''', key)
-    time.sleep(1.0)
+    # Then no task at all for 4 s: only the watch can wake the task worker for its timers.
+    idle_from = time.monotonic()
+    time.sleep(4.0)
+    idle_to = time.monotonic()
     stop(srv)
     ticks = [r["at"] for r in srv.by_event("tick")]
-    # About 40 ticks in the ~4 s it idled; a tick missed until the next task would be far fewer.
-    assert len(ticks) >= 15, ticks
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert max(gaps) < 1.0, gaps
+    # About 35 in that window; none if the timers waited for the next task. (A loaded machine
+    # can stall a process for seconds: late ticks then run at once, still inside the window.)
+    assert sum(idle_from + 0.5 <= t <= idle_to for t in ticks) >= 5, (idle_from, idle_to, ticks)
     afters = sorted(r["at"] for r in srv.by_event("after"))
     assert len(afters) == 3, srv.err
     for returned, fired in zip(sorted(r["returned"] for r in out), afters):
-        assert 0.25 <= fired - returned < 0.75, (returned, fired)
+        # Never before its time; the last one has no later task to wake the task worker.
+        assert 0.29 <= fired - returned < 3.0, (returned, fired)
     messages = srv.by_event("message")
     assert [(m["data"], m["src"]) for m in messages] == [("hello", 0)], srv.err
 
@@ -103,15 +106,16 @@ def test_sigterm_and_a_reload_stop_task_workers_idle_in_msgrcv_at_once(
     os.kill(first[2], signal.SIGTERM)
     records += read_records(srv, lambda got: have("tw_ready", 3)(records + got), timeout=20)
     stopped = [r for r in records if r.get("event") == "tw_stop" and r["pid"] == first[2]]
-    assert len(stopped) == 1 and stopped[0]["at"] - sent < 5.0, records
+    # A stop that waited for a message would take max_wait_time (30 s).
+    assert len(stopped) == 1 and stopped[0]["at"] - sent < 10.0, records
     # Its successor serves; then a reload of the task workers (SIGUSR2) replaces both.
     assert command('emit(r=Task.deliver("Demo", "echo", ["after"], timeout=10))', key) == [
         {"r": "after"}]
     sent = time.monotonic()
     os.kill(srv.pid, signal.SIGUSR2)
-    records += read_records(srv, lambda got: have("tw_ready", 5)(records + got), timeout=30)
+    records += read_records(srv, lambda got: have("tw_ready", 5)(records + got), timeout=40)
     ready = [r for r in records if r.get("event") == "tw_ready"]
-    assert ready[-1]["at"] - sent < 10.0, records
+    assert ready[-1]["at"] - sent < 20.0, records
     assert command('emit(r=Task.deliver("Demo", "echo", ["reloaded"], timeout=10))', key) == [
         {"r": "reloaded"}]
     sent = time.monotonic()
