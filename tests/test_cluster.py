@@ -753,6 +753,32 @@ def test_cluster_stat_shows_nodes_queues_and_pending(servers: ServerRunner,
     assert bad.returncode == 1 and "cannot reach the cluster's Redis" in bad.stderr
 
 
+def test_cluster_prefetch_is_split_among_the_task_workers(servers: ServerRunner,
+                                                          redis_server: RedisServer) -> None:
+    import time
+
+    url = redis_server.url
+    r = redis.Redis.from_url(url)
+    start_node(servers, url, "B", cluster_prefetch=4)
+    wait_alive(url, "B")
+    program = servers.start(program_script('''
+        Task.configure(cluster=URL)
+        for i in range(10):
+            Task.deliver("Reports", "slow", [i, 30], Task.TYPE_ASYNC)
+        Task.flush()
+    '''), name="program.py", args=["P", url])
+    assert program.wait(30) == 0, program.err
+    # Each of the two task workers took 4 / 2 tasks in one read, runs the first, and reads
+    # no more until they ran: 4 unacknowledged on the node, 6 left for other nodes.
+    wait_for(lambda: r.llen("test:started") == 2, 20)
+    wait_for(lambda: r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 4, 20)
+    time.sleep(1.0)
+    pending = r.xpending("pyswtask:q:reports", "pyswtask")
+    assert pending["pending"] == 4
+    assert sorted(int(c["pending"]) for c in pending["consumers"]) == [2, 2]
+    assert r.llen("test:started") == 2
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
