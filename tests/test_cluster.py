@@ -326,6 +326,34 @@ def test_task_worker_dying_mid_task_leaves_the_task_for_a_second_delivery(
     assert names()
 
 
+def test_a_task_pending_on_a_live_consumer_that_never_got_it_runs(
+        servers: ServerRunner, redis_server: RedisServer) -> None:
+    # What Redis does when it serves a task worker's read on a connection the task worker
+    # already dropped: the task is pending on its consumer, which never saw it, and B's bridge
+    # keeps it from being claimed as long as that task worker lives. The consumer finds it.
+    from pyswtask.cluster.entries import task_fields
+    from pyswtask.envelope import TYPE_ASYNC, pack_task
+
+    url = redis_server.url
+    r = redis.Redis.from_url(url)
+    start_node(servers, url, "B", cluster_visibility_timeout=3.0)
+    wait_alive(url, "B")
+    wait_for(lambda: r.exists("pyswtask:q:reports") and len(
+        r.xinfo_consumers("pyswtask:q:reports", "pyswtask")) >= 2, 20)
+    consumer = r.xinfo_consumers("pyswtask:q:reports", "pyswtask")[0]["name"].decode()
+    fields = task_fields("test/1/1", "Reports", "slow",
+                         pack_task("Reports", "slow", [42, 0], TYPE_ASYNC, 0), TYPE_ASYNC, "",
+                         -1, 0, 0, 0.0)
+    pipe = r.pipeline(transaction=True)     # read before any blocked consumer is served
+    pipe.xadd("pyswtask:q:reports", fields)
+    pipe.xreadgroup("pyswtask", consumer, {"pyswtask:q:reports": ">"}, count=1)
+    _, got = pipe.execute()
+    assert got[0][1][0][1][b"id"] == b"test/1/1"
+    wait_for(lambda: r.llen("test:effects") == 1, 15)
+    assert [e[2] for e in jsons(r, "test:effects")] == [42]
+    wait_for(lambda: r.xpending("pyswtask:q:reports", "pyswtask")["pending"] == 0, 10)
+
+
 def test_stopping_node_runs_what_it_took_and_deletes_its_consumers(
         servers: ServerRunner, redis_server: RedisServer) -> None:
     url = redis_server.url

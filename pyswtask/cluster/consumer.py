@@ -20,8 +20,9 @@ Redis down or stalled (an error, or no reply within the block time and ``keys.TI
 connection is dropped and made again later, backing off from ``BACKOFF_MIN`` to
 ``BACKOFF_MAX`` seconds. A connection attempt is the one call that makes the channels wait on
 Redis, at most ``keys.TIMEOUT``. Tasks taken and results not yet written are kept and written
-then; the first read on a new connection is of this consumer's own pending tasks (``ID 0``),
-so a read whose reply was lost with the connection is not left pending for ever. A consumer
+then; the first read on a new connection, and one every third of the visibility timeout (at
+most every 10 s), is of this consumer's own pending tasks (``ID 0``), so a read whose reply
+was lost with a connection is not left pending for ever. A consumer
 group that Redis lost is created again.
 
 A stopping task worker unblocks its read (``CLIENT UNBLOCK``), runs what that read still
@@ -71,7 +72,7 @@ class TaskWorkerConsumer:
     ``TaskLoop.watch``): when the socket is readable and when the time it returned is up."""
 
     def __init__(self, url: str, queues: list[str], node: str, run: RunTask,
-                 count: int = 1) -> None:
+                 count: int = 1, visibility: float = 30.0) -> None:
         self.lib = require_redis()
         self.hiredis = require_hiredis()
         self.url = url
@@ -91,6 +92,9 @@ class TaskWorkerConsumer:
         self.results: list[Result] = []
         self.first_result = 0.0
         self.history = True             # the next read is of this consumer's pending tasks
+        # ... and again every so often, while the node's bridge keeps them from being claimed.
+        self.history_every = min(visibility / 3, 10.0)
+        self.history_at = 0.0
         self.sent_at = 0.0
         self.retry_at = 0.0
         self.backoff = BACKOFF_MIN
@@ -190,6 +194,8 @@ class TaskWorkerConsumer:
         if self.results:
             commands += self._done_commands()
         if not self.batch and not self._reading() and not self.stopping:
+            if time.monotonic() >= self.history_at:
+                self.history = True
             commands.append((self._read_command(), []))
         if commands:
             self._send(commands)
@@ -215,14 +221,18 @@ class TaskWorkerConsumer:
                      describe_url(self.url))
         if self.history:
             self.history = False
+            self.history_at = time.monotonic() + self.history_every
             self._take_history(reply)
         else:
             self.batch.extend(_entries(reply))
 
     def _take_history(self, reply: Any) -> None:
-        """This consumer's pending tasks, read on a new connection: those it does not hold
-        already run (again: the result of a run may be lost), those deleted meanwhile are
-        acknowledged."""
+        """This consumer's pending tasks, read on a new connection and every
+        ``history_every`` seconds when it holds none: those it does not hold run (again: the
+        result of a run may be lost), those deleted meanwhile are acknowledged. A read's tasks
+        can be pending here without this consumer knowing them: Redis may have served a read
+        of a connection that was dropped; the bridge keeps them from being claimed, so this
+        consumer must find them itself."""
         held = {(e.queue, e.entry_id) for e in self.batch}
         held.update((queue, entry_id) for queue, _, entry_id, _ in self.results)
         for stream, entries in reply or ():

@@ -65,7 +65,8 @@ class TaskWorker(ChildRole):
             # cluster_prefetch is the node's: split among its task workers.
             count = server.settings["cluster_prefetch"] // max(1, server.task_worker_num)
             self.consumer = TaskWorkerConsumer(cluster.url, cluster.queues, cluster.name,
-                                               self._run_cluster_task, count)
+                                               self._run_cluster_task, count,
+                                               server.settings["cluster_visibility_timeout"])
             self.queue["on_stopping"] = _both(self.queue.get("on_stopping"), self.consumer.stop)
         self.task_loop = TaskLoop(
             self.worker_id, self.index, self.ipc.task_fds, self.ipc.busy, rfd,
