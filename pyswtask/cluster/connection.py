@@ -55,6 +55,9 @@ def connect(url: str, *, timeout: float = 5.0, check: bool = True,
     there; ``ClusterUnavailable`` names the URL if it is not."""
     lib = require_redis()
     check_url(url)
+    # RESP2 whatever redis-py's default: the task workers' consumers parse raw replies
+    # (cluster.consumer), whose shapes differ in RESP3 (a dict per XREADGROUP).
+    options.setdefault("protocol", 2)
     options.setdefault("socket_timeout", timeout)
     options.setdefault("socket_connect_timeout", timeout)
     client: redis.Redis = lib.Redis.from_url(url, **options)
