@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx", reason="the HTTP tests' client: pip install
 ROOT = Path(__file__).resolve().parent.parent
 
 APP = '''
-from pyswtask import TaskWorkerLost
+from pyswtask import TaskTimeout, TaskWorkerLost
 
 @task()
 class Slow:
@@ -102,6 +102,13 @@ async def app(scope, receive, send):
         except DeliveryError as exc:
             return await reply(send, 200, str(exc))
         await reply(send, 200, "not refused")
+    elif path == "/failed_task":
+        # A task's failure raised by the handler: before its response began, or after.
+        if query == "timeout":
+            raise TaskTimeout.after("task Slow.run", 1.5)
+        if query == "after_start":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise TaskWorkerLost.lost("the task worker went down")
     else:
         await reply(send, 404, "not found")
 '''
@@ -325,6 +332,57 @@ def test_a_request_whose_task_worker_dies_gets_a_500_at_once(servers: ServerRunn
     live.wait_records("task_worker", 3)
     assert httpx.get(f"{url}/echo?after", timeout=20).json()["echo"] == "after"
     assert live.stop() == 0, live.stderr()
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_task_failure_before_the_response_is_answered_after_it_goes_to_uvicorn(
+        servers: ServerRunner, parser: str) -> None:
+    live = start(servers, f"worker_num=1, task_worker_num=1, bind='127.0.0.1:0', http={parser!r}")
+    url = live.base_url()
+    lost = httpx.get(f"{url}/failed_task?before_start", timeout=20)
+    assert (lost.status_code, lost.text) == (500, "500 Internal Server Error: TaskWorkerLost\n")
+    assert lost.headers["content-type"] == "text/plain; charset=utf-8"
+    timed_out = httpx.get(f"{url}/failed_task?timeout", timeout=20)
+    assert (timed_out.status_code, timed_out.text) == (504, "504 Gateway Timeout: TaskTimeout\n")
+    # Once the response began, no second one: uvicorn logs the error and closes the connection.
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{url}/failed_task?after_start", timeout=20)
+    assert httpx.get(f"{url}/pid", timeout=20).status_code == 200
+    assert live.stop() == 0, live.stderr()
+    errors = "".join(live.err_lines)
+    assert "GET /failed_task: TaskWorkerLost: TaskWorkerLost: the task worker went down" in errors
+    assert "GET /failed_task: TaskTimeout: task Slow.run gave no result within 1.5 s" in errors
+    assert "Exception in ASGI application" in errors
+
+
+def test_task_error_middleware_on_a_server_whose_send_cannot_tell() -> None:
+    """Any ASGI server (or a framework's send): the middleware watches send itself."""
+    import asyncio
+
+    from pyswtask import TaskWorkerLost
+    from pyswtask.http import TaskErrorMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/after":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise TaskWorkerLost.lost("gone")
+
+    async def call(path: str) -> list[Any]:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await TaskErrorMiddleware(app)({"type": "http", "path": path, "method": "GET"},
+                                       None, send)  # type: ignore[arg-type]
+        return sent
+
+    sent = asyncio.run(call("/before"))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 500
+    assert sent[1]["body"] == b"500 Internal Server Error: TaskWorkerLost\n"
+    with pytest.raises(TaskWorkerLost):
+        asyncio.run(call("/after"))
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])

@@ -60,12 +60,26 @@ class TaskErrorMiddleware:
     their own 500 first (Starlette, FastAPI) need it inside them:
     ``app.add_middleware(TaskErrorMiddleware)``."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp,
+                 response_started: Callable[[Send], bool] | None = None) -> None:
+        """``response_started``: for a server whose ``send`` can tell, after a failure, whether
+        the response began (the workers' uvicorn); then ``send`` goes to the app as it is,
+        without a wrapper per request. Without it, every ``send`` passes through one."""
         self.app = app
+        self.response_started = response_started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        response_started = self.response_started
+        if response_started is not None:
+            try:
+                await self.app(scope, receive, send)
+            except (TaskError, TaskTimeout) as exc:
+                if response_started(send):
+                    raise
+                await _answer_task_error(scope, send, exc)
             return
         started = False
 
@@ -80,12 +94,15 @@ class TaskErrorMiddleware:
         except (TaskError, TaskTimeout) as exc:
             if started:
                 raise
-            status, reason = (504, "Gateway Timeout") if isinstance(exc, TaskTimeout) \
-                else (500, "Internal Server Error")
-            log.error("%s %s: %s: %s", scope.get("method"), scope.get("path"),
-                      type(exc).__name__, exc)
-            body = f"{status} {reason}: {type(exc).__name__}\n".encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer_task_error(scope, send, exc)
+
+
+async def _answer_task_error(scope: Scope, send: Send, exc: TaskError | TaskTimeout) -> None:
+    status, reason = (504, "Gateway Timeout") if isinstance(exc, TaskTimeout) \
+        else (500, "Internal Server Error")
+    log.error("%s %s: %s: %s", scope.get("method"), scope.get("path"), type(exc).__name__, exc)
+    body = f"{status} {reason}: {type(exc).__name__}\n".encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

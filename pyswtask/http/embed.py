@@ -60,8 +60,15 @@ def make_config(app: ASGIApp, settings: dict[str, Any]) -> uvicorn.Config:
     except TypeError as exc:
         raise ValueError(f"setting http_options: {exc}") from None
     config.load()
-    config.loaded_app = TaskErrorMiddleware(config.loaded_app)
+    config.loaded_app = TaskErrorMiddleware(config.loaded_app, _response_started)
     return config
+
+
+def _response_started(send: Any) -> bool:
+    # uvicorn hands the app the bound send of its request's cycle (httptools and h11 alike),
+    # which knows whether the response began: no wrapper of send on every request. Anything
+    # else is taken as begun, and the failure goes on to uvicorn's own 500.
+    return bool(getattr(getattr(send, "__self__", None), "response_started", True))
 
 
 class _EmbeddedServer(uvicorn.Server):
