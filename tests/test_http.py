@@ -9,6 +9,7 @@ pids of the task workers.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -84,6 +85,15 @@ async def app(scope, receive, send):
             await send({"type": "websocket.send", "text": f"{echoed} from {os.getpid()}"})
     elif path == "/pid":
         await reply(send, 200, os.getpid())
+    elif path == "/stream":
+        # A head, then the body's parts turns and a pause later.
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await asyncio.sleep(float(query))
+        for part in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            await asyncio.sleep(0)
+        await send({"type": "http.response.body", "body": b""})
     elif path == "/blocking":
         try:
             Task.deliver("Demo", "echo", [1])
@@ -228,6 +238,110 @@ def test_websockets_and_tasks_on_either_event_loop(servers: ServerRunner, event_
             ws.send(text)
             assert ws.recv(timeout=20) == f"{text} from {pid}"
     assert live.stop() == 0, live.stderr()
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_streamed_head_leaves_before_its_body_and_the_body_is_whole(servers: ServerRunner,
+                                                                      parser: str) -> None:
+    # A response's writes are held until the end of their loop turn, never longer: the head of
+    # a response whose body comes 1.5 s later reaches the client long before it.
+    live = start(servers, f"worker_num=1, task_worker_num=1, bind='127.0.0.1:0', http={parser!r}")
+    port = live.port()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"GET /stream?1.5 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, head
+            head += chunk
+        head_after = time.monotonic() - t0
+        raw = head + _read_all(sock)
+        body_after = time.monotonic() - t0
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+    assert head_after < 1.0 <= 1.4 < body_after, (head_after, body_after)
+    assert b"transfer-encoding: chunked" in raw.lower()
+    assert raw.endswith(b"4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n"), raw
+    assert live.stop() == 0, live.stderr()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_turn_writer_holds_a_turns_writes_and_sends_them_at_its_end(event_loop: str) -> None:
+    from pyswtask.http.turnwrites import FLUSH_AT, TurnWriter, _Turn
+
+    if event_loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop comes with the [http] extra")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+
+    def received() -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = peer.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data + b"<EOF>"
+            data += chunk
+
+    async def scenario() -> None:
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        writer = TurnWriter(transport, _Turn(loop))   # type: ignore[arg-type]
+        # A head and a body in one turn: nothing leaves before the turn ends, then both, in order.
+        writer.write(b"head|")
+        time.sleep(0.05)       # the turn goes on, synchronously
+        writer.write(b"body|")
+        assert writer.get_write_buffer_size() == 10
+        time.sleep(0.05)
+        assert received() == b""
+        await asyncio.sleep(0.05)
+        assert received() == b"head|body|"
+        # A head alone leaves at the end of its turn, even though no body follows.
+        writer.write(b"head2|")
+        await asyncio.sleep(0.05)
+        assert received() == b"head2|"
+        # A large write goes at once, with what was held before it.
+        writer.write(b"small|")
+        writer.write(b"x" * FLUSH_AT)
+        time.sleep(0.05)
+        assert received() == b"small|" + b"x" * FLUSH_AT
+        # close sends what is held first; the peer then sees the end.
+        writer.write(b"last")
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert received() == b"last<EOF>"
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), 20))
+    finally:
+        loop.close()
+        peer.close()
+
+
+def test_turn_writer_abort_drops_what_is_held() -> None:
+    from pyswtask.http.turnwrites import TurnWriter, _Turn
+
+    loop = asyncio.new_event_loop()
+    ours, peer = socket.socketpair()
+
+    async def scenario() -> bytes:
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        writer = TurnWriter(transport, _Turn(loop))   # type: ignore[arg-type]
+        writer.write(b"never")
+        writer.abort()
+        await asyncio.sleep(0.05)
+        peer.settimeout(5)
+        return peer.recv(100)
+
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(scenario(), 20)) == b""
+    finally:
+        loop.close()
+        peer.close()
 
 
 def test_lifespan_runs_once_per_worker_and_the_access_log(servers: ServerRunner) -> None:

@@ -5,7 +5,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 
-from .includes.posix cimport MSG_DONTWAIT, recv
+from .includes.posix cimport MSG_DONTWAIT, iovec, mmsghdr, recv
 
 cdef enum:
     _EVENTS_MAX = 32
@@ -62,6 +62,10 @@ cdef class Channel:
 
 cdef class RecordReader:
     cdef char *scratch              # one record, as received
+    cdef char *records[2]           # recv_two's records: scratch, and a second buffer
+    cdef size_t record_len[2]
+    cdef iovec iov[2]
+    cdef mmsghdr msgs[2]
     cdef object on_protocol_error   # on_protocol_error(message)
     cdef str who                    # names this end in those messages
     cdef readonly uint64_t bad_records
@@ -74,6 +78,7 @@ cdef class RecordReader:
     cdef int _dropped(self, Channel ch, FrameHeader *h, int status) except -1
     cdef int _from_arena(self, Channel ch, FrameHeader *h, const char *ref) except -1
     cdef void release_arena(self) noexcept
+    cdef int recv_two(self, int fd) except -1
     cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
                                 uint8_t accepted) except -1
 

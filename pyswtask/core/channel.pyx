@@ -4,12 +4,12 @@
 
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 
 from .includes.epoll cimport (EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, epoll_ctl,
                               epoll_event)
-from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, send,
-                              setsockopt)
+from .includes.posix cimport (MSG_DONTWAIT, MSG_NOSIGNAL, SO_RCVTIMEO, SOL_SOCKET, recv, recvmmsg,
+                              send, setsockopt)
 from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
                                PyErr_CheckSignals)
 from posix.time cimport timeval
@@ -255,12 +255,22 @@ cdef class RecordReader:
     the rest of a record at the first bad frame (records are atomic, so no alignment is lost)."""
 
     def __cinit__(self, *args, **kwargs):
+        cdef int i
         self.scratch = <char *>malloc(_RECORD_MAX)
-        if self.scratch == NULL:
+        self.records[1] = <char *>malloc(_RECORD_MAX)
+        if self.scratch == NULL or self.records[1] == NULL:
             raise MemoryError()
+        self.records[0] = self.scratch
+        memset(self.msgs, 0, sizeof(self.msgs))
+        for i in range(2):
+            self.iov[i].iov_base = self.records[i]
+            self.iov[i].iov_len = _RECORD_MAX
+            self.msgs[i].msg_hdr.msg_iov = &self.iov[i]
+            self.msgs[i].msg_hdr.msg_iovlen = 1
 
     def __dealloc__(self):
         free(self.scratch)
+        free(self.records[1])
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:
         return 0
@@ -314,6 +324,27 @@ cdef class RecordReader:
         if self.arena_end:
             self.arena.consumed(self.arena_end)
             self.arena_end = 0
+
+    cdef int recv_two(self, int fd) except -1:
+        """Up to two records from fd in one recvmmsg, into records[0..1] (record_len):
+        how many (0: none waiting). One syscall reads a lone record and learns that none
+        follows, where recv would spend a second one finding the socket empty; a lone record
+        per wake-up is the usual case of a busy worker. An empty record ends the count (a
+        closed peer cannot happen while the master holds both ends)."""
+        cdef int got, i
+        while True:
+            got = recvmmsg(fd, self.msgs, 2, MSG_DONTWAIT, NULL)
+            if got >= 0:
+                break
+            if errno == EAGAIN:
+                return 0
+            if errno != EINTR:
+                raise OSError(errno, "recvmmsg from channel failed")
+        for i in range(got):
+            self.record_len[i] = self.msgs[i].msg_len
+            if self.record_len[i] == 0:
+                return i
+        return got
 
     cdef Py_ssize_t read_record(self, Channel ch, const char *record, size_t n,
                                 uint8_t accepted) except -1:

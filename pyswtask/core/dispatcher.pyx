@@ -959,18 +959,15 @@ cdef class Dispatcher(RecordReader):
         return n
 
     cdef int _read(self, Channel ch) except -1:
-        cdef ssize_t r
-        cdef int k
+        cdef int got, k, i
         self.read_bytes = 0
-        for k in range(_READ_BUDGET):
-            r = recv_record(ch.fd, self.scratch)
-            if r <= 0:
-                # -1: nothing waiting. 0: an empty record; a closed peer cannot happen while the
-                # master holds both ends.
-                return 0
-            self.read_record(ch, self.scratch, <size_t>r, _FRAME_RESULT)
-            if self.read_bytes >= _READ_BYTES:
-                # The rest waits for the next turn (epoll is level-triggered).
+        for k in range(_READ_BUDGET // 2):
+            got = self.recv_two(ch.fd)
+            for i in range(got):
+                self.read_record(ch, self.records[i], self.record_len[i], _FRAME_RESULT)
+            if got < 2 or self.read_bytes >= _READ_BYTES:
+                # Nothing more waiting, or the rest waits for the next turn (epoll is
+                # level-triggered).
                 return 0
         return 0
 

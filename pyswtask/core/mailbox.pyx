@@ -153,13 +153,13 @@ cdef class Mailbox(RecordReader):
 
     def receive(self):
         """The messages waiting now, as (src, message id, body) tuples; never blocks."""
-        cdef ssize_t r
-        cdef int k
+        cdef int got, k, i
         self.received = []
-        for k in range(_READ_BUDGET):
-            r = recv_record(self.inbox.fd, self.scratch)
-            if r <= 0:
+        for k in range(_READ_BUDGET // 2):
+            got = self.recv_two(self.inbox.fd)
+            for i in range(got):
+                self.read_record(self.inbox, self.records[i], self.record_len[i], _FRAME_PIPE)
+            if got < 2:
                 break
-            self.read_record(self.inbox, self.scratch, <size_t>r, _FRAME_PIPE)
         out, self.received = self.received, None
         return out

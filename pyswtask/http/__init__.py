@@ -5,7 +5,9 @@
 - ``asgi``: loading the ``app`` setting's app, and ``TaskErrorMiddleware``;
 - ``service``: ``HttpService``, what the master prepares and the children inherit;
 - ``embed``: uvicorn's ``Config`` and ``Server`` on a worker's loop (the only module importing
-  uvicorn, imported only when a server has an ``app``).
+  uvicorn, imported only when a server has an ``app``);
+- ``turnwrites``: one write per connection and loop turn under uvicorn's HTTP protocol (a
+  response's head and body in one segment).
 
 This package sits below the roles (the worker runs it) and above the shared parts; it must not
 import the roles, the master or the server, and must not import uvicorn at import time.

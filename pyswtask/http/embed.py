@@ -21,6 +21,7 @@ from typing import Any, Callable, Generator
 import uvicorn
 
 from .asgi import ASGIApp, TaskErrorMiddleware
+from .turnwrites import coalescing
 
 __all__ = ["StartupFailed", "make_config", "WorkerHttp"]
 
@@ -61,6 +62,7 @@ def make_config(app: ASGIApp, settings: dict[str, Any]) -> uvicorn.Config:
         raise ValueError(f"setting http_options: {exc}") from None
     config.load()
     config.loaded_app = TaskErrorMiddleware(config.loaded_app, _response_started)
+    config.http_protocol_class = coalescing(config.http_protocol_class)
     return config
 
 

@@ -1,5 +1,5 @@
 # The POSIX calls the core needs that Cython's own posix/*.pxd do not declare: sockets, poll(2),
-# strnlen. (close, read, write, usleep, clock_gettime and timeval come from posix.unistd and
+# strnlen, and Linux's recvmmsg. (close, read, write, usleep, clock_gettime and timeval come from posix.unistd and
 # posix.time, cimported where used.) On Linux EWOULDBLOCK is EAGAIN, so only EAGAIN is checked.
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -11,6 +11,25 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int setsockopt(int fd, int level, int name, const void *val, unsigned int n)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
