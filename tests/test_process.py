@@ -363,3 +363,42 @@ def test_stray_task_results_do_not_break_a_process_waiting_for_its_own(servers: 
         sys.exit(server.start())
     ''')
     assert srv.by_event("co")[0] == {"event": "co", "result": "real"}
+
+
+def test_a_burst_of_async_deliveries_leaves_promptly_while_the_process_sleeps(
+        servers: ServerRunner) -> None:
+    # A burst's deliveries are held to leave many to a record; what the burst leaves behind
+    # goes out once it pauses, with no further call from the process. A lone delivery after a
+    # pause goes at once.
+    srv = servers.start('''
+        from pyswtask import process
+        N = 500
+
+        @listener(Event.FINISH_TASK)
+        def finished(ev):
+            value = ev.params[1]
+            if value in (N - 1, "lone"):
+                emit(event="finished", value=value, at=time.monotonic())
+
+        @process(name="producer")
+        def producer(server, proc):
+            time.sleep(1.0)
+            for i in range(N):
+                Task.deliver_by_process("Demo", "echo", [i], worker_id=0)
+            emit(event="sent", what="burst", at=time.monotonic())
+            time.sleep(2.0)          # no pyswtask call
+            Task.deliver_by_process("Demo", "echo", ["lone"], worker_id=1)
+            emit(event="sent", what="lone", at=time.monotonic())
+            time.sleep(60)
+
+        server = Server(worker_num=2, task_worker_num=2)
+        sys.exit(server.start())
+    ''')
+    records = read_records(srv, lambda rs: sum(r["event"] == "finished" for r in rs) == 2,
+                           timeout=30)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    sent = {r["what"]: r["at"] for r in records if r["event"] == "sent"}
+    done = {r["value"]: r["at"] for r in records if r["event"] == "finished"}
+    assert done[499] - sent["burst"] < 1.0, (sent, done)
+    assert done["lone"] - sent["lone"] < 0.5, (sent, done)

@@ -51,7 +51,9 @@ class ClusterRunner:
 
     def run(self, task_id: str, queue: str, deliveries: int, body: bytes) -> Any:
         global _loop
-        name, method, params, _type, logid, spanid = unpack_envelope(body)
+        # A user process's envelope goes on to name its deadline and origin: fields of the node
+        # it was delivered on, which the cluster's own (ids, delivery count) stand in for here.
+        name, method, params, _type, logid, spanid = unpack_envelope(body)[:6]
         fn, on_loop = registry.resolve(name, method)
         token = _current.set(ClusterTask(task_id, queue, deliveries))
         trace = trace_ids.set((logid, spanid))

@@ -86,14 +86,17 @@ cdef class Mailbox(RecordReader):
             ch.flush()
         return True
 
-    def send_behind(self, int dst, bytes body, size_t high_water=1 << 20):
+    def send_behind(self, int dst, bytes body, size_t high_water=1 << 20, bint at_once=True):
         """Queues one message and sends what the inbox takes now, without waiting for the rest;
-        returns the bytes left queued for dst, which flush() sends later. Blocks only while
-        more than high_water bytes wait, so a sender cannot outrun its reader without bound."""
+        returns the bytes left queued for dst, which flush() sends later. at_once=False sends
+        only once a whole record is queued: the caller holds the message to go out with the
+        ones that follow it. Blocks only while more than high_water bytes wait, so a sender
+        cannot outrun its reader without bound."""
         cdef Channel ch = self._out(dst)
         cdef pollfd pfd
         self._put(ch, body)
-        ch.flush()
+        if at_once or ch.queued() >= _RECORD_MAX:
+            ch.flush()
         while ch.queued() > high_water:
             pfd.fd = ch.fd
             pfd.events = POLLOUT

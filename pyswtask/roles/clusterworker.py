@@ -92,13 +92,18 @@ class ClusterWorker(Worker):
         seq, waiting = self._send_co(queue, name, method, body, timeout)
         return _raise_or_return(self._wait_blocking({seq: waiting}, timeout)[0])
 
-    def _deliver_for(self, name: str, method: str, params: Any, relayed: relay.Relayed,
-                     deadline: float | None) -> Any:
+    def _deliver_for(self, name: str, method: str, envelope: bytes,
+                     relayed: relay.Relayed) -> Any:
         """A user process's (or the crontab's) delivery of a cluster task goes to the cluster
-        like this worker's own; the relay waits for its result as for a local one."""
-        if registry.queue_of(name) is None:
-            return super()._deliver_for(name, method, params, relayed, deadline)
-        return self.deliver(name, method, params, TYPE_ASYNC, 3.0, relayed, -1)
+        like this worker's own ASYNC ones, its envelope as the process packed it; the relay
+        waits for its result as for a local one."""
+        queue = registry.queue_of(name)
+        if queue is None:
+            return super()._deliver_for(name, method, envelope, relayed)
+        self._check_thread("Task.deliver")
+        _seq, waiting = self._send_task(queue, name, method, envelope, TYPE_ASYNC, 0.0)
+        waiting.callback = relayed
+        return waiting.task_id
 
     async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
                  dst_worker_id: int) -> Any:

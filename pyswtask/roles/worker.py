@@ -275,17 +275,15 @@ class Worker(ChildRole):
         """Delivers what a user process sent through this worker; the message still fires
         PIPE_MESSAGE for the application's listeners afterwards."""
         if mtype in (relay.PIPE_TASK, relay.PIPE_TASKS):
-            relay.handle_message(mtype, data, src, self._deliver_for, self.send_message)
+            relay.handle_message(mtype, data, src, self._deliver_for, self.send_message,
+                                 self.package_max_length)
         return False
 
-    def _deliver_for(self, name: str, method: str, params: Any, relayed: relay.Relayed,
-                     deadline: float | None) -> Any:
-        """ASYNC on a user process's (or the crontab's) behalf: the envelope names it as the
+    def _deliver_for(self, name: str, method: str, envelope: bytes,
+                     relayed: relay.Relayed) -> Any:
+        """ASYNC on a user process's (or the crontab's) behalf: its envelope names it as the
         origin, with its CO deadline, and FINISH_TASK gets its origin from ``relayed``."""
-        dispatcher = self.task_dispatcher("Task.deliver")
-        body = pack_task(name, method, params, TYPE_ASYNC if deadline is None else TYPE_CO,
-                         self.package_max_length, deadline, relayed.wire)
-        return dispatcher.submit(body, -1, relayed)
+        return self.task_dispatcher("Task.deliver").submit(envelope, -1, relayed)
 
     def _finish(self, task_id: int, result: Any, callback: FinishCallback | None) -> None:
         """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""

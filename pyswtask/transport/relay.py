@@ -1,10 +1,12 @@
 """The relay: tasks a user process delivers through a worker (Swoft's deliverByProcess).
 
 A user process has no channel to the task workers. It sends a pipe message of type ``"task"``
-(``[request id, name, method, params, wants reply, deadline, pid, origin role]``; the deadline
-is a CO delivery's, else nil) or ``"tasks"`` (many fire-and-forget calls, the crontab's:
+(``[request id, name, method, envelope, wants reply, pid, origin role]``: the task's envelope
+packed by the process itself, naming it as the origin, with a CO delivery's deadline) or
+``"tasks"`` (many fire-and-forget calls, the crontab's:
 ``[pid, origin role, [[name, method, params], ...]]``) to a worker; the worker delivers each
-call ASYNC on the process's behalf, naming the process as the task's origin, and, when asked,
+task ASYNC on the process's behalf (a "task" message's envelope as it came: the worker never
+unpacks and packs its params again), and, when asked,
 sends the outcome back as a ``"task.result"`` message
 (``[request id, ok, value or [type, message, traceback]]``). These messages never leave one
 server, whose processes all run the same code: their form has no version.
@@ -29,10 +31,9 @@ from ..envelope import (
     ORIGIN_USER_PROCESS,
     TYPE_ASYNC,
     TYPE_CO,
-    check_length,
     check_type,
     deadline_after,
-    params_error,
+    pack_task,
 )
 from ..errors import TaskError, TaskTimeout
 from .pipe import dispatch_messages, pack_raw
@@ -47,6 +48,12 @@ PIPE_TASK = "task"
 PIPE_TASKS = "tasks"        # many fire-and-forget tasks in one message (the crontab's)
 PIPE_TASK_RESULT = "task.result"
 
+# A fire-and-forget delivery this soon after the previous one is part of a burst: it is held to
+# leave with the ones after it. The flusher sends what a burst left once deliveries have paused
+# for LINGER.
+BURST_GAP = 0.0005
+LINGER = 0.0005
+
 Callback = Callable[[int, Any], Any]
 
 
@@ -54,16 +61,19 @@ class RelayClient:
     """The user-process side: request ids, waiting replies, backlog, and the write-behind of
     ASYNC deliveries.
 
-    An ASYNC delivery returns once its message is written or queued behind earlier ones: when a
-    worker's inbox is full, later deliveries pile up in this process's queue and leave together,
-    many per record, instead of one syscall and one wake-up each. A helper thread writes the
-    queue as the inbox drains, so nothing waits on this process's next call; a delivery that
-    expects an answer (CO, a callback) and send_message still wait until written, after
-    everything queued before them. At exit the queue is written out (within the timeout).
+    A fire-and-forget ASYNC delivery (no callback) returns once its message is written or
+    queued behind earlier ones. The first of a burst is written at once, as Swoole's are; those
+    that follow it within ``BURST_GAP`` are held and leave together, many per record, instead
+    of one syscall and one wake-up of the worker each: from the delivering call once a record
+    is full, else from a helper thread once the deliveries pause for ``LINGER`` (plus a GIL
+    switch interval, 5 ms, under CPU-bound Python code). The same thread writes the queue as a
+    full inbox drains, so nothing waits on this process's next call. A delivery that expects
+    an answer (CO, a callback) and send_message wait until written, after everything queued
+    before them. At exit the queue is written out (within the timeout).
     """
 
     __slots__ = ("mailbox", "worker_num", "load", "limit", "target", "ids", "callbacks",
-                 "backlog", "behind", "_left", "pid")
+                 "backlog", "behind", "_left", "pid", "_last", "_puts")
 
     def __init__(self, mailbox: Mailbox, worker_num: int = 0, load: memoryview | None = None,
                  limit: int = 0, target: Any = None) -> None:
@@ -78,7 +88,10 @@ class RelayClient:
         # Messages that arrived while a CO delivery waited; dispatched by the next read.
         self.backlog: list[tuple[str, Any, int]] = []
         self._left: list[int] = []
-        self.behind = WriteBehind("pyswtask-flusher", self._flush_some, self._wait_room)
+        self._last = 0.0                        # when the last ASYNC delivery was queued
+        self._puts = 0                          # ASYNC deliveries queued: the flusher's clock
+        self.behind = WriteBehind("pyswtask-flusher", self._flush_some, self._wait_room,
+                                  linger=LINGER, activity=lambda: self._puts)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -89,8 +102,12 @@ class RelayClient:
             self.mailbox.send(dst, body, timeout)
 
     def _send_behind(self, dst: int, body: bytes) -> None:
+        now = time.monotonic()
+        at_once = now - self._last >= BURST_GAP
+        self._last = now
         with self.behind.lock:
-            if self.mailbox.send_behind(dst, body):
+            self._puts += 1
+            if self.mailbox.send_behind(dst, body, at_once=at_once):
                 self.behind.wake()
 
     def _flush_some(self) -> bool:
@@ -130,13 +147,11 @@ class RelayClient:
             raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
         wants_reply = type == TYPE_CO or callback is not None
         req_id = next(self.ids)
-        try:
-            body = pack_raw(PIPE_TASK, (req_id, name, method, params, wants_reply,
-                                        deadline_after(timeout) if type == TYPE_CO else None,
-                                        self.pid, ORIGIN_USER_PROCESS))
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise params_error(name, method, params, exc) from None
-        check_length(f"params of {name}.{method} pack", len(body), self.limit)
+        envelope = pack_task(name, method, params, type, self.limit,
+                             deadline_after(timeout) if type == TYPE_CO else None,
+                             (self.pid, ORIGIN_USER_PROCESS))
+        body = pack_raw(PIPE_TASK, (req_id, name, method, envelope, wants_reply, self.pid,
+                                    ORIGIN_USER_PROCESS))
         if not wants_reply:
             self._send_behind(worker_id, body)
             return req_id
@@ -226,50 +241,71 @@ class Relayed:
             self.reply(task_id, result)
 
 
-# deliver(name, method, params, relayed, deadline): ASYNC on the process's behalf.
-Deliver = Callable[[str, str, Any, Relayed, "float | None"], Any]
+# The Relayed of fire-and-forget deliveries, one per (pid, role): a burst of them from one
+# process shares it. Bounded, as pids come and go with respawns.
+_silent: dict[tuple[int, int], Relayed] = {}
+_SILENT_MAX = 256
+
+
+def _silent_relayed(pid: int, role: int) -> Relayed:
+    relayed = _silent.get((pid, role))
+    if relayed is None:
+        if len(_silent) >= _SILENT_MAX:
+            _silent.clear()
+        relayed = _silent[(pid, role)] = Relayed(pid, role)
+    return relayed
+
+
+# deliver(name, method, envelope, relayed): the packed task, ASYNC on the process's behalf.
+Deliver = Callable[[str, str, bytes, Relayed], Any]
 Send = Callable[[Any, int, str], None]
 
 
-def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send) -> None:
+def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send,
+                   limit: int = 0) -> None:
     """In a worker: delivers the task(s) of a "task" / "tasks" message from process ``src``
-    with ``deliver(name, method, params, relayed, deadline)`` (ASYNC), and sends outcomes back
-    with ``send(data, dst, type)`` when the process asked for them. Other types are not its."""
+    with ``deliver(name, method, envelope, relayed)`` (ASYNC), and sends outcomes back with
+    ``send(data, dst, type)`` when the process asked for them. ``limit``: the server's
+    package_max_length, for the envelopes of a "tasks" message, packed here. Other types are
+    not its."""
     if mtype == PIPE_TASKS:
-        _deliver_many(data, src, deliver)
+        _deliver_many(data, src, deliver, limit)
         return
     if mtype != PIPE_TASK:
         return
     try:
-        req_id, name, method, params, reply, deadline, pid, role = data
-        if (deadline is not None and type(deadline) is not float or type(pid) is not int
-                or type(role) is not int):
+        req_id, name, method, envelope, reply, pid, role = data
+        if (type(envelope) is not bytes or type(pid) is not int or type(role) is not int
+                or type(name) is not str or type(method) is not str):
             raise ValueError
     except (TypeError, ValueError):
         log.error("malformed task message from process %d dropped: %s", src, brief_repr(data))
         return
-    answer = None
     if reply:
         def answer(task_id: int, result: Any) -> None:
             _reply(send, src, req_id, result)
+        relayed = Relayed(pid, role, answer)
+    else:
+        relayed = _silent_relayed(pid, role)
     try:
-        deliver(name, method, params, Relayed(pid, role, answer), deadline)
+        deliver(name, method, envelope, relayed)
     except Exception as exc:
         log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
         if reply:
             _reply(send, src, req_id, TaskError(type(exc).__name__, str(exc)))
 
 
-def _deliver_many(data: Any, src: int, deliver: Deliver) -> None:
+def _deliver_many(data: Any, src: int, deliver: Deliver, limit: int) -> None:
     if not (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
             and type(data[1]) is int and isinstance(data[2], list)):
         log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(data))
         return
-    relayed = Relayed(data[0], data[1])
+    relayed = _silent_relayed(data[0], data[1])
     for call in data[2]:
         try:
             name, method, params = call
-            deliver(name, method, params, relayed, None)
+            deliver(name, method, pack_task(name, method, params, TYPE_ASYNC, limit, None,
+                                            relayed.wire), relayed)
         except Exception as exc:
             log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
 
