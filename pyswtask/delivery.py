@@ -112,7 +112,9 @@ class Task:
 
         A pipe message of type "task" goes to worker ``worker_id`` (-1: the one with the fewest
         tasks waiting for a result), which delivers it ASYNC on the process's behalf. Blocks until
-        the message is written (TimeoutError after ``timeout``). ASYNC returns a request id;
+        the message is written (TimeoutError after ``timeout``), except a fire-and-forget ASYNC
+        one (no callback), which may be queued to leave with the rest of its burst within a
+        millisecond or so (see the README). ASYNC returns a request id;
         ``callback(request_id, result)`` then runs when the process reads its messages
         (``process.read_messages()`` / ``process.sleep()``, or by itself in an async process).
         CO waits for the result and returns it, or raises TaskTimeout / TaskError.
