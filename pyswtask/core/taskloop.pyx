@@ -25,6 +25,17 @@ cdef uint64_t _NO_OPEN = <uint64_t>-1
 cdef uint64_t _GAVE_UP = <uint64_t>-2
 
 
+cdef int _add_readable(int epfd, int fd, uint32_t tag, str what) except -1:
+    # The loop tells its own descriptors from the channels' by the tag in data.u32.
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = 0
+    ev.data.u32 = tag
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        raise OSError(errno, "epoll_ctl failed on " + what)
+    return 0
+
+
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
     cdef FrameHeader h
     return check_header(text, n, &h) == NULL and is_later_part(&h)
@@ -87,7 +98,6 @@ cdef class TaskLoop(RecordReader):
                  TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0,
                  arenas=None):
         cdef Channel ch
-        cdef epoll_event ev
         self.worker_id = worker_id
         self.who = f"task worker {worker_id}"
         self.index = index
@@ -112,16 +122,10 @@ cdef class TaskLoop(RecordReader):
                 ch.tx_arena = arenas[i][1]
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.u32 = _STOP_TAG
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0:
-            raise OSError(errno, "epoll_ctl failed on the stop descriptor")
+        _add_readable(self.epfd, stop_fd, _STOP_TAG, "the stop descriptor")
         self.on_inbox = on_inbox
         if inbox_fd >= 0:
-            ev.data.u32 = _INBOX_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the inbox")
+            _add_readable(self.epfd, inbox_fd, _INBOX_TAG, "the inbox")
         self.max_tasks = self.limit = max_tasks
         if state is not None:
             state.check(index, len(self.channels))
@@ -138,9 +142,7 @@ cdef class TaskLoop(RecordReader):
             # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
             reader.watch_loop(self.epfd)
         elif reader is not None:
-            ev.data.u32 = _QUEUE_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, queue_fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the queue's wake descriptor")
+            _add_readable(self.epfd, queue_fd, _QUEUE_TAG, "the queue's wake descriptor")
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -607,15 +609,10 @@ cdef class TaskLoop(RecordReader):
         (seconds from then; < 0: none) has come, and when tick_due was set. max_pending
         (task_max_concurrency): at that many deferred tasks the channels are not read until one
         finishes, and this task worker counts as busy."""
-        cdef epoll_event ev
         if self.on_tick is not None:
             raise RuntimeError("the task loop already has a ticker")
         if fd >= 0:
-            ev.events = EPOLLIN
-            ev.data.u64 = 0
-            ev.data.u32 = _TICK_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the ticker's descriptor")
+            _add_readable(self.epfd, fd, _TICK_TAG, "the ticker's descriptor")
         self.tick_fd = fd
         self.on_tick = on_tick
         self.pending_max = max_pending
@@ -649,11 +646,7 @@ cdef class TaskLoop(RecordReader):
             self.watch_due = 0.0
             return
         if fd >= 0:
-            ev.events = EPOLLIN
-            ev.data.u64 = 0
-            ev.data.u32 = _WATCH_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on a watched descriptor")
+            _add_readable(self.epfd, fd, _WATCH_TAG, "a watched descriptor")
             self.watch_fd = fd
 
     def watch_after(self, double seconds):
