@@ -235,10 +235,6 @@ class StatsSegment:
 
     # -- the children -----------------------------------------------------------------------
 
-    def sent_row(self, worker: int) -> memoryview:
-        """A worker's deliveries per task worker, for its dispatcher to count into."""
-        return self.worker_row(worker, "sent")
-
     def worker_row(self, worker: int, table: str) -> memoryview:
         """A worker's row of a per-task-worker table (``sent``, ``lost``, ``timed_out``), for
         its dispatcher to count into."""

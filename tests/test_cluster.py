@@ -382,6 +382,47 @@ def test_stopping_node_runs_what_it_took_and_deletes_its_consumers(
     assert not r.exists("pyswtask:node:B")
 
 
+WHERE = '''
+    @task(queue="reports")
+    class Where:
+        def context(self):
+            c = Task.current()
+            return [c.id, c.name, c.method, c.type, c.origin_role, c.attempt, c.worker_id,
+                    c.task_worker_id, current_task().deliveries]
+'''
+
+
+def test_a_cluster_task_is_current_and_counted_as_a_task_of_its_task_worker(
+        servers: ServerRunner, redis_server: RedisServer) -> None:
+    from pyswtask import stats
+
+    url = redis_server.url
+    b = start_node(servers, url, "B", WHERE)
+    wait_alive(url, "B")
+    program = servers.run(program_script(textwrap.dedent(WHERE) + textwrap.dedent('''
+        Task.configure(cluster=URL)
+        for _ in range(2):
+            emit(event="context", value=Task.deliver("Where", "context", [], timeout=20))
+        try:
+            Task.deliver("Reports", "fail", ["counted"], timeout=20)
+        except TaskError as exc:
+            emit(event="failed", remote=exc.remote_type)
+    ''')), name="program.py", args=["P", url], timeout=60)
+    contexts = [x["value"] for x in program.by_event("context")]
+    assert len(contexts) == 2, program.err
+    for c in contexts:
+        # Task.current() sees the cluster's runner, as for a separate program's task.
+        assert c[:7] == [0, "pyswtask.cluster", "run", "async", "program", 1, None]
+        assert c[7] in (2, 3) and c[8] == 1
+    assert [x["remote"] for x in program.by_event("failed")] == ["ValueError"]
+    # Counted in B's stats segment as the channels' tasks are, before each result went back.
+    snap = stats.read(pid=b.pid)
+    assert snap["tasks"]["run"] == 3 and snap["tasks"]["failed"] == 1
+    run = snap["task_methods"]["pyswtask.cluster.run"]
+    assert (run["ok"], run["failed"]) == (2, 1) and run["buckets"][-1] == 3
+    assert sum(tw["run"] for tw in snap["task_workers"]) == 3
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 def test_redis_unreachable_at_start_fails_the_start_naming_the_url(

@@ -66,12 +66,12 @@ cdef class TaskLoop(RecordReader):
     cdef bint paused
     cdef bint recycling             # reading nothing more from the channels: a successor will
     # The task running now, for Task.current(): its envelope (None between tasks), header, and
-    # channel (-1: the queue).
+    # channel (-1: the queue, or none: a task the role took itself, whose source is -1).
     cdef object cur_envelope
     cdef uint64_t cur_id
-    cdef uint16_t cur_src
+    cdef int cur_src
     cdef uint8_t cur_flags
-    cdef uint8_t cur_resent
+    cdef uint32_t cur_attempt
     cdef int cur_peer
     cdef uint64_t cur_fpos          # its frame's hold position (from the queue)
     # Deferred tasks from the queue: frame hold position -> (its record's position, flags,
@@ -88,6 +88,8 @@ cdef class TaskLoop(RecordReader):
     cdef int _release_queue(self) except -1
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept
     cdef int _run_task(self, Channel ch, FrameHeader *h, const char *p, size_t n) except -1
+    cdef object _execute(self, object envelope, object key, uint64_t task_id, int src,
+                         uint8_t flags, uint32_t attempt, int peer, double *seconds)
     cdef int _count(self, object key, bint ok, double seconds) except -1
     cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
                     object value, object envelope) except -1

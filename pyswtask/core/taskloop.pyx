@@ -25,6 +25,17 @@ cdef uint64_t _NO_OPEN = <uint64_t>-1
 cdef uint64_t _GAVE_UP = <uint64_t>-2
 
 
+cdef int _add_readable(int epfd, int fd, uint32_t tag, str what) except -1:
+    # The loop tells its own descriptors from the channels' by the tag in data.u32.
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = 0
+    ev.data.u32 = tag
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        raise OSError(errno, "epoll_ctl failed on " + what)
+    return 0
+
+
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
     cdef FrameHeader h
     return check_header(text, n, &h) == NULL and is_later_part(&h)
@@ -87,7 +98,6 @@ cdef class TaskLoop(RecordReader):
                  TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0,
                  arenas=None):
         cdef Channel ch
-        cdef epoll_event ev
         self.worker_id = worker_id
         self.who = f"task worker {worker_id}"
         self.index = index
@@ -112,16 +122,10 @@ cdef class TaskLoop(RecordReader):
                 ch.tx_arena = arenas[i][1]
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.u32 = _STOP_TAG
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0:
-            raise OSError(errno, "epoll_ctl failed on the stop descriptor")
+        _add_readable(self.epfd, stop_fd, _STOP_TAG, "the stop descriptor")
         self.on_inbox = on_inbox
         if inbox_fd >= 0:
-            ev.data.u32 = _INBOX_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, inbox_fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the inbox")
+            _add_readable(self.epfd, inbox_fd, _INBOX_TAG, "the inbox")
         self.max_tasks = self.limit = max_tasks
         if state is not None:
             state.check(index, len(self.channels))
@@ -138,9 +142,7 @@ cdef class TaskLoop(RecordReader):
             # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
             reader.watch_loop(self.epfd)
         elif reader is not None:
-            ev.data.u32 = _QUEUE_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, queue_fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the queue's wake descriptor")
+            _add_readable(self.epfd, queue_fd, _QUEUE_TAG, "the queue's wake descriptor")
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -486,20 +488,8 @@ cdef class TaskLoop(RecordReader):
                 self.reader.mark_running(fpos, True)
                 self.reader.running(fpos)
                 self.cur_fpos = fpos
-            self.cur_envelope = envelope
-            self.cur_id = task_id
-            self.cur_src = src
-            self.cur_flags = h.flags
-            self.cur_resent = h.resent
-            self.cur_peer = -1 if ch is self.qchan else ch.peer
-            started = monotonic()
-            # execute gets the call's six fields; the extra ones are Task.current()'s.
-            ok, value = self.execute(envelope if PyTuple_GET_SIZE(envelope) == 6
-                                     else PyTuple_GetSlice(envelope, 0, 6), task_id, src)
-            self.cur_envelope = None
-            started = monotonic() - started
-            if self.stat_counts != NULL:
-                self._count(key, ok, started)
+            ok, value = self._execute(envelope, key, task_id, src, h.flags, 1 + h.resent,
+                                      -1 if ch is self.qchan else ch.peer, &started)
             if ch is self.qchan:
                 if value is _DEFERRED:
                     self.qdeferred[fpos] = (self.qpos, h.flags & ~_FLAG_HELD_RUNNING, src)
@@ -521,6 +511,31 @@ cdef class TaskLoop(RecordReader):
                 self._pause(True)
             return 0
         return self._reply(ch, task_id, h.flags, src, ok, value, envelope)
+
+    cdef object _execute(self, object envelope, object key, uint64_t task_id, int src,
+                         uint8_t flags, uint32_t attempt, int peer, double *seconds):
+        # The one way a task runs, from a channel or taken by the role itself: Task.current()
+        # answers from the cur_ fields while it runs, and its run time is counted under key.
+        cdef bint ok
+        cdef double started
+        self.cur_envelope = envelope
+        self.cur_id = task_id
+        self.cur_src = src
+        self.cur_flags = flags
+        self.cur_attempt = attempt
+        self.cur_peer = peer
+        started = monotonic()
+        try:
+            # execute gets the call's six fields; the extra ones are Task.current()'s.
+            res = self.execute(envelope if PyTuple_GET_SIZE(envelope) == 6
+                               else PyTuple_GetSlice(envelope, 0, 6), task_id, src)
+        finally:
+            self.cur_envelope = None
+        seconds[0] = monotonic() - started
+        ok, _ = res
+        if self.stat_counts != NULL:
+            self._count(key, ok, seconds[0])
+        return res
 
     cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
                     object value, object envelope) except -1:
@@ -607,15 +622,10 @@ cdef class TaskLoop(RecordReader):
         (seconds from then; < 0: none) has come, and when tick_due was set. max_pending
         (task_max_concurrency): at that many deferred tasks the channels are not read until one
         finishes, and this task worker counts as busy."""
-        cdef epoll_event ev
         if self.on_tick is not None:
             raise RuntimeError("the task loop already has a ticker")
         if fd >= 0:
-            ev.events = EPOLLIN
-            ev.data.u64 = 0
-            ev.data.u32 = _TICK_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the ticker's descriptor")
+            _add_readable(self.epfd, fd, _TICK_TAG, "the ticker's descriptor")
         self.tick_fd = fd
         self.on_tick = on_tick
         self.pending_max = max_pending
@@ -649,11 +659,7 @@ cdef class TaskLoop(RecordReader):
             self.watch_due = 0.0
             return
         if fd >= 0:
-            ev.events = EPOLLIN
-            ev.data.u64 = 0
-            ev.data.u32 = _WATCH_TAG
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on a watched descriptor")
+            _add_readable(self.epfd, fd, _WATCH_TAG, "a watched descriptor")
             self.watch_fd = fd
 
     def watch_after(self, double seconds):
@@ -669,12 +675,19 @@ cdef class TaskLoop(RecordReader):
             self.watch_due = monotonic() + due if due >= 0 else 0.0
         return 0
 
-    def count(self, str name, str method, bint ok, double seconds):
-        """Counts a task the role ran itself (not read from a channel) as if it had."""
+    def run_own(self, tuple envelope, uint32_t attempt):
+        """Runs a task the role took itself (not read from a channel: a cluster task) as a
+        channel's task runs, and counts it so; returns execute's (ok, value). While it runs,
+        current() gives it as one from a separate program: task id 0, source -1, channel -1,
+        attempt as given."""
+        cdef double seconds
+        self.cur_fpos = 0
+        res = self._execute(envelope, (envelope[0], envelope[1]), 0, -1, _FLAG_COMMAND, attempt,
+                            -1, &seconds)
         self.tasks_done += 1
         if self.stat_counts != NULL:
-            self._count((name, method), ok, seconds)
             self.stat_counts[0] += 1
+        return res
 
     def finish(self, int peer, uint64_t task_id, bint ok, value, envelope=None,
                uint64_t at=0):
@@ -726,10 +739,10 @@ cdef class TaskLoop(RecordReader):
     def current(self):
         """(envelope, task id, source worker, from a separate program, attempt, channel) of the
         task running now (the attempt is 1 + the times it was sent again; channel -1: the
-        queue), with, for a task from the queue, its hold position (finish's at; else 0); None
-        between tasks."""
+        queue, or none: run_own's), with, for a task from the queue, its hold position
+        (finish's at; else 0); None between tasks."""
         if self.cur_envelope is None:
             return None
         return (self.cur_envelope, self.cur_id, self.cur_src,
-                (self.cur_flags & _FLAG_COMMAND) != 0, 1 + self.cur_resent, self.cur_peer,
+                (self.cur_flags & _FLAG_COMMAND) != 0, self.cur_attempt, self.cur_peer,
                 self.cur_fpos if self.cur_peer == -1 else 0)

@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 from .._core import Dispatcher, Mailbox, QueueReader, TaskLoop
@@ -84,18 +83,11 @@ class TaskWorker(ChildRole):
             self.consumer.attach(self.task_loop.watch, self.task_loop.watch_after)
 
     def _run_cluster_task(self, entry: TaskEntry) -> tuple[bool, Any]:
-        """Runs a cluster task this task worker took from Redis (its consumer), as the
-        executor runs any task, counted as one the channels brought."""
+        """Runs a cluster task this task worker took from Redis (its consumer) the way the
+        task loop runs the channels' tasks: same executor, Task.current(), counters."""
         envelope = (CLUSTER_TASK, "run", [entry.id, entry.queue, entry.deliveries, entry.body],
                     TYPE_ASYNC, "", 0)
-        token = running_task.set((envelope, 0, -1, True, entry.deliveries, -1, 0))
-        started = time.monotonic()
-        try:
-            ok, value = self.executor.execute(envelope, 0, -1)
-        finally:
-            running_task.reset(token)
-        self.task_loop.count(CLUSTER_TASK, "run", ok, time.monotonic() - started)
-        return ok, value
+        return self.task_loop.run_own(envelope, entry.deliveries)
 
     def _slices(self) -> Slices:
         """This task worker's asyncio loop, made and attached to the task loop on first use."""

@@ -77,7 +77,7 @@ class Worker(ChildRole):
             self.dispatcher = dispatcher
             if self.server.stats_segment is not None:
                 seg = self.server.stats_segment
-                dispatcher.count_into(seg.sent_row(self.index),
+                dispatcher.count_into(seg.worker_row(self.index, "sent"),
                                       seg.worker_row(self.index, "lost"),
                                       seg.worker_row(self.index, "timed_out"))
         self.writers: set[int] = set()      # inboxes this worker waits to finish writing to
