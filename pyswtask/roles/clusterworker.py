@@ -83,9 +83,7 @@ class ClusterWorker(Worker):
         body = pack_task(name, method, params, type, self.package_max_length)
         check_type(type)
         if type == TYPE_ASYNC:
-            _seq, waiting = self._send_task(queue, name, method, body, TYPE_ASYNC, 0.0)
-            waiting.callback = callback
-            return waiting.task_id
+            return self._send_async(queue, name, method, body, callback)
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
         timeout = check_timeout(timeout)
         self._refuse_if_down()
@@ -101,9 +99,7 @@ class ClusterWorker(Worker):
         if queue is None:
             return super()._deliver_for(name, method, envelope, relayed)
         self._check_thread("Task.deliver")
-        _seq, waiting = self._send_task(queue, name, method, envelope, TYPE_ASYNC, 0.0)
-        waiting.callback = relayed
-        return waiting.task_id
+        return self._send_async(queue, name, method, envelope, relayed)
 
     async def co(self, name: str, method: str, params: Sequence[Any], timeout: float,
                  dst_worker_id: int) -> Any:
@@ -238,6 +234,13 @@ class ClusterWorker(Worker):
                                           deadline])
         self._send(self.checked_mailbox("Task.deliver"), self.bridge, message, 0.0)
         return seq, waiting
+
+    def _send_async(self, queue: str, name: str, method: str, body: bytes,
+                    callback: FinishCallback | None) -> int:
+        """Sends an ASYNC cluster task whose finish goes to callback; returns its id."""
+        _seq, waiting = self._send_task(queue, name, method, body, TYPE_ASYNC, 0.0)
+        waiting.callback = callback
+        return waiting.task_id
 
     def _send_co(self, queue: str, name: str, method: str, body: bytes,
                  timeout: float) -> tuple[int, _Waiting]:
