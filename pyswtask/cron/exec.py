@@ -39,9 +39,10 @@ log = logging.getLogger("pyswtask.cron")
 EXEC_PROCESS = "cronExec"
 
 # A run is delivered this long before its second and waits in its task worker for the second
-# itself (runner.run): the hops exec -> worker -> task worker take about a millisecond, which
-# would otherwise be added to every run's start.
-LEAD = 0.002
+# itself (runner.run): the hops exec -> worker -> task worker take about a millisecond on an
+# idle machine and a few when the cores are busy, which would otherwise be added to every run's
+# start.
+LEAD = 0.004
 
 
 class CronExec:
