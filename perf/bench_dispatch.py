@@ -33,6 +33,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _peers  # noqa: E402
 
+from pyswtask.settings import DEFAULTS  # noqa: E402
+
 SERVER = textwrap.dedent('''
     import json, os, sys, time
     from pyswtask import Server, Task, task
@@ -254,7 +256,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10x smaller runs")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (median kept)")
-    parser.add_argument("--spin", type=float, default=0.00003, help="task_wait_spin for CO")
+    parser.add_argument("--spin", type=float, default=DEFAULTS["task_wait_spin"],
+                        help="task_wait_spin for CO (default: the server's)")
     args = parser.parse_args()
     rounds = [one_round(args.quick, args.spin) for _ in range(args.runs)]
     medians: dict[tuple[str, str], dict[str, Any]] = {}

@@ -31,8 +31,9 @@ DESCRIPTIONS = {
                         "swoole_tmpfs is the same with `task_tmpdir` on a tmpfs (/dev/shm). Pool / "
                         "executor: `apply_async` / `submit` with a completion callback.",
     "co_roundtrip": "Sequential CO calls from worker 0 to a task worker that echoes; p50 of the round "
-                    "trip. pyswtask: blocking `Task.deliver` (unpinned, task_wait_spin 30 us). Swoole: "
-                    "blocking `taskwait()` and `taskCo()` in a coroutine. Floor: a raw SOCK_SEQPACKET "
+                    "trip. pyswtask: blocking `Task.deliver` (unpinned, task_wait_spin at its "
+                    "default). Swoole: blocking `taskwait()` and `taskCo()` in a coroutine. Floor: a "
+                    "raw SOCK_SEQPACKET "
                     "ping-pong of the same bytes between two processes.",
     "batch_co_100": "100 tasks delivered and waited on together, repeated, from worker 0; tasks/s. "
                     "pyswtask: `Task.deliver_batch`. Swoole: `taskWaitMulti()` (blocking) and "

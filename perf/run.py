@@ -76,6 +76,8 @@ import bench_process  # noqa: E402
 import bench_queue  # noqa: E402
 import bench_table  # noqa: E402
 
+from pyswtask.settings import DEFAULTS  # noqa: E402
+
 # Runs go here unless --out names a file: trying the suite must not replace the committed run.
 LOCAL_DIR = os.path.join(HERE, "results", "local")
 TASK_BYTES = 103          # the packed task of every workload that does not name a size
@@ -370,7 +372,8 @@ def main() -> None:
     parser.add_argument("--brokers", action="store_true",
                         help="also Celery, Dramatiq, Huey and arq on a local Redis (queue, http and "
                         "cluster workloads), installing what they need when missing")
-    parser.add_argument("--spin", type=float, default=0.00003, help="pyswtask's task_wait_spin for CO")
+    parser.add_argument("--spin", type=float, default=DEFAULTS["task_wait_spin"],
+                        help="pyswtask's task_wait_spin for CO (default: the server's)")
     parser.add_argument("--out", metavar="PATH",
                         help="where the JSON lines go (default: a new perf/results/local/run-*.jsonl, "
                              "ignored by git; --out perf/results/latest.jsonl replaces the committed run)")

@@ -68,20 +68,23 @@ class Task:
 
     @staticmethod
     def configure(message_queue_key: int | str | None = None, *,
-                  exit_timeout: float = 3.0, cluster: str | None = None) -> None:
+                  exit_timeout: float = 3.0, cluster: str | None = None,
+                  wait_spin: float = command.WAIT_SPIN) -> None:
         """For a program outside the server (a script, a cron(8) job): deliver through the
         server's message queue on that key (default: the PYSWTASK_QUEUE_KEY environment
         variable). ``Task.deliver`` then works there too: ASYNC returns a task id at once (the
         task is written behind, at the latest when the program exits, waiting up to
-        ``exit_timeout`` for room); CO waits for the result. No server on the key raises
-        ServerNotRunning at the first delivery.
+        ``exit_timeout`` for room); CO waits for the result, polling for it ``wait_spin``
+        seconds before sleeping while round trips average under twice that (the server's
+        ``task_wait_spin``; 0 turns it off). No server on the key raises ServerNotRunning at the
+        first delivery.
 
         ``cluster="redis://..."``: cluster tasks (``@task(queue=...)``, declared in a module
         this program imports) go to their queue's stream in that Redis, no local server
         needed; ASYNC is written behind the same way, CO waits for the result. Redis not
         answering raises ClusterUnavailable."""
         cluster_client.configure(cluster, exit_timeout)      # first: it checks the URL
-        command.configure(message_queue_key, exit_timeout)
+        command.configure(message_queue_key, exit_timeout, wait_spin)
 
     @staticmethod
     def flush(timeout: float = 3.0) -> bool:

@@ -220,9 +220,10 @@ def _positive_seconds(name: str, value: Any) -> Any:
 SETTINGS: tuple[Setting, ...] = (
     Setting("max_wait_time", 3.0, _non_negative_number,
             "seconds in-flight tasks get to finish when the server stops"),
-    # A result that comes within the spin saves waking a sleeping process (about 8 us of a
-    # 23 us round trip across CPUs here).
-    Setting("task_wait_spin", 0.00003, _non_negative_number,
+    # A result that comes within the spin saves waking a sleeping process: about 8 us of a 23 us
+    # round trip across CPUs on one machine, two thirds of a 100 us one on a VM whose wake-ups
+    # across CPUs cost some 40 us each. The adaptive rule bounds what it can waste.
+    Setting("task_wait_spin", 0.0002, _non_negative_number,
             "seconds a CO caller polls for its result before sleeping (adaptive: skipped while "
             "round trips average more than twice this; 0 turns it off)"),
     # Not checked: opening it at start fails on a path that cannot be written.

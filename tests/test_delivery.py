@@ -111,6 +111,30 @@ def test_co_timeout_raises_and_the_late_result_is_dropped(servers: ServerRunner)
     assert srv.by_event("next")[0]["result"] == "mine"
 
 
+def test_a_co_caller_polls_only_briefly_for_a_slow_result(servers: ServerRunner) -> None:
+    """task_wait_spin is bounded: a worker blocked half a second on a slow task, after fast
+    round trips (so it polls first), spends little of it on the CPU."""
+    srv = servers.run('''
+        def start(server, wid):
+            if wid != 0:
+                return
+            fast = [Task.deliver("Demo", "echo", [i]) for i in range(20)]
+            cpu, wall = time.process_time(), time.monotonic()
+            slow = Task.deliver("Demo", "sleep", [0.5, "slept"], timeout=5)
+            emit(event="slow", fast=fast, slow=slow, cpu=time.process_time() - cpu,
+                 wall=time.monotonic() - wall)
+            server.shutdown()
+
+        server = Server(worker_num=1, task_worker_num=1, task_wait_spin=float(sys.argv[1]))
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''', args=["0.05"])
+    r = srv.by_event("slow")[0]
+    assert r["fast"] == list(range(20)) and r["slow"] == "slept" and r["wall"] >= 0.45
+    # Polling the whole half second would cost about 0.5 s of CPU.
+    assert r["cpu"] < 0.25, r
+
+
 def test_asyncio_co_does_not_block_the_worker_loop(servers: ServerRunner) -> None:
     srv = servers.run('''
         ticks = []

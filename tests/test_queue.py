@@ -146,6 +146,37 @@ def test_a_command_delivers_async_and_co_through_the_queue(servers: ServerRunner
         sysv_ipc.SharedMemory(key)
 
 
+def test_a_co_caller_polls_only_briefly_for_a_slow_result(servers: ServerRunner) -> None:
+    """Task.configure(wait_spin=...): the poll before sleeping is bounded, so a program waiting
+    half a second for a slow task spends little of it on the CPU; 0 turns it off; a bad value
+    is refused by name."""
+    key = new_key()
+    srv = start_server(servers, key, 1)
+    out = command(f'''
+        for spin in (0.0002, 0.05, 0):
+            Task.configure(message_queue_key={key}, wait_spin=spin)
+            fast = [Task.deliver("Demo", "echo", [i]) for i in range(20)]
+            cpu, wall = time.process_time(), time.monotonic()
+            slow = Task.deliver("Demo", "sleep", [0.5, "slept"], timeout=5)
+            emit(event="slow", spin=spin, fast=fast, slow=slow,
+                 cpu=time.process_time() - cpu, wall=time.monotonic() - wall)
+        try:
+            Task.configure(message_queue_key={key}, wait_spin=-1)
+        except ValueError as e:
+            emit(event="bad", text=str(e))
+    ''', None)
+    slow = [r for r in out if r["event"] == "slow"]
+    assert [r["spin"] for r in slow] == [0.0002, 0.05, 0]
+    for r in slow:
+        assert r["fast"] == list(range(20)) and r["slow"] == "slept"
+        assert r["wall"] >= 0.45
+        # Polling the whole half second would cost about 0.5 s of CPU.
+        assert r["cpu"] < 0.25, r
+    assert out[-1] == {"event": "bad",
+                       "text": "wait_spin must be a non-negative number of seconds, not -1"}
+    stop(srv)
+
+
 WORKER_WORK = '''
     KEY, MODE = int(sys.argv[1]), int(sys.argv[2])
     server = Server(worker_num=2, task_worker_num=2, task_ipc_mode=MODE, max_wait_time=2.0,

@@ -113,7 +113,14 @@ def test_the_first_bad_setting_in_declaration_order_is_named() -> None:
 
 def test_defaults_are_shown_as_the_readme_writes_them() -> None:
     shown = {s.name: s.default_text() for s in settings.SETTINGS}
-    assert shown["task_wait_spin"] == "0.00003"
+    assert shown["task_wait_spin"] == "0.0002"
     assert shown["max_wait_time"] == "3.0"
     assert shown["package_max_length"] == "64 MiB"
     assert shown["pid_file"] == "None" and shown["cron"] == "False"
+
+
+def test_a_separate_programs_co_poll_defaults_to_the_servers() -> None:
+    # Two literals, since settings sits above the transports: they must not drift apart.
+    from pyswtask.transport import command
+
+    assert command.WAIT_SPIN == settings.DEFAULTS["task_wait_spin"]

@@ -902,7 +902,9 @@ cdef class Dispatcher(RecordReader):
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1:
         cdef double now, spin_until = 0.0
         cdef int timeout_ms
-        if self.spin > 0:
+        # As in _wait_on; a batch takes longer than a spin, and spinning would take a CPU from
+        # the task workers running it.
+        if entry is not None and self.spin > 0 and self.rtt <= 2 * self.spin:
             spin_until = monotonic() + self.spin
         while True:
             if entry is not None and entry.done:

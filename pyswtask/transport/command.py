@@ -39,16 +39,23 @@ ENV_KEY = "PYSWTASK_QUEUE_KEY"
 _BACKLOG_MAX = 1 << 20
 # How long the write-behind thread lets a partial message fill before sending it.
 _LINGER = 0.0005
+# How long a CO delivery polls for its result before sleeping, by default: the same as the
+# server's task_wait_spin (a test keeps them equal; settings sits above this layer).
+WAIT_SPIN = 0.0002
 
 _lock = threading.Lock()
 _configured: dict[str, Any] = {}
 _client: QueueClient | None = None
 
 
-def configure(message_queue_key: int | str | None = None, exit_timeout: float = 3.0) -> None:
-    """Sets the queue this program delivers through (instead of PYSWTASK_QUEUE_KEY), and how
-    long the exit waits to write ASYNC deliveries still held back."""
+def configure(message_queue_key: int | str | None = None, exit_timeout: float = 3.0,
+              wait_spin: float = WAIT_SPIN) -> None:
+    """Sets the queue this program delivers through (instead of PYSWTASK_QUEUE_KEY), how
+    long the exit waits to write ASYNC deliveries still held back, and how long a CO delivery
+    polls for its result before sleeping (as the server's task_wait_spin)."""
     global _client
+    if not isinstance(wait_spin, (int, float)) or not wait_spin >= 0:
+        raise ValueError(f"wait_spin must be a non-negative number of seconds, not {wait_spin!r}")
     with _lock:
         if _client is not None:
             _client.close()
@@ -57,6 +64,7 @@ def configure(message_queue_key: int | str | None = None, exit_timeout: float = 
         if message_queue_key is not None:
             _configured["key"] = parse_key(message_queue_key)
         _configured["exit_timeout"] = float(exit_timeout)
+        _configured["wait_spin"] = float(wait_spin)
 
 
 def configured_key() -> int | None:
@@ -81,7 +89,8 @@ def client() -> QueueClient | None:
         key = configured_key()
         if key is None:
             return None
-        _client = QueueClient(key, float(_configured.get("exit_timeout", 3.0)))
+        _client = QueueClient(key, float(_configured.get("exit_timeout", 3.0)),
+                              float(_configured.get("wait_spin", WAIT_SPIN)))
         return _client
 
 
@@ -97,10 +106,12 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class QueueClient:
     """One program's connection to the server on a queue key."""
 
-    def __init__(self, key: int, exit_timeout: float = 3.0) -> None:
+    def __init__(self, key: int, exit_timeout: float = 3.0, wait_spin: float = WAIT_SPIN) -> None:
         self.key = key
         self.pid = os.getpid()
         self.exit_timeout = exit_timeout
+        self.wait_spin = wait_spin
+        self.rtt = 0.0      # CO round trips, averaged (seconds)
         try:
             mq = sysv_ipc.MessageQueue(key)
         except sysv_ipc.ExistentialError:
@@ -151,7 +162,8 @@ class QueueClient:
                     raise self._gone() from None
             self._wake_flusher()
             return task_id
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         sock = self._reply_socket()
         with self.lock:
             # Everything delivered before this goes first, then this task alone.
@@ -159,7 +171,9 @@ class QueueClient:
             task_id = self.sender.put(body, dst)
             before = self.sender.queued
             self._make_room(deadline, 1, name, method, taking_back=before)
-        return self._wait_reply(sock, task_id, name, method, deadline, timeout)
+        result = self._wait_reply(sock, task_id, name, method, deadline, timeout)
+        self.rtt = self.rtt * 0.9 + (time.monotonic() - started) * 0.1
+        return result
 
     def _flush_once(self) -> bool:
         try:
@@ -249,18 +263,25 @@ class QueueClient:
         # The first wait is the whole timeout (set again only when a call's timeout differs);
         # any later one is what is left of it.
         wait = timeout
+        # Polled first, while results usually come within twice the spin, as a worker's CO
+        # caller does (task_wait_spin): a reply that finds this process running saves waking
+        # it, the larger part of a round trip where wake-ups across CPUs are dear.
+        spin = self.wait_spin if self.wait_spin and self.rtt <= 2 * self.wait_spin else 0.0
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TaskTimeout.after(f"task {name}.{method}", timeout)
-            if wait != self.reply_wait:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait))
-                self.reply_wait = wait
-            wait = left
-            try:
-                record = sock.recv(1 << 17)
-            except BlockingIOError:     # SO_RCVTIMEO ran out
-                continue
+            record = _poll_reply(sock, spin) if spin else None
+            spin = 0.0
+            if record is None:
+                if wait != self.reply_wait:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait))
+                    self.reply_wait = wait
+                wait = left
+                try:
+                    record = sock.recv(1 << 17)
+                except BlockingIOError:     # SO_RCVTIMEO ran out
+                    continue
             try:
                 results = replies.feed(record)
             except ValueError as exc:
@@ -272,6 +293,17 @@ class QueueClient:
                 if not ok:
                     raise TaskError.from_wire(value)
                 return value
+
+
+def _poll_reply(sock: socket.socket, seconds: float) -> bytes | None:
+    """A record the reply socket receives within seconds, polling without sleeping; None."""
+    until = time.monotonic() + seconds
+    while True:
+        try:
+            return sock.recv(1 << 17, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.monotonic() >= until:
+                return None
 
 
 def _timeval(seconds: float) -> bytes:
