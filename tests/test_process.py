@@ -402,3 +402,92 @@ def test_a_burst_of_async_deliveries_leaves_promptly_while_the_process_sleeps(
     done = {r["value"]: r["at"] for r in records if r["event"] == "finished"}
     assert done[499] - sent["burst"] < 1.0, (sent, done)
     assert done["lone"] - sent["lone"] < 0.5, (sent, done)
+
+
+def test_a_burst_of_pipe_messages_arrives_whole_in_order_while_the_process_sleeps(
+        servers: ServerRunner) -> None:
+    # A user process's send_message is held in a burst as its ASYNC deliveries are: what the
+    # burst leaves behind goes out once it pauses, with no further call from the process.
+    srv = servers.start('''
+        from pyswtask import process
+        N = 3000
+        got = []
+
+        @listener(Event.PIPE_MESSAGE)
+        def on_message(ev):
+            mtype, data, src = ev.params
+            if mtype == "seq":
+                got.append(data)
+                if len(got) == N:
+                    emit(event="burst", ordered=got == list(range(N)), at=time.monotonic())
+            elif mtype == "lone":
+                emit(event="lone", at=time.monotonic())
+
+        @process(name="producer")
+        def producer(server, proc):
+            time.sleep(1.0)
+            for i in range(N):
+                server.send_message(i, 0, type="seq")
+            emit(event="sent", what="burst", at=time.monotonic())
+            time.sleep(2.0)          # no pyswtask call
+            server.send_message(None, 0, type="lone")
+            emit(event="sent", what="lone", at=time.monotonic())
+            time.sleep(60)
+
+        server = Server(worker_num=1, task_worker_num=1)
+        sys.exit(server.start())
+    ''')
+    records = read_records(srv, lambda rs: any(r["event"] == "lone" for r in rs), timeout=30)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    sent = {r["what"]: r["at"] for r in records if r["event"] == "sent"}
+    burst = next(r for r in records if r["event"] == "burst")
+    lone = next(r for r in records if r["event"] == "lone")
+    assert burst["ordered"]
+    assert burst["at"] - sent["burst"] < 1.0, (sent, burst)
+    assert lone["at"] - sent["lone"] < 0.5, (sent, lone)
+
+
+def test_send_message_from_a_process_times_out_on_a_full_inbox_and_loses_nothing_else(
+        servers: ServerRunner) -> None:
+    srv = servers.start('''
+        from pyswtask import process
+        sizes = []
+
+        @listener(Event.PIPE_MESSAGE)
+        def on_message(ev):
+            mtype, data, src = ev.params
+            sizes.append(len(data))
+            if mtype == "last":
+                emit(event="got", sizes=sizes)
+
+        def start(server, wid):
+            # The worker reads nothing for 3 s: its inbox fills, then the sender's queue.
+            server.after(10, lambda: time.sleep(3.0))
+
+        @process(name="producer")
+        def producer(server, proc):
+            time.sleep(1.0)
+            blob, sent = b"x" * 300_000, 0
+            try:
+                for _ in range(20):
+                    server.send_message(blob, 0, type="big", timeout=0.5)
+                    sent += 1
+            except TimeoutError as e:
+                emit(event="timeout", sent=sent, text=str(e))
+            server.send_message(b"", 0, type="last", timeout=10)
+            time.sleep(60)
+
+        server = Server(worker_num=1, task_worker_num=1)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    records = read_records(srv, lambda rs: any(r["event"] == "got" for r in rs), timeout=30)
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.wait(20) == 0, srv.err
+    timeout = next(r for r in records if r["event"] == "timeout")
+    assert 2 <= timeout["sent"] < 20, timeout
+    assert timeout["text"] == "pipe message to process 0 not sent within 0.5 s: its inbox is full"
+    # Every message sent before the refused one arrived once, and the refused one never did.
+    got = next(r for r in records if r["event"] == "got")
+    assert got["sizes"] == [300_000] * timeout["sent"] + [0]

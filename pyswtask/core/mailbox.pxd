@@ -13,3 +13,4 @@ cdef class Mailbox(RecordReader):
 
     cdef Channel _out(self, int dst)
     cdef int _put(self, Channel ch, bytes body) except -1
+    cdef int _timed_out(self, Channel ch, size_t length, double timeout) except -1

@@ -71,12 +71,7 @@ cdef class Mailbox(RecordReader):
         while ch.queued():
             left = deadline - monotonic()
             if left <= 0:
-                if ch.queued() >= length:
-                    ch.out.end -= length        # none of it left: take it back whole
-                    raise TimeoutError(f"pipe message to process {dst} not sent within "
-                                       f"{timeout} s: its inbox is full")
-                raise TimeoutError(f"pipe message to process {dst} only partly sent within "
-                                   f"{timeout} s; the rest goes with the next send or flush")
+                self._timed_out(ch, length, timeout)
             pfd.fd = ch.fd
             pfd.events = POLLOUT
             with nogil:
@@ -86,24 +81,43 @@ cdef class Mailbox(RecordReader):
             ch.flush()
         return True
 
-    def send_behind(self, int dst, bytes body, size_t high_water=1 << 20, bint at_once=True):
+    def send_behind(self, int dst, bytes body, size_t high_water=1 << 20, bint at_once=True,
+                    double timeout=-1.0):
         """Queues one message and sends what the inbox takes now, without waiting for the rest;
         returns the bytes left queued for dst, which flush() sends later. at_once=False sends
         only once a whole record is queued: the caller holds the message to go out with the
         ones that follow it. Blocks only while more than high_water bytes wait, so a sender
-        cannot outrun its reader without bound."""
+        cannot outrun its reader without bound: timeout >= 0 bounds that wait, then raises
+        TimeoutError as send() does (the message taken back if none of it left)."""
         cdef Channel ch = self._out(dst)
+        cdef size_t before = ch.queued(), length
+        cdef double deadline = 0.0, left
         cdef pollfd pfd
         self._put(ch, body)
+        length = ch.queued() - before
         if at_once or ch.queued() >= _RECORD_MAX:
             ch.flush()
+        if timeout >= 0:
+            deadline = monotonic() + timeout
         while ch.queued() > high_water:
+            if timeout >= 0:
+                left = deadline - monotonic()
+                if left <= 0:
+                    self._timed_out(ch, length, timeout)
             pfd.fd = ch.fd
             pfd.events = POLLOUT
             with nogil:
                 poll(&pfd, 1, 100)
             ch.flush()
         return ch.queued()
+
+    cdef int _timed_out(self, Channel ch, size_t length, double timeout) except -1:
+        if ch.queued() >= length:
+            ch.out.end -= length        # none of it left: take it back whole
+            raise TimeoutError(f"pipe message to process {ch.peer} not sent within "
+                               f"{timeout} s: its inbox is full")
+        raise TimeoutError(f"pipe message to process {ch.peer} only partly sent within "
+                           f"{timeout} s; the rest goes with the next send or flush")
 
     def wait_writable(self, dsts, double timeout):
         """Waits until one of the inboxes dsts has room, or timeout seconds pass."""

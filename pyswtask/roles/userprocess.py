@@ -147,8 +147,9 @@ class UserProcess(ChildRole):
         self.send_message(pack_tasks(calls, origin_role), worker_id, PIPE_TASKS, timeout)
 
     def _send(self, mailbox: Mailbox, dst: int, body: bytes, timeout: float) -> None:
-        # Behind whatever ASYNC deliveries are queued, and never beside the flusher thread.
-        self.relay.send(dst, body, timeout)
+        # Behind whatever ASYNC deliveries are queued, held in a burst as they are, and never
+        # beside the flusher thread.
+        self.relay.send_message(dst, body, timeout)
 
 
 def _exit_on_term(signum: int, frame: Any) -> None:

@@ -48,11 +48,13 @@ PIPE_TASK = "task"
 PIPE_TASKS = "tasks"        # many fire-and-forget tasks in one message (the crontab's)
 PIPE_TASK_RESULT = "task.result"
 
-# A fire-and-forget delivery this soon after the previous one is part of a burst: it is held to
-# leave with the ones after it. The flusher sends what a burst left once deliveries have paused
-# for LINGER.
+# A fire-and-forget delivery (or pipe message) this soon after the previous one is part of a
+# burst: it is held to leave with the ones after it. The flusher sends what a burst left once
+# they have paused for LINGER.
 BURST_GAP = 0.0005
 LINGER = 0.0005
+# Bytes queued for one inbox past which a send waits for it to drain.
+HIGH_WATER = 1 << 20
 
 Callback = Callable[[int, Any], Any]
 
@@ -61,15 +63,17 @@ class RelayClient:
     """The user-process side: request ids, waiting replies, backlog, and the write-behind of
     ASYNC deliveries.
 
-    A fire-and-forget ASYNC delivery (no callback) returns once its message is written or
-    queued behind earlier ones. The first of a burst is written at once, as Swoole's are; those
-    that follow it within ``BURST_GAP`` are held and leave together, many per record, instead
-    of one syscall and one wake-up of the worker each: from the delivering call once a record
-    is full, else from a helper thread once the deliveries pause for ``LINGER`` (plus a GIL
-    switch interval, 5 ms, under CPU-bound Python code). The same thread writes the queue as a
-    full inbox drains, so nothing waits on this process's next call. A delivery that expects
-    an answer (CO, a callback) and send_message wait until written, after everything queued
-    before them. At exit the queue is written out (within the timeout).
+    A fire-and-forget ASYNC delivery (no callback) and a pipe message (send_message) return
+    once their message is written or queued behind earlier ones. The first of a burst is
+    written at once, as Swoole's are; those that follow it within ``BURST_GAP`` are held and
+    leave together, many per record, instead of one syscall and one wake-up of the worker
+    each: from the sending call once a record is full, else from a helper thread once the
+    sends pause for ``LINGER`` (plus a GIL switch interval, 5 ms, under CPU-bound Python code).
+    The same thread writes the queue as a full inbox drains, so nothing waits on this
+    process's next call; a send blocks only while more than ``HIGH_WATER`` bytes wait for one
+    inbox (a pipe message: for its timeout, then TimeoutError). A delivery that expects an
+    answer (CO, a callback) waits until written, after everything queued before it. At exit
+    the queue is written out (within the timeout).
     """
 
     __slots__ = ("mailbox", "worker_num", "load", "limit", "target", "ids", "callbacks",
@@ -101,13 +105,19 @@ class RelayClient:
         with self.behind.lock:
             self.mailbox.send(dst, body, timeout)
 
-    def _send_behind(self, dst: int, body: bytes) -> None:
+    def send_message(self, dst: int, body: bytes, timeout: float) -> None:
+        """A pipe message: written at once, or held in a burst as fire-and-forget deliveries
+        are; TimeoutError when the inbox stays full (more than HIGH_WATER waiting) for timeout
+        seconds."""
+        self._send_behind(dst, body, timeout)
+
+    def _send_behind(self, dst: int, body: bytes, timeout: float = -1.0) -> None:
         now = time.monotonic()
         at_once = now - self._last >= BURST_GAP
         self._last = now
         with self.behind.lock:
             self._puts += 1
-            if self.mailbox.send_behind(dst, body, at_once=at_once):
+            if self.mailbox.send_behind(dst, body, HIGH_WATER, at_once, timeout):
                 self.behind.wake()
 
     def _flush_some(self) -> bool:
