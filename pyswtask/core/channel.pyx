@@ -15,6 +15,18 @@ from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyB
 from posix.time cimport timeval
 
 
+cdef int add_readable(int epfd, int fd, uint32_t tag, str what) except -1:
+    """Adds fd to epfd for reading, tagged in data.u32 (data.u64 otherwise 0): a loop tells
+    its own descriptors from its channels' (tagged with their peer) by the tag."""
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = 0
+    ev.data.u32 = tag
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        raise OSError(errno, "epoll_ctl failed on " + what)
+    return 0
+
+
 cdef class _Partial:
     pass
 

@@ -9,7 +9,7 @@ from posix.signal cimport kill
 from posix.unistd cimport close, read, usleep, write
 
 from .includes.clock cimport monotonic
-from .includes.epoll cimport EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN, epoll_create1, epoll_ctl, epoll_event, epoll_wait
+from .includes.epoll cimport EPOLL_CLOEXEC, epoll_create1, epoll_event, epoll_wait
 
 from .includes.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                                 pthread_mutex_unlock)
@@ -332,7 +332,6 @@ cdef class QueueReader:
     def __init__(self, int msqid, long mtype, size_t msgmax, int wake_fd, uint32_t pid,
                  size_t capacity=1 << 20, hold=None, bint direct=False):
         cdef unsigned char[::1] view
-        cdef epoll_event ev
         self.msqid = msqid
         self.mtype = mtype
         self.msgmax = msgmax
@@ -343,10 +342,7 @@ cdef class QueueReader:
             self.watch_epfd = epoll_create1(EPOLL_CLOEXEC)
             if self.watch_epfd < 0:
                 raise OSError(errno, "epoll_create1 failed")
-            ev.events = EPOLLIN
-            ev.data.u64 = 1
-            if epoll_ctl(self.watch_epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl failed on the watch's eventfd")
+            add_readable(self.watch_epfd, wake_fd, 1, "the watch's eventfd")
         self.cap = hold_capacity(msgmax, capacity)
         if hold is None:
             hold = bytearray(_HOLD_HEADER + self.cap)
@@ -367,13 +363,9 @@ cdef class QueueReader:
     def watch_loop(self, int epfd):
         """(direct) The task loop's epoll descriptor: the watch wakes the loop's msgrcv when
         it is readable."""
-        cdef epoll_event ev
         if not self.direct:
             raise ValueError("watch_loop is for a reader made with direct=True")
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        if epoll_ctl(self.watch_epfd, EPOLL_CTL_ADD, epfd, &ev) < 0:
-            raise OSError(errno, "epoll_ctl failed on the task loop's descriptor")
+        add_readable(self.watch_epfd, epfd, 0, "the task loop's descriptor")
 
     def run(self):
         """The thread's body: the reader, or with direct, the watch."""
@@ -836,6 +828,7 @@ def recover_hold(hold, size_t msgmax, size_t capacity=1 << 20):
         text = PyBytes_AS_STRING(last)
         n = PyBytes_GET_SIZE(last)
         foff = 0
+        memset(&h, 0, sizeof(h))        # read only when the loop set it; gcc can't tell
         while foff < n and check_header(text + foff, n - foff, &h) == NULL:
             foff += _HEADER_SIZE + h.body_len
         if foff and (h.flags & _FLAGS_FRAG):

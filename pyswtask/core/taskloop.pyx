@@ -5,7 +5,7 @@ from libc.errno cimport EINTR, errno
 from posix.unistd cimport close, read, write
 
 from .includes.clock cimport monotonic
-from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
+from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
@@ -23,17 +23,6 @@ cdef enum:
 # TaskLoop.qopen when no body is open, and once an open body's parts were released.
 cdef uint64_t _NO_OPEN = <uint64_t>-1
 cdef uint64_t _GAVE_UP = <uint64_t>-2
-
-
-cdef int _add_readable(int epfd, int fd, uint32_t tag, str what) except -1:
-    # The loop tells its own descriptors from the channels' by the tag in data.u32.
-    cdef epoll_event ev
-    ev.events = EPOLLIN
-    ev.data.u64 = 0
-    ev.data.u32 = tag
-    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-        raise OSError(errno, "epoll_ctl failed on " + what)
-    return 0
 
 
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
@@ -122,10 +111,10 @@ cdef class TaskLoop(RecordReader):
                 ch.tx_arena = arenas[i][1]
             ch.update_interest(self.epfd, self.high_water)
             self.channels.append(ch)
-        _add_readable(self.epfd, stop_fd, _STOP_TAG, "the stop descriptor")
+        add_readable(self.epfd, stop_fd, _STOP_TAG, "the stop descriptor")
         self.on_inbox = on_inbox
         if inbox_fd >= 0:
-            _add_readable(self.epfd, inbox_fd, _INBOX_TAG, "the inbox")
+            add_readable(self.epfd, inbox_fd, _INBOX_TAG, "the inbox")
         self.max_tasks = self.limit = max_tasks
         if state is not None:
             state.check(index, len(self.channels))
@@ -142,7 +131,7 @@ cdef class TaskLoop(RecordReader):
             # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
             reader.watch_loop(self.epfd)
         elif reader is not None:
-            _add_readable(self.epfd, queue_fd, _QUEUE_TAG, "the queue's wake descriptor")
+            add_readable(self.epfd, queue_fd, _QUEUE_TAG, "the queue's wake descriptor")
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -410,6 +399,7 @@ cdef class TaskLoop(RecordReader):
             return 0
         if self.qopen == _NO_OPEN:
             self.qopen = self.qpos
+            memset(&h, 0, sizeof(h))    # the loop sets it (the record has a frame); gcc can't tell
             while off < n and check_header(text + off, n - off, &h) == NULL:
                 off += _HEADER_SIZE + h.body_len
             self.qopen_task = h.task_id
@@ -625,7 +615,7 @@ cdef class TaskLoop(RecordReader):
         if self.on_tick is not None:
             raise RuntimeError("the task loop already has a ticker")
         if fd >= 0:
-            _add_readable(self.epfd, fd, _TICK_TAG, "the ticker's descriptor")
+            add_readable(self.epfd, fd, _TICK_TAG, "the ticker's descriptor")
         self.tick_fd = fd
         self.on_tick = on_tick
         self.pending_max = max_pending
@@ -659,7 +649,7 @@ cdef class TaskLoop(RecordReader):
             self.watch_due = 0.0
             return
         if fd >= 0:
-            _add_readable(self.epfd, fd, _WATCH_TAG, "a watched descriptor")
+            add_readable(self.epfd, fd, _WATCH_TAG, "a watched descriptor")
             self.watch_fd = fd
 
     def watch_after(self, double seconds):
