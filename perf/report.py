@@ -290,11 +290,12 @@ def chart(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
     def panel_of(r: dict[str, Any]) -> str:
         if r["unit"] == "tasks/s":
             return "tasks/s (higher is better)"
-        if r["unit"] == "ops/s":
-            return "ops/s (higher is better)"
+        if r["unit"].endswith("/s"):
+            # ops/s, and the HTTP (req/s) and Redis floor (msgs/s) rates: rates, not latencies.
+            return "ops/s, req/s, msgs/s (higher is better)"
         return "latency in us: p50, cron p99 (lower is better)"
 
-    panels = ["tasks/s (higher is better)", "ops/s (higher is better)",
+    panels = ["tasks/s (higher is better)", "ops/s, req/s, msgs/s (higher is better)",
               "latency in us: p50, cron p99 (lower is better)"]
     systems: list[str] = []
     for r in rows:
@@ -341,7 +342,7 @@ def chart(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
                  f"{meta.get('runs')} interleaved rounds, {meta.get('date', '')[:10]}, "
                  f"{meta.get('machine', {}).get('cpus')} CPUs (log scale; outlined: pyswtask)",
                  fontsize=12)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
