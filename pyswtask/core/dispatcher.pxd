@@ -137,6 +137,7 @@ cdef class Dispatcher(RecordReader):
     cdef int _arm(self, double at) except -1
     cdef int _flush_all(self) except -1
     cdef int _flush_channel(self, Channel ch) except -1
+    cdef double _spin_until(self) noexcept
     cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1
     cdef int _poll(self, int timeout_ms) except -1

@@ -878,15 +878,19 @@ cdef class Dispatcher(RecordReader):
 
     # -- receiving ------------------------------------------------------------------------------
 
+    cdef double _spin_until(self) noexcept:
+        """Until when a CO caller polls for its result (0: it does not): only while results
+        usually come within twice the spin, since with slow tasks it would burn CPU for nothing
+        (an adaptive spin, as in adaptive mutexes)."""
+        if self.spin > 0 and self.rtt <= 2 * self.spin:
+            return monotonic() + self.spin
+        return 0.0
+
     cdef int _wait_on(self, Channel ch, _Pending entry, double deadline) except -1:
         """Waits for one CO result on the channel it will come from, reading that channel only;
         results on other channels wait for the loop."""
-        cdef double now, spin_until = 0.0
+        cdef double now, spin_until = self._spin_until()
         cdef ssize_t r
-        # Spin only while results usually come within twice the spin: with slow tasks it would
-        # burn CPU for nothing (an adaptive spin, as in adaptive mutexes).
-        if self.spin > 0 and self.rtt <= 2 * self.spin:
-            spin_until = monotonic() + self.spin
         while not entry.done:
             now = monotonic()
             if now >= deadline:
@@ -902,10 +906,10 @@ cdef class Dispatcher(RecordReader):
     cdef int _wait(self, _Pending entry, _Batch batch, double deadline) except -1:
         cdef double now, spin_until = 0.0
         cdef int timeout_ms
-        # As in _wait_on; a batch takes longer than a spin, and spinning would take a CPU from
+        # A batch does not poll: it takes longer than a spin, and polling would take a CPU from
         # the task workers running it.
-        if entry is not None and self.spin > 0 and self.rtt <= 2 * self.spin:
-            spin_until = monotonic() + self.spin
+        if entry is not None:
+            spin_until = self._spin_until()
         while True:
             if entry is not None and entry.done:
                 break

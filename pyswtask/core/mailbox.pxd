@@ -13,4 +13,5 @@ cdef class Mailbox(RecordReader):
 
     cdef Channel _out(self, int dst)
     cdef int _put(self, Channel ch, bytes body) except -1
+    cdef int _drain_to(self, Channel ch, size_t upto, size_t length, double timeout) except -1
     cdef int _timed_out(self, Channel ch, size_t length, double timeout) except -1

@@ -56,29 +56,14 @@ cdef class Mailbox(RecordReader):
         is written; raises TimeoutError after timeout seconds, taking the message back if none
         of it had left (a message larger than one record may have gone out in part)."""
         cdef Channel ch = self._out(dst)
-        cdef size_t before = ch.queued(), length
-        cdef double deadline, left
-        cdef pollfd pfd
-        cdef int r
+        cdef size_t before = ch.queued()
         self._put(ch, body)
-        length = ch.queued() - before
         ch.flush()
         if not ch.queued():
             return True
         if timeout < 0:
             return False
-        deadline = monotonic() + timeout
-        while ch.queued():
-            left = deadline - monotonic()
-            if left <= 0:
-                self._timed_out(ch, length, timeout)
-            pfd.fd = ch.fd
-            pfd.events = POLLOUT
-            with nogil:
-                r = poll(&pfd, 1, <int>(left * 1000.0) + 1)
-            if r < 0 and errno == EINTR:
-                PyErr_CheckSignals()
-            ch.flush()
+        self._drain_to(ch, 0, ch.queued() - before, timeout)
         return True
 
     def send_behind(self, int dst, bytes body, size_t high_water=1 << 20, bint at_once=True,
@@ -90,16 +75,22 @@ cdef class Mailbox(RecordReader):
         cannot outrun its reader without bound: timeout >= 0 bounds that wait, then raises
         TimeoutError as send() does (the message taken back if none of it left)."""
         cdef Channel ch = self._out(dst)
-        cdef size_t before = ch.queued(), length
-        cdef double deadline = 0.0, left
-        cdef pollfd pfd
+        cdef size_t before = ch.queued()
         self._put(ch, body)
-        length = ch.queued() - before
         if at_once or ch.queued() >= _RECORD_MAX:
             ch.flush()
-        if timeout >= 0:
-            deadline = monotonic() + timeout
-        while ch.queued() > high_water:
+        if ch.queued() > high_water:
+            self._drain_to(ch, high_water, ch.queued() - before, timeout)
+        return ch.queued()
+
+    cdef int _drain_to(self, Channel ch, size_t upto, size_t length, double timeout) except -1:
+        """Sends as the inbox drains until at most upto bytes are left queued. timeout >= 0
+        bounds the wait: then TimeoutError, and the last message queued (length bytes) taken
+        back if none of it left."""
+        cdef double deadline = monotonic() + timeout, left = 0.1
+        cdef pollfd pfd
+        cdef int r
+        while ch.queued() > upto:
             if timeout >= 0:
                 left = deadline - monotonic()
                 if left <= 0:
@@ -107,9 +98,11 @@ cdef class Mailbox(RecordReader):
             pfd.fd = ch.fd
             pfd.events = POLLOUT
             with nogil:
-                poll(&pfd, 1, 100)
+                r = poll(&pfd, 1, <int>(min(left, 0.1) * 1000.0) + 1)
+            if r < 0 and errno == EINTR:
+                PyErr_CheckSignals()
             ch.flush()
-        return ch.queued()
+        return 0
 
     cdef int _timed_out(self, Channel ch, size_t length, double timeout) except -1:
         if ch.queued() >= length:
