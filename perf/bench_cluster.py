@@ -15,6 +15,12 @@ one asyncio process). A separate program delivers:
                      field, 50 clients (ops/s), and one client's p50 (us)
   redis_xreadgroup   the floor: redis-py reading one message per ``XREADGROUP COUNT 1`` and
                      acknowledging it (``XACK``), 100 pairs per pipeline (msgs/s)
+  redis_roundtrip    the floor of a CO call through Redis: the hops of cluster_co with nothing
+                     but hiredis around them, two processes on raw sockets; one appends a task
+                     and reads a reply stream in one write (``XADD`` + ``XREAD BLOCK``), the
+                     other takes it (``XREADGROUP BLOCK``) and answers (``XADD`` + ``XACK``):
+                     p50 (us), p99 beside. No client can wait less on this machine, so the
+                     targets row also gives this floor over the best peer's CO p50
 
 The pyswtask rows need cluster delivery (``Task.configure(cluster=...)``, ``@task(queue=...)``);
 on a pyswtask without it, ``pyswtask_cluster`` says so in one line and returns no rows, and
@@ -34,6 +40,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +53,7 @@ import _summary  # noqa: E402
 import bench_dispatch  # noqa: E402
 
 TASK_BYTES = 103
-WORKLOADS = ("cluster_async", "cluster_co", "redis_xadd", "redis_xreadgroup")
+WORKLOADS = ("cluster_async", "cluster_co", "redis_xadd", "redis_xreadgroup", "redis_roundtrip")
 NOT_AVAILABLE = ("pyswtask cluster rows: not available: needs cluster delivery "
                  "(Task.configure(cluster=...), @task(queue=...)), which this pyswtask lacks")
 _said: set[str] = set()
@@ -223,6 +230,7 @@ def redis_floor(redis: _brokers.RedisServer, n: int) -> list[dict[str, Any]]:
                      "p50_us": round(one["p50_latency_ms"] * 1e3, 3),
                      "one_client_ops_s": one["rps"], "redis": redis.version})
     rows.append(_xreadgroup(redis, n))
+    rows.append(_roundtrip(redis, max(300, n // 100)))
     return rows
 
 
@@ -273,6 +281,94 @@ def _xreadgroup(redis: _brokers.RedisServer, n: int, per_pipeline: int = 100
             "redis_py": _brokers.version("redis"), "redis": redis.version}
 
 
+def _resp(*args: Any) -> bytes:
+    """One command in Redis's protocol (RESP), its arguments bytes or str."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Raw:
+    """A raw socket to Redis with a hiredis reader: nothing between the hops and the wire."""
+
+    def __init__(self, port: int) -> None:
+        import hiredis
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = hiredis.Reader()
+
+    def replies(self, data: bytes, count: int) -> list[Any]:
+        self.sock.sendall(data)
+        got: list[Any] = []
+        while len(got) < count:
+            reply = self.reader.gets()
+            if reply is False:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("Redis closed the connection")
+                self.reader.feed(chunk)
+            elif isinstance(reply, Exception):
+                raise RuntimeError(f"Redis: {reply}")
+            else:
+                got.append(reply)
+        return got
+
+
+def _roundtrip(redis: _brokers.RedisServer, n: int) -> dict[str, Any]:
+    """The redis_roundtrip floor: n sequential calls through two streams, p50/p99 (us)."""
+    redis.flush()
+    _Raw(redis.port).replies(_resp("XGROUP", "CREATE", "rt", "g", "$", "MKSTREAM"), 1)
+    pid = os.fork()
+    if pid == 0:        # the consumer: takes each task, answers it, until "stop"
+        code = 1
+        try:
+            conn = _Raw(redis.port)
+            while True:
+                reply = conn.replies(_resp("XREADGROUP", "GROUP", "g", "c", "BLOCK", "5000",
+                                           "COUNT", "1", "STREAMS", "rt", ">"), 1)[0]
+                if reply is None:
+                    continue
+                entry_id, fields = reply[0][1][0]
+                if fields[1] == b"stop":
+                    code = 0
+                    break
+                conn.replies(_resp("MULTI") + _resp("XADD", "rtr", "*", "r", fields[1])
+                             + _resp("XACK", "rt", "g", entry_id) + _resp("EXEC"), 4)
+        finally:
+            os._exit(code)
+    samples = []
+    try:
+        conn = _Raw(redis.port)
+        body, last = b"x" * (TASK_BYTES - 3), b"0-0"
+        for i in range(n + n // 10):
+            t = time.perf_counter_ns()
+            _added, read = conn.replies(
+                _resp("XADD", "rt", "*", "t", body)
+                + _resp("XREAD", "BLOCK", "10000", "COUNT", "1", "STREAMS", "rtr", last), 2)
+            if read is None:
+                raise RuntimeError("redis_roundtrip: no answer within 10 s")
+            last = read[0][1][0][0]
+            if i >= n // 10:      # the first tenth warms up
+                samples.append(time.perf_counter_ns() - t)
+        conn.replies(_resp("XADD", "rt", "*", "t", "stop"), 1)
+    finally:
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+    samples.sort()
+    return {"workload": "redis_roundtrip", "system": "hiredis", "value": round(
+        samples[n // 2] / 1e3, 3), "unit": "us", "n": n,
+        "p50_us": round(samples[n // 2] / 1e3, 3),
+        "p99_us": round(samples[int(n * 0.99)] / 1e3, 3), "redis": redis.version}
+
+
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets against the best peer of each workload, where pyswtask has rows."""
     out = []
@@ -284,6 +380,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = (max if better == "higher" else min)(peers, key=lambda r: r["median"])
         row: dict[str, Any] = {"target": workload, "best_peer": best["system"],
                                "best_peer_value": best["median"], "unit": best["unit"]}
+        floor = next((r for r in rows if r["workload"] == "redis_roundtrip"), None)
+        if workload == "cluster_co" and floor is not None:
+            # Where the target lies against what Redis itself allows: a ratio below this
+            # floor's is out of reach of any client on this machine.
+            row.update(floor_us=floor["median"],
+                       floor_over_best_peer=round(floor["median"] / best["median"], 3))
         if ours is None:
             row["pyswtask"] = "not available: needs cluster delivery"
         else:

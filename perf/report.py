@@ -89,6 +89,9 @@ DESCRIPTIONS = {
                   "clients; ops/s (p50_us: one client).",
     "redis_xreadgroup": "Redis's floor: redis-py XREADGROUP COUNT 1 + XACK, 100 reads per "
                         "pipeline; msgs/s.",
+    "redis_roundtrip": "Redis's floor for cluster_co: the same hops with hiredis on raw sockets "
+                       "and nothing else (XADD + XREAD BLOCK; XREADGROUP BLOCK, XADD + XACK); "
+                       "p50 (us).",
 }
 
 # (title, workload, peer, threshold): met when the median per-round ratio is >= threshold.

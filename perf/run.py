@@ -33,7 +33,8 @@ Workloads (2 workers + 2 task workers on every side, a task that returns its inp
                           with --brokers also uvicorn + Celery (result.get() in a thread)
   cluster_async, cluster_co   (--brokers) two nodes on one Redis, a separate program
                           delivering: tasks/s until all ran, CO p50 (us); Celery, Dramatiq,
-                          Huey, arq; redis_xadd, redis_xreadgroup: Redis's own floor
+                          Huey, arq; redis_xadd, redis_xreadgroup, redis_roundtrip:
+                          Redis's own floor
 
 Peers: Swoole (perf/swoole/*.php, when php has the swoole extension), multiprocessing.Pool and
 ProcessPoolExecutor, APScheduler 3 and a croniter loop for cron, uvicorn for HTTP (with wrk,
