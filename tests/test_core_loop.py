@@ -26,6 +26,8 @@ from pyswtask._core import (
     FRAME_RESULT,
     FRAME_TASK,
     TIMEOUT,
+    TW_BUSY,
+    TW_IDLE_QUICK,
     Dispatcher,
     TaskLoop,
     TaskWorkerStates,
@@ -246,6 +248,54 @@ def test_the_futures_of_a_turn_leave_in_one_record_at_the_loops_flush(
     scheduled[0]()
     assert [f[2] for f in parse_frames(peer.recv(65536, socket.MSG_DONTWAIT))] == ids
     assert d.queued == 0
+
+
+def test_awaited_calls_go_to_the_first_quick_task_worker_and_bursts_are_spread() -> None:
+    # The busy flags are written here as task workers write them: TW_IDLE_QUICK once their
+    # recent tasks ran faster than a wake-up, with TW_BUSY while they run.
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    try:
+        busy = bytearray(2)
+        d = Dispatcher(0, [a.fileno() for a, _ in pairs], busy, on_finish=print,
+                       make_error=TaskError.from_wire, make_lost=TaskWorkerLost.lost,
+                       on_protocol_error=print, epoch=1)
+        scheduled: list[Any] = []
+        d.set_scheduler(scheduled.append)
+
+        def where(submit: Any, n: int = 4) -> list[list[int]]:
+            ids = [submit(i) for i in range(n)]
+            for fn in scheduled:
+                fn()
+            scheduled.clear()
+            got: list[list[int]] = [[], []]
+            for k, (_, b) in enumerate(pairs):
+                while select.select([b], [], [], 0)[0]:
+                    got[k] += [f[2] for f in parse_frames(b.recv(65536))]
+            assert sorted(got[0] + got[1]) == sorted(ids)
+            return [[ids.index(t) for t in g] for g in got]
+
+        def future(i: int, batch: bool = False) -> int:
+            return d.submit_future(body(i), -1, object(), batch=batch)
+
+        assert where(future) == [[0, 2], [1, 3]]        # no quick task worker: in turn
+        busy[:] = bytes([0, TW_IDLE_QUICK])
+        assert where(future) == [[], [0, 1, 2, 3]]      # one record, to the quick one
+        busy[:] = bytes([TW_IDLE_QUICK, TW_IDLE_QUICK])
+        assert where(future) == [[0, 1, 2, 3], []]      # the first quick one
+        busy[:] = bytes([TW_BUSY | TW_IDLE_QUICK, TW_IDLE_QUICK])
+        assert where(future, 1) == [[0], []]             # running quick ones: read without a wake
+        time.sleep(0.01)
+        assert where(future, 1) == [[], [0]]             # running for long: something slow
+        busy[:] = bytes([TW_BUSY, TW_IDLE_QUICK])
+        assert where(future, 1) == [[], [0]]
+        busy[:] = bytes([TW_IDLE_QUICK, TW_IDLE_QUICK])
+        assert where(lambda i: future(i, batch=True)) == [[0, 2], [1, 3]]
+        spread = where(lambda i: d.submit(body(i), -1, None))
+        assert spread[0] and spread[1], spread          # ASYNC bursts are spread too
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_a_future_with_a_timeout_needs_the_loops_timer(

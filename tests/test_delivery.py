@@ -257,6 +257,40 @@ def test_dispatch_prefers_an_idle_task_worker_and_honours_dst(servers: ServerRun
     assert "dst_worker_id 5 is out of range: there are 2 task workers" in srv.by_event("bad_dst")[0]["text"]
 
 
+def test_quick_calls_stay_on_one_task_worker_and_slow_work_spreads(
+        servers: ServerRunner) -> None:
+    # Calls awaited one by one whose tasks run faster than a wake-up all go to the first task
+    # worker (one process woken, not each in turn); one running something slow gets no more of
+    # them, and a batch is spread over the task workers whatever the calls before it.
+    srv = servers.run('''
+        def start(server, wid):
+            if wid != 0:
+                return
+            quick = [Task.deliver("Demo", "pid") for _ in range(60)]
+            t0 = time.monotonic()
+            batch = Task.deliver_batch([("Demo", "sleep", [0.5, "b"])] * 2, timeout=5)
+            emit(event="quick", pids=quick[20:], batch=batch,
+                 batch_s=time.monotonic() - t0)
+            Task.deliver("Demo", "sleep", [1.0], Task.TYPE_ASYNC, dst_worker_id=0)
+            server.after(200, lambda: probe(server))
+
+        def probe(server):
+            seen = [Task.deliver("Demo", "pid") for _ in range(10)]
+            emit(event="slow", seen=seen, first=Task.deliver("Demo", "pid", dst_worker_id=1))
+            server.shutdown()
+
+        server = Server(worker_num=1, task_worker_num=2)
+        server.on("worker_start", start)
+        sys.exit(server.start())
+    ''')
+    quick = srv.by_event("quick")[0]
+    counts = sorted((quick["pids"].count(p) for p in set(quick["pids"])), reverse=True)
+    assert counts[0] >= 36, f"quick calls spread over the task workers: {counts}"
+    assert quick["batch"] == ["b", "b"] and quick["batch_s"] < 0.9, quick
+    slow = srv.by_event("slow")[0]
+    assert set(slow["seen"]) == {slow["first"]}, slow
+
+
 def test_task_worker_events_fire_around_each_task(servers: ServerRunner) -> None:
     srv = servers.run('''
         for name in (Event.BEFORE_TASK, Event.AFTER_TASK, Event.RESOURCE_RELEASE):

@@ -79,6 +79,15 @@ cdef class PendingTable:
     cdef list take_due(self, double now)
 
 
+# A task worker's byte in the shared busy flags, written by it, read by the dispatchers: 0 or
+# _IDLE_QUICK while it waits for tasks, _BUSY while it runs them or takes none (paused).
+# _IDLE_QUICK: its recent tasks ran in less than a wake-up costs (_QUICK_TASK seconds), so
+# that a record sent to it now is read soon without waking it, even while it runs.
+cdef enum:
+    _BUSY = 1
+    _IDLE_QUICK = 2             # also while it runs (_BUSY | _IDLE_QUICK)
+
+
 @cython.final
 cdef class _FlushWatch:
     cdef object owner               # a weak reference to the Dispatcher
@@ -101,8 +110,9 @@ cdef class Dispatcher(RecordReader):
     cdef list outs                  # tasks go out here: the channels, or queue channels
     cdef int nout
     cdef bint via_queue             # task_ipc_mode 2/3: outs are QueueChannels
-    cdef unsigned char[:] busy      # per task worker, 1 while it runs tasks (shared memory)
+    cdef unsigned char[:] busy      # per task worker, _BUSY while it runs tasks (shared)
     cdef int rr
+    cdef double *busy_seen          # per task worker: when a pick first saw it running
     cdef uint16_t worker_id
     cdef Channel last               # where the last task's result comes back (None: any)
     cdef object schedule            # loop.call_soon, or None outside an event loop
@@ -125,8 +135,9 @@ cdef class Dispatcher(RecordReader):
     cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water
 
-    cdef int _pick(self, int dst) except -1
-    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0
+    cdef int _pick(self, int dst, bint pile) except -1
+    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
+                          bint pile) except? 0
     cdef int _wait_for_room(self) except -1
     cdef int _sent_record(self, Channel ch) except -1
     cdef void _timed_out(self, int tw) noexcept

@@ -8,7 +8,7 @@ import threading
 import weakref
 
 from libc.errno cimport EINTR, errno
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport calloc, free, realloc
 from posix.unistd cimport close, read, usleep, write
 
 from .includes.clock cimport monotonic
@@ -16,12 +16,19 @@ from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLO
                               epoll_event, epoll_wait)
 from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
 
+# A task worker's byte in the shared busy flags (see dispatcher.pxd), for tests and tools.
+TW_BUSY = _BUSY
+TW_IDLE_QUICK = _IDLE_QUICK
+
 # The high-water mark a worker's channels register their interest with: never reached, so a
 # worker always reads results. Reading them sends nothing back, while a task worker whose
 # results back up stops reading tasks (TaskLoop): a worker that also stopped reading while its
 # tasks back up would deadlock with it (a flood of large ASYNC tasks did). The worker's own
 # backpressure on sending is _flush_channel's, at self.high_water.
 cdef size_t _READ_ALWAYS = <size_t>-1
+
+# How long a quick task worker may be seen running before tasks stop piling up on it.
+cdef double _PILE_FOR = 0.0002
 
 # How long ASYNC frames may wait in the queue for the loop's flush before the flush watch sends
 # them: once no task was delivered and no record left for a whole period (the delivering code
@@ -422,6 +429,7 @@ cdef class Dispatcher(RecordReader):
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
+        self.busy_seen = NULL
 
     def __init__(self, int worker_id, fds, busy, *, on_finish, make_error, make_lost,
                  on_protocol_error, uint64_t epoch, double spin=0.0, size_t high_water=4 << 20,
@@ -438,6 +446,9 @@ cdef class Dispatcher(RecordReader):
             raise ValueError("a dispatcher needs at least one task worker channel")
         if self.busy.shape[0] < self.nchan:
             raise ValueError("busy flags are fewer than the channels")
+        self.busy_seen = <double *>calloc(self.nchan, sizeof(double))
+        if self.busy_seen == NULL:
+            raise MemoryError()
         self.on_protocol_error = on_protocol_error
         self.spin = spin
         self.high_water = high_water
@@ -464,6 +475,7 @@ cdef class Dispatcher(RecordReader):
 
     def __dealloc__(self):
         cdef uint64_t one = 1
+        free(self.busy_seen)
         if self.epfd >= 0:
             close(self.epfd)
         if self.watch is not None:
@@ -529,8 +541,10 @@ cdef class Dispatcher(RecordReader):
 
     # -- choosing a task worker ---------------------------------------------------------------
 
-    cdef int _pick(self, int dst) except -1:
+    cdef int _pick(self, int dst, bint pile) except -1:
         cdef int k, j
+        cdef unsigned char flag
+        cdef double now
         if dst >= 0:
             if dst >= self.nchan:
                 raise ValueError(f"dst_worker_id {dst} is out of range: there are "
@@ -541,11 +555,33 @@ cdef class Dispatcher(RecordReader):
             return dst
         if self.nout == 1:
             return 0
-        # An idle task worker first, starting after the last one picked; round-robin when
-        # every one is busy.
+        # Calls awaited one by one (pile: a CO call, a coroutine's Task.co) go to the first
+        # task worker in order whose tasks are quick, idle or running: the calls of a turn
+        # (an HTTP worker's requests) then leave in one record, a running task worker reads
+        # it without a wake-up when it ends the ones it has, and the others sleep on while it
+        # keeps up; a wake-up costs more than such a task. One seen running for longer than
+        # _PILE_FOR runs something slow after all: the next calls go elsewhere. Bursts (ASYNC
+        # deliveries, batches) are spread, as their tasks may be slower than the last ones.
+        now = 0.0
+        for j in range(self.nchan if pile else 0):
+            flag = self.busy[j]
+            if not flag & _IDLE_QUICK:
+                continue
+            if not flag & _BUSY:
+                self.busy_seen[j] = 0.0
+                return j
+            if now == 0.0:
+                now = monotonic()
+            if self.busy_seen[j] == 0.0:
+                self.busy_seen[j] = now
+                return j
+            if now - self.busy_seen[j] < _PILE_FOR:
+                return j
+        # Otherwise an idle task worker first, starting after the last one picked; round-robin
+        # when every one is busy.
         j = self.rr
         for k in range(self.nchan):
-            if self.busy[j] == 0:
+            if not self.busy[j] & _BUSY:
                 break
             j += 1
             if j == self.nchan:
@@ -557,14 +593,15 @@ cdef class Dispatcher(RecordReader):
             self.rr = 0
         return j
 
-    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry) except? 0:
+    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
+                          bint pile) except? 0:
         cdef int j
         cdef size_t n
         cdef Channel ch
         cdef uint64_t task_id
         if len(self.table.entries) >= self.table.max_pending:
             self._wait_for_room()
-        j = self._pick(dst)
+        j = self._pick(dst, pile)
         ch = <Channel>self.outs[j]
         entry.tw = j
         entry.body = body
@@ -615,15 +652,16 @@ cdef class Dispatcher(RecordReader):
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_ASYNC
         entry.obj = callback
-        cdef uint64_t task_id = self._submit(body, dst, _FLAG_ASYNC, entry)
+        cdef uint64_t task_id = self._submit(body, dst, _FLAG_ASYNC, entry, False)
         self._schedule_flush()
         return task_id
 
-    def submit_future(self, bytes body, int dst, future, double timeout=-1.0):
+    def submit_future(self, bytes body, int dst, future, double timeout=-1.0, bint batch=False):
         """Queues a task whose result resolves future (an asyncio future of this loop): its
         value, or the error as the future's exception. With a timeout (seconds, >= 0; it needs
         set_scheduler's schedule_timer), a task still without a result then is dropped, counted
-        as timed out, and its future's result is TIMEOUT."""
+        as timed out, and its future's result is TIMEOUT. batch: one of many delivered
+        together (co_batch), spread over the task workers as a burst is."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         cdef double at
         entry.kind = _P_FUTURE
@@ -631,7 +669,7 @@ cdef class Dispatcher(RecordReader):
         if timeout >= 0 and self.schedule_timer is None:
             raise ValueError("submit_future with a timeout needs set_scheduler(..., "
                              "schedule_timer)")
-        cdef uint64_t task_id = self._submit(body, dst, 0, entry)
+        cdef uint64_t task_id = self._submit(body, dst, 0, entry, not batch)
         if timeout >= 0:
             at = monotonic() + timeout
             self.table.push_deadline(at, task_id)
@@ -670,7 +708,7 @@ cdef class Dispatcher(RecordReader):
         make_error, or TIMEOUT. Other results arriving meanwhile are kept for the loop."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_SYNC
-        cdef uint64_t task_id = self._submit(body, dst, 0, entry)
+        cdef uint64_t task_id = self._submit(body, dst, 0, entry, True)
         cdef Channel ch = self.last
         cdef double started = monotonic()
         self._flush_all()
@@ -698,7 +736,7 @@ cdef class Dispatcher(RecordReader):
             entry.kind = _P_BATCH
             entry.obj = batch
             entry.index = i
-            ids.append(self._submit(<bytes>bodies[i], dst, 0, entry))
+            ids.append(self._submit(<bytes>bodies[i], dst, 0, entry, False))
         self._flush_all()
         self._wait(None, batch, monotonic() + timeout)
         if batch.remaining:

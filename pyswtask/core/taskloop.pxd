@@ -64,6 +64,7 @@ cdef class TaskLoop(RecordReader):
     cdef readonly Py_ssize_t pending  # tasks whose result comes later, through finish()
     cdef Py_ssize_t pending_max     # task_max_concurrency: the channels pause at it
     cdef bint paused
+    cdef double run_avg             # moving average of every task's run time (< 0: none yet)
     cdef bint recycling             # reading nothing more from the channels: a successor will
     # The task running now, for Task.current(): its envelope (None between tasks), header, and
     # channel (-1: the queue, or none: a task the role took itself, whose source is -1).
@@ -95,5 +96,6 @@ cdef class TaskLoop(RecordReader):
                     object value, object envelope) except -1
     cdef int _tick(self) except -1
     cdef int _watched(self) except -1
+    cdef unsigned char _idle_flag(self) noexcept
     cdef int _pause(self, bint on) except -1
     cdef size_t _interest(self) noexcept

@@ -37,6 +37,9 @@ cdef object _result_packer = msgpack.Packer(use_bin_type=True, autoreset=False)
 # A method whose runs average more than this is "slow": results already queued are sent before
 # it starts, so a fast task's result never waits behind a slow one that shared its record.
 cdef double _SLOW_TASK = 0.0002
+# Tasks quicker than this on average mark their task worker _IDLE_QUICK while it waits: about
+# what waking a sleeping process costs here (tens of microseconds across CPUs).
+cdef double _QUICK_TASK = 0.00005
 
 # Upper bounds (seconds) of the task-duration histogram's buckets; +Inf follows.
 cdef double _DURATION_BOUND[DURATION_BOUNDS]
@@ -97,6 +100,7 @@ cdef class TaskLoop(RecordReader):
         self.on_protocol_error = on_protocol_error
         self.high_water = high_water
         self.durations = {}
+        self.run_avg = -1.0
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -205,7 +209,7 @@ cdef class TaskLoop(RecordReader):
                 if wait_ms < 0 or left < wait_ms:
                     wait_ms = <int>left
             # At task_max_concurrency it counts as busy: dispatchers prefer another.
-            self.busy[self.index] = self.paused
+            self.busy[self.index] = self._idle_flag()
             if self.reader is not None and self.reader.direct and not self.reader.finished:
                 n = self._wait_direct(evs, wait_ms)
             else:
@@ -216,7 +220,7 @@ cdef class TaskLoop(RecordReader):
                     PyErr_CheckSignals()
                     continue
                 raise OSError(errno, "epoll_wait failed")
-            self.busy[self.index] = 1
+            self.busy[self.index] = _BUSY | (self._idle_flag() & _IDLE_QUICK)
             tick = watched = False
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
@@ -290,7 +294,7 @@ cdef class TaskLoop(RecordReader):
             with nogil:
                 r = self.reader.receive(deadline, wait_ms != 0)
             if r == RECV_RECORD:
-                self.busy[self.index] = 1
+                self.busy[self.index] = _BUSY | (self._idle_flag() & _IDLE_QUICK)
                 self._read_queue()
                 if not self.reader.fired:
                     return 0
@@ -317,7 +321,7 @@ cdef class TaskLoop(RecordReader):
             self._serve(ch, <size_t>r)
             # Idle before the replies leave: a caller that sends its next task as soon as it has
             # this reply must already see this task worker as idle.
-            self.busy[self.index] = self.paused
+            self.busy[self.index] = self._idle_flag()
             # The replies to one record go out together: one send for many small results.
             ch.flush()
         return 0
@@ -345,9 +349,9 @@ cdef class TaskLoop(RecordReader):
                                    f"{peer}, which has no channel here, dropped")
             return 0
         ch = <Channel>self.channels[peer]
-        self.busy[self.index] = 1
+        self.busy[self.index] = _BUSY
         self._serve(ch, n)
-        self.busy[self.index] = 0
+        self.busy[self.index] = self._idle_flag()
         ch.flush()
         ch.update_interest(self.epfd, self._interest())
         return 0
@@ -378,7 +382,7 @@ cdef class TaskLoop(RecordReader):
             # More is waiting: come back after the channels had their turn.
             if self.queue_fd >= 0:
                 write(self.queue_fd, &one, 8)
-        self.busy[self.index] = self.paused
+        self.busy[self.index] = self._idle_flag()
         for ch in self.channels:
             if ch.queued():
                 ch.flush()
@@ -469,6 +473,9 @@ cdef class TaskLoop(RecordReader):
             expected = self.durations.get(key)
             if ch.queued() and (expected is None or <double>expected > _SLOW_TASK):
                 ch.flush()
+            if expected is None or <double>expected >= _QUICK_TASK:
+                # Not known to be quick: dispatchers stop adding calls behind it at once.
+                self.busy[self.index] = _BUSY
             if self.state is not None and ch is not self.qchan:
                 self.state.started(self.index, task_id, src)
             if ch is self.qchan:
@@ -522,6 +529,10 @@ cdef class TaskLoop(RecordReader):
         finally:
             self.cur_envelope = None
         seconds[0] = monotonic() - started
+        if self.run_avg < 0:
+            self.run_avg = seconds[0]
+        else:
+            self.run_avg = self.run_avg * 0.8 + seconds[0] * 0.2
         ok, _ = res
         if self.stat_counts != NULL:
             self._count(key, ok, seconds[0])
@@ -707,6 +718,15 @@ cdef class TaskLoop(RecordReader):
         if self.paused and self.pending <= self.pending_max // 2:
             self._pause(False)
         self._reply(<Channel>self.channels[peer], task_id, 0, <uint16_t>peer, ok, value, envelope)
+
+    cdef unsigned char _idle_flag(self) noexcept:
+        """The busy byte while waiting: _BUSY when paused (dispatchers prefer another), else
+        _IDLE_QUICK when recent tasks ran faster than a wake-up, else 0."""
+        if self.paused:
+            return _BUSY
+        if 0 <= self.run_avg < _QUICK_TASK:
+            return _IDLE_QUICK
+        return 0
 
     cdef int _pause(self, bint on) except -1:
         cdef Channel ch

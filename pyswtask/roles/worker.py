@@ -235,7 +235,7 @@ class Worker(ChildRole):
         bodies = self._pack_calls(calls, timeout)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in bodies]
-        ids = [dispatcher.submit_future(body, dst_worker_id, fut)
+        ids = [dispatcher.submit_future(body, dst_worker_id, fut, batch=True)
                for body, fut in zip(bodies, futures)]
         if futures:
             await asyncio.wait(futures, timeout=check_timeout(timeout))

@@ -138,7 +138,7 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
             # Sent to it, less started by it (tasks sent again after a death count once).
             waiting = max(0, int(sent[:, i - w].sum()) - int(s["tasks_started"])) \
                 if per_tw else None
-            task_workers.append({**common, "index": i - w, "idle": busy[i - w] == 0,
+            task_workers.append({**common, "index": i - w, "idle": not busy[i - w] & 1,
                                  "run": int(s["tasks_run"]), "failed": int(s["tasks_failed"]),
                                  "waiting": waiting,
                                  "lost": int(lost[:, i - w].sum()) if per_tw else None,
