@@ -4,9 +4,9 @@ Design, as in Swoft: two shared-memory tables created by the master before it fo
 origin table, a row per scheduled method; the run-time table, a row per due execution), and two
 user processes that share them without messages:
 
-- ``cronTimer`` (``timer``) writes each minute's due rows one second before the minute starts,
-  aligned to the wall clock (and at start-up, the rest of the current minute from the next
-  whole second), and frees finished rows;
+- ``cronTimer`` (``timer``) writes each minute's due rows 1.5 s before the minute starts
+  (mid-second, away from the runs), aligned to the wall clock (and at start-up, the rest of the
+  current minute from the next whole second), and frees finished rows;
 - ``cronExec`` (``exec``) sleeps until the next due second, claims the due rows and delivers
   them to the task workers. A row whose second passed while it was late is still delivered
   within ``cron_grace`` seconds, else marked skipped and logged; a row is claimed once, so it

@@ -1,7 +1,7 @@
-"""The ``cronTimer`` user process: writes each minute's due rows into the run-time table one
-second before the minute starts, aligned to the wall clock (and at start-up, the rest of the
-current minute from the next whole second), frees finished rows, and wakes the exec process
-when it wrote rows.
+"""The ``cronTimer`` user process: writes each minute's due rows into the run-time table a
+second and a half before the minute starts, aligned to the wall clock (and at start-up, the
+rest of the current minute from the next whole second), frees finished rows, and wakes the exec
+process when it wrote rows.
 
 It must not deliver or run anything: rows are claimed and delivered by ``exec`` alone, so that a
 run is delivered once.
@@ -32,6 +32,11 @@ TIMER_PROCESS = "cronTimer"
 # lost (their task worker died, say).
 KEEP_FINISHED = 120
 STALE_AFTER = 3600
+# The minute's rows are written this long before it: in the middle of a second, away from the
+# runs, which start at whole seconds. At a whole second the fill's burst of work (every rule's
+# due seconds, a row each) took a core from task workers running that second's runs, and
+# started them 2-3 ms late once a minute.
+FILL_AHEAD = 1.5
 
 
 class CronTimer:
@@ -56,8 +61,8 @@ class CronTimer:
         self.fill(minute_start(now), max(since, minute_start(now)))
         next_minute = minute_start(now) + 60
         while True:
-            # One second ahead, so the rows of second 0 are there before it comes.
-            self._sleep_until(proc, next_minute - 1)
+            # Ahead, so the rows of second 0 are there before it comes.
+            self._sleep_until(proc, next_minute - FILL_AHEAD)
             now = time.time()
             if now >= next_minute + 60:
                 # The clock jumped forward (or we were stopped): catch up from the current
