@@ -281,29 +281,23 @@ def _xreadgroup(redis: _brokers.RedisServer, n: int, per_pipeline: int = 100
             "redis_py": _brokers.version("redis"), "redis": redis.version}
 
 
-def _resp(*args: Any) -> bytes:
-    """One command in Redis's protocol (RESP), its arguments bytes or str."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
 class _Raw:
-    """A raw socket to Redis with a hiredis reader: nothing between the hops and the wire."""
+    """A raw socket to Redis with hiredis packing and parsing: nothing between the hops and the
+    wire."""
 
     def __init__(self, port: int) -> None:
         import hiredis
 
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pack = hiredis.pack_command
         self.reader = hiredis.Reader()
 
-    def replies(self, data: bytes, count: int) -> list[Any]:
-        self.sock.sendall(data)
+    def replies(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Sends the commands in one write; their replies, in order."""
+        self.sock.sendall(b"".join(self.pack(command) for command in commands))
         got: list[Any] = []
-        while len(got) < count:
+        while len(got) < len(commands):
             reply = self.reader.gets()
             if reply is False:
                 chunk = self.sock.recv(65536)
@@ -320,23 +314,23 @@ class _Raw:
 def _roundtrip(redis: _brokers.RedisServer, n: int) -> dict[str, Any]:
     """The redis_roundtrip floor: n sequential calls through two streams, p50/p99 (us)."""
     redis.flush()
-    _Raw(redis.port).replies(_resp("XGROUP", "CREATE", "rt", "g", "$", "MKSTREAM"), 1)
+    _Raw(redis.port).replies(("XGROUP", "CREATE", "rt", "g", "$", "MKSTREAM"))
     pid = os.fork()
     if pid == 0:        # the consumer: takes each task, answers it, until "stop"
         code = 1
         try:
             conn = _Raw(redis.port)
             while True:
-                reply = conn.replies(_resp("XREADGROUP", "GROUP", "g", "c", "BLOCK", "5000",
-                                           "COUNT", "1", "STREAMS", "rt", ">"), 1)[0]
+                reply = conn.replies(("XREADGROUP", "GROUP", "g", "c", "BLOCK", "5000",
+                                      "COUNT", "1", "STREAMS", "rt", ">"))[0]
                 if reply is None:
                     continue
                 entry_id, fields = reply[0][1][0]
                 if fields[1] == b"stop":
                     code = 0
                     break
-                conn.replies(_resp("MULTI") + _resp("XADD", "rtr", "*", "r", fields[1])
-                             + _resp("XACK", "rt", "g", entry_id) + _resp("EXEC"), 4)
+                conn.replies(("MULTI",), ("XADD", "rtr", "*", "r", fields[1]),
+                             ("XACK", "rt", "g", entry_id), ("EXEC",))
         finally:
             os._exit(code)
     samples = []
@@ -346,14 +340,14 @@ def _roundtrip(redis: _brokers.RedisServer, n: int) -> dict[str, Any]:
         for i in range(n + n // 10):
             t = time.perf_counter_ns()
             _added, read = conn.replies(
-                _resp("XADD", "rt", "*", "t", body)
-                + _resp("XREAD", "BLOCK", "10000", "COUNT", "1", "STREAMS", "rtr", last), 2)
+                ("XADD", "rt", "*", "t", body),
+                ("XREAD", "BLOCK", "10000", "COUNT", "1", "STREAMS", "rtr", last))
             if read is None:
                 raise RuntimeError("redis_roundtrip: no answer within 10 s")
             last = read[0][1][0][0]
             if i >= n // 10:      # the first tenth warms up
                 samples.append(time.perf_counter_ns() - t)
-        conn.replies(_resp("XADD", "rt", "*", "t", "stop"), 1)
+        conn.replies(("XADD", "rt", "*", "t", "stop"))
     finally:
         deadline = time.monotonic() + 10
         while os.waitpid(pid, os.WNOHANG) == (0, 0):

@@ -136,6 +136,7 @@ cdef class Dispatcher(RecordReader):
     cdef public size_t high_water
 
     cdef int _pick(self, int dst, bint pile) except -1
+    cdef int _pick_quick(self) noexcept
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
                           bint pile) except? 0
     cdef int _wait_for_room(self) except -1

@@ -543,8 +543,6 @@ cdef class Dispatcher(RecordReader):
 
     cdef int _pick(self, int dst, bint pile) except -1:
         cdef int k, j
-        cdef unsigned char flag
-        cdef double now
         if dst >= 0:
             if dst >= self.nchan:
                 raise ValueError(f"dst_worker_id {dst} is out of range: there are "
@@ -555,27 +553,9 @@ cdef class Dispatcher(RecordReader):
             return dst
         if self.nout == 1:
             return 0
-        # Calls awaited one by one (pile: a CO call, a coroutine's Task.co) go to the first
-        # task worker in order whose tasks are quick, idle or running: the calls of a turn
-        # (an HTTP worker's requests) then leave in one record, a running task worker reads
-        # it without a wake-up when it ends the ones it has, and the others sleep on while it
-        # keeps up; a wake-up costs more than such a task. One seen running for longer than
-        # _PILE_FOR runs something slow after all: the next calls go elsewhere. Bursts (ASYNC
-        # deliveries, batches) are spread, as their tasks may be slower than the last ones.
-        now = 0.0
-        for j in range(self.nchan if pile else 0):
-            flag = self.busy[j]
-            if not flag & _IDLE_QUICK:
-                continue
-            if not flag & _BUSY:
-                self.busy_seen[j] = 0.0
-                return j
-            if now == 0.0:
-                now = monotonic()
-            if self.busy_seen[j] == 0.0:
-                self.busy_seen[j] = now
-                return j
-            if now - self.busy_seen[j] < _PILE_FOR:
+        if pile:
+            j = self._pick_quick()
+            if j >= 0:
                 return j
         # Otherwise an idle task worker first, starting after the last one picked; round-robin
         # when every one is busy.
@@ -592,6 +572,33 @@ cdef class Dispatcher(RecordReader):
         if self.rr == self.nchan:
             self.rr = 0
         return j
+
+    cdef int _pick_quick(self) noexcept:
+        """For a call awaited on its own (a CO call, a coroutine's Task.co): the first task
+        worker in order whose tasks are quick, idle or running, or -1. A turn's calls (an HTTP
+        worker's requests) then leave in one record, a running task worker reads it without a
+        wake-up when it ends the ones it has, and the others sleep on while it keeps up; a
+        wake-up costs more than such a task. One seen running for longer than _PILE_FOR runs
+        something slow after all: the next calls go elsewhere. Bursts (ASYNC deliveries,
+        batches) do not come here, as their tasks may be slower than the last ones."""
+        cdef int j
+        cdef unsigned char flag
+        cdef double now = 0.0
+        for j in range(self.nchan):
+            flag = self.busy[j]
+            if not flag & _IDLE_QUICK:
+                continue
+            if not flag & _BUSY:
+                self.busy_seen[j] = 0.0
+                return j
+            if now == 0.0:
+                now = monotonic()
+            if self.busy_seen[j] == 0.0:
+                self.busy_seen[j] = now
+                return j
+            if now - self.busy_seen[j] < _PILE_FOR:
+                return j
+        return -1
 
     cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
                           bint pile) except? 0:

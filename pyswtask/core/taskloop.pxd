@@ -97,5 +97,6 @@ cdef class TaskLoop(RecordReader):
     cdef int _tick(self) except -1
     cdef int _watched(self) except -1
     cdef unsigned char _idle_flag(self) noexcept
+    cdef unsigned char _running_flag(self) noexcept
     cdef int _pause(self, bint on) except -1
     cdef size_t _interest(self) noexcept

@@ -220,7 +220,7 @@ cdef class TaskLoop(RecordReader):
                     PyErr_CheckSignals()
                     continue
                 raise OSError(errno, "epoll_wait failed")
-            self.busy[self.index] = _BUSY | (self._idle_flag() & _IDLE_QUICK)
+            self.busy[self.index] = self._running_flag()
             tick = watched = False
             for i in range(n):
                 if evs[i].data.u32 == _STOP_TAG:
@@ -294,7 +294,7 @@ cdef class TaskLoop(RecordReader):
             with nogil:
                 r = self.reader.receive(deadline, wait_ms != 0)
             if r == RECV_RECORD:
-                self.busy[self.index] = _BUSY | (self._idle_flag() & _IDLE_QUICK)
+                self.busy[self.index] = self._running_flag()
                 self._read_queue()
                 if not self.reader.fired:
                     return 0
@@ -727,6 +727,11 @@ cdef class TaskLoop(RecordReader):
         if 0 <= self.run_avg < _QUICK_TASK:
             return _IDLE_QUICK
         return 0
+
+    cdef unsigned char _running_flag(self) noexcept:
+        """The busy byte while running tasks: _BUSY, with _IDLE_QUICK kept when they are quick
+        (a record sent now is read when they end, without a wake-up)."""
+        return _BUSY | (self._idle_flag() & _IDLE_QUICK)
 
     cdef int _pause(self, bint on) except -1:
         cdef Channel ch

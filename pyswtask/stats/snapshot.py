@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import sysv
+from .._core import TW_BUSY
 from ..counters import CAUSES, DURATION_BOUNDS, TASK_ROWS, StatsSegment, StatsUnreadable, attach
 from ..errors import ServerNotRunning
 
@@ -138,7 +139,7 @@ def snapshot(seg: StatsSegment) -> dict[str, Any]:
             # Sent to it, less started by it (tasks sent again after a death count once).
             waiting = max(0, int(sent[:, i - w].sum()) - int(s["tasks_started"])) \
                 if per_tw else None
-            task_workers.append({**common, "index": i - w, "idle": not busy[i - w] & 1,
+            task_workers.append({**common, "index": i - w, "idle": not busy[i - w] & TW_BUSY,
                                  "run": int(s["tasks_run"]), "failed": int(s["tasks_failed"]),
                                  "waiting": waiting,
                                  "lost": int(lost[:, i - w].sum()) if per_tw else None,
