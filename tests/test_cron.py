@@ -114,6 +114,64 @@ def test_a_fresh_start_begins_with_the_next_whole_second(servers: ServerRunner) 
 
 
 @pytest.mark.slow
+def test_quick_runs_of_a_second_go_to_one_task_worker_slow_ones_spread(
+        servers: ServerRunner) -> None:
+    srv = servers.run(CRON_PRELUDE + '''
+        def quick(i):
+            @scheduled(cron="* * * * * *")
+            def run(self):
+                ran(f"quick{i}", pid=os.getpid())
+            run.__name__ = run.__qualname__ = f"quick{i}"
+            return run
+
+        def slow(i):
+            @scheduled(cron="* * * * * *")
+            def run(self):
+                ran(f"slow{i}", pid=os.getpid())
+                time.sleep(0.3)
+            run.__name__ = run.__qualname__ = f"slow{i}"
+            return run
+
+        methods = {f"quick{i}": quick(i) for i in range(6)}
+        methods.update({f"slow{i}": slow(i) for i in range(2)})
+        Jobs = task("jobs")(type("Jobs", (), methods))
+
+        def stop(server):
+            cron_runs = server.stats()["task_methods"]["pyswtask.cron.run"]
+            emit(event="stats", buckets=cron_runs["buckets"],
+                 bounds=server.stats()["duration_buckets"])
+            server.shutdown()
+
+        server = Server(worker_num=1, task_worker_num=2, cron=True)
+        server.on("worker_start", lambda s, wid: s.after(8300, lambda: stop(s)))
+        sys.exit(server.start())
+    ''', timeout=40)
+    runs = srv.by_event("ran")
+    dues = sorted({r["due"] for r in runs})
+    assert len(dues) >= 5, runs
+    for job in [f"quick{i}" for i in range(6)] + ["slow0", "slow1"]:
+        assert sorted(r["due"] for r in runs_of(srv, job)) == dues, (job, runs)
+    # From the third second on, every quick job has run before: the second's quick runs go
+    # to one task worker together (spread, they would split 3 and 3).
+    checked = dues[2:-1]
+    together = [sec for sec in checked
+                if len({r["pid"] for r in runs if r["due"] == sec
+                        and r["job"].startswith("quick")}) == 1]
+    assert len(together) >= len(checked) - 1, (checked, [
+        (r["job"], r["due"], r["pid"], r["t"] - r["due"]) for r in runs])
+    for sec in checked:
+        # The slow runs never wait for each other: both start well within their 0.3 s.
+        slow = [r for r in runs if r["due"] == sec and r["job"].startswith("slow")]
+        assert all(0 <= r["t"] - sec < 0.25 for r in slow), slow
+        assert all(0 <= r["t"] - sec < 0.25 for r in runs if r["due"] == sec), runs
+    # A run's wait for its second is not its run time: the quick runs, delivered a few
+    # milliseconds before their second, count under a millisecond (all but the first ones).
+    (stats,) = srv.by_event("stats")
+    quick_runs = sum(1 for r in runs if r["job"].startswith("quick"))
+    assert stats["buckets"][stats["bounds"].index(0.001)] >= quick_runs - 6, stats
+
+
+@pytest.mark.slow
 def test_a_stopped_exec_process_catches_up_once_each(servers: ServerRunner) -> None:
     srv = servers.start(CRON_PRELUDE + '''
         @task()

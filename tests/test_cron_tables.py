@@ -23,6 +23,7 @@ from pyswtask._core import (
     TableFull,
 )
 from pyswtask.cron import due_seconds, next_times, normalize_rule
+from pyswtask.cron.exec import PILE_BUDGET, QUICK_RUN, CronExec
 
 
 def origin(capacity: int = 4) -> OriginTable:
@@ -63,6 +64,30 @@ def test_origin_rows_round_trip_and_count_outcomes() -> None:
     view = t.to_numpy()
     assert view[job]["task"] == b"Reports" and view[job]["run_count"] == 2
     assert view.shape == (4,) and int(view["used"].sum()) == 1
+    assert t.last_duration(job) == 0.5
+    assert t.last_duration(t.add("* * * * * *", "Reports", "hourly", 1_700_000_000)) is None
+
+
+def test_quick_runs_pile_up_to_a_budget_and_the_others_spread() -> None:
+    t = origin(16)
+    took = [None, 0.00015, 0.0006, 0.00018, 0.00016, 0.0005, 0.00019, 0.00019, 0.00019, 0.00002]
+    for i, d in enumerate(took):
+        job = t.add("* * * * * *", "Jobs", f"m{i}", 0)
+        if d is not None:
+            t.finish(job, 0, RunStatus.DONE, d)
+    lease = t.add("* * * * * *", "Jobs", "clustered", 0)
+    t.finish(lease, 0, RunStatus.DONE, 0.00001)
+    going = [(100 + job, job, 1_700_000_000, None) for job in range(len(took))]
+    going.append((200, lease, 1_700_000_000, "node:1"))
+    piles, spread = CronExec._piles(t, going)
+    # Never run yet, as slow as QUICK_RUN or slower, and the cluster's run: spread.
+    assert [job for _row, job, _sec, _lease in spread] == [0, 2, 5, lease]
+    # The quick ones in their order, a new pile once a pile's last run times would pass
+    # PILE_BUDGET (1 ms).
+    assert [[job for _row, job, _sec, _lease in pile] for pile in piles] == [
+        [1, 3, 4, 6, 7], [8, 9]]
+    assert all(sum(took[run[1]] for run in pile) <= PILE_BUDGET for pile in piles)
+    assert all(took[run[1]] < QUICK_RUN for pile in piles for run in pile)
 
 
 def test_widths_are_enforced_not_truncated() -> None:

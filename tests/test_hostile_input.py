@@ -919,8 +919,11 @@ GARBAGE_SCRIPT = '''
         pack_frame(FRAME_PIPE, 0, 92, 0, b"\\x92\\xa4task" + DEEP),
         pack_frame(FRAME_PIPE, 0, 93, 0, msgpack.packb(["task", [1, 2]])),
         pack_frame(FRAME_PIPE, 0, 94, 0, msgpack.packb(["tasks", [os.getpid(), 2,
-                                                                   [["Demo", "_secret", []], 5]]])),
+                                                                   [["Demo", "_secret", []], 5],
+                                                                   [1]]])),
         pack_frame(FRAME_PIPE, 0, 96, 0, msgpack.packb(["tasks", [["Demo", "echo", [1]]]])),
+        pack_frame(FRAME_PIPE, 0, 97, 0, msgpack.packb(["tasks", [7, 2, [["Demo", "echo", [1]]],
+                                                                   [0]]])),
         pack_frame(FRAME_PIPE, 0, 95, 0, msgpack.packb(["pyswtask.start_process", "nope"])),
     ]
 
@@ -975,6 +978,8 @@ def test_garbage_on_a_task_channel_and_the_inboxes_is_logged_and_dropped(servers
     assert "malformed task message from process 0 dropped: [1, 2]" in srv.err
     assert "task 5 for process 0 not delivered" in srv.err
     assert "malformed tasks message from process 0 dropped: [['Demo', 'echo', [1]]]" in srv.err
+    assert "malformed tasks message from process 0 dropped: [7, 2, [['Demo', 'echo', [1]]], [0]]" \
+        in srv.err
     assert "start of unknown process 'nope' refused" in srv.err
 
 

@@ -241,6 +241,18 @@ cdef class OriginTable(CronTable):
         """Every used row, as dicts."""
         return [self.get(i) for i in range(self.hdr.top) if (<OriginRow *>self.row(i)).used]
 
+    def last_duration(self, uint32_t job):
+        """How long the job's last run took (seconds), or None before its first run."""
+        cdef OriginRow *r = <OriginRow *>self.row(job)
+        cdef double took
+        cdef uint64_t count
+        self.check(job)
+        self.lock()
+        took = r.last_duration
+        count = r.run_count
+        self.unlock()
+        return took if count else None
+
     def begin(self, uint32_t job):
         """Counts one more delivery in flight; False (nothing counted) when the job does not
         allow overlap and one is still in flight."""

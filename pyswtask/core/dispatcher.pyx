@@ -573,6 +573,14 @@ cdef class Dispatcher(RecordReader):
             self.rr = 0
         return j
 
+    def pick_for_burst(self):
+        """The task worker the next of a burst of ASYNC tasks would go to (an idle one first,
+        see _pick), for tasks that must all go to one; -1 where tasks cannot be sent to a
+        chosen one (task_ipc_mode 3: the task workers take them from one queue in turn)."""
+        if self.nout != self.nchan:
+            return -1
+        return self._pick(-1, False)
+
     cdef int _pick_quick(self) noexcept:
         """For a call awaited on its own (a CO call, a coroutine's Task.co): the first task
         worker in order whose tasks are quick, idle or running, or -1. A turn's calls (an HTTP
@@ -651,16 +659,19 @@ cdef class Dispatcher(RecordReader):
 
     # -- delivering -----------------------------------------------------------------------------
 
-    def submit(self, bytes body, int dst=-1, callback=None):
+    def submit(self, bytes body, int dst=-1, callback=None, bint together=False):
         """Sends an ASYNC task; returns its id. The first task of a loop turn (every task
         without a loop) is written at once; later ones are coalesced and leave when a record
         fills, at the end of the turn, or a millisecond or two after the deliveries stop,
-        whichever comes first. The result comes back through on_finish."""
+        whichever comes first. together: one of many handed over at once (a user process's
+        or the crontab's "tasks" message), which all leave at the end of the turn, the first
+        not apart from the rest: a task worker then runs them as one record, with no send
+        and no wake-up between them. The result comes back through on_finish."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_ASYNC
         entry.obj = callback
         cdef uint64_t task_id = self._submit(body, dst, _FLAG_ASYNC, entry, False)
-        self._schedule_flush()
+        self._schedule_flush(not together)
         return task_id
 
     def submit_future(self, bytes body, int dst, future, double timeout=-1.0, bint batch=False):

@@ -69,6 +69,7 @@ cdef class TaskLoop(RecordReader):
     # The task running now, for Task.current(): its envelope (None between tasks), header, and
     # channel (-1: the queue, or none: a task the role took itself, whose source is -1).
     cdef object cur_envelope
+    cdef double cur_uncounted       # what it waited on purpose (not_counted), not its run time
     cdef uint64_t cur_id
     cdef int cur_src
     cdef uint8_t cur_flags

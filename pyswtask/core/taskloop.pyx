@@ -521,6 +521,7 @@ cdef class TaskLoop(RecordReader):
         self.cur_flags = flags
         self.cur_attempt = attempt
         self.cur_peer = peer
+        self.cur_uncounted = 0.0
         started = monotonic()
         try:
             # execute gets the call's six fields; the extra ones are Task.current()'s.
@@ -528,7 +529,9 @@ cdef class TaskLoop(RecordReader):
                                else PyTuple_GetSlice(envelope, 0, 6), task_id, src)
         finally:
             self.cur_envelope = None
-        seconds[0] = monotonic() - started
+        seconds[0] = monotonic() - started - self.cur_uncounted
+        if seconds[0] < 0:
+            seconds[0] = 0.0
         if self.run_avg < 0:
             self.run_avg = seconds[0]
         else:
@@ -750,6 +753,13 @@ cdef class TaskLoop(RecordReader):
         for ch in self.channels:
             if ch.queued():
                 ch.flush()
+
+    def not_counted(self, double seconds):
+        """The running task waited this long on purpose (the crontab's runner, for its due
+        second): left out of its run time, which also decides whether it counts as quick (its
+        task worker _IDLE_QUICK, results of its record held until the record ends)."""
+        if self.cur_envelope is not None and seconds > 0:
+            self.cur_uncounted += seconds
 
     def current(self):
         """(envelope, task id, source worker, from a separate program, attempt, channel) of the

@@ -7,10 +7,11 @@ user processes that share them without messages:
 - ``cronTimer`` (``timer``) writes each minute's due rows 1.5 s before the minute starts
   (mid-second, away from the runs), aligned to the wall clock (and at start-up, the rest of the
   current minute from the next whole second), and frees finished rows;
-- ``cronExec`` (``exec``) sleeps until the next due second, claims the due rows and delivers
-  them to the task workers. A row whose second passed while it was late is still delivered
-  within ``cron_grace`` seconds, else marked skipped and logged; a row is claimed once, so it
-  is never delivered twice.
+- ``cronExec`` (``exec``) sleeps until just before the next due second, claims the due rows
+  and delivers them to the task workers, the runs of jobs known to be quick together to one
+  task worker. A row whose second passed while it was late is still delivered within
+  ``cron_grace`` seconds, else marked skipped and logged; a row is claimed once, so it is
+  never delivered twice.
 
 The task runs in a task worker inside a small wrapper (``runner``) that writes running / done /
 failed and the duration back into both tables. Rules and zones are in ``rules``; the tables'

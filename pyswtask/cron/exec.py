@@ -44,6 +44,18 @@ EXEC_PROCESS = "cronExec"
 # start.
 LEAD = 0.004
 
+# The runs of one second whose jobs are known to be quick (their last run took under QUICK_RUN)
+# go to one task worker together, up to PILE_BUDGET of their last run times a pile: it runs
+# them one after another as its second comes. Spread over the task workers, every one of them
+# waits for the second (spinning its last stretch, see runner), which leaves no core free for
+# anything else and gets one of them preempted for a scheduler slice (a millisecond or more)
+# as the runs should start. Runs of other jobs, and of jobs not run yet, are spread as before.
+QUICK_RUN = 0.0005
+PILE_BUDGET = 0.001
+
+# A due run: (its row in the run-time table, its job, its second, its lease or None).
+Run = tuple[int, int, int, "str | None"]
+
 
 class CronExec:
     """What the cronExec process runs; built in the master, run after the fork."""
@@ -85,13 +97,13 @@ class CronExec:
                     self._deliver(origin, runs, won, stats, slot)
             self._sleep_to_next(proc, runs)
 
-    def _deliver(self, origin: OriginTable, runs: RunTable,
-                 due: Sequence[tuple[int, int, int, str | None]],
+    def _deliver(self, origin: OriginTable, runs: RunTable, due: Sequence[Run],
                  stats: StatsSegment | None = None, slot: int = -1) -> None:
-        """Delivers the runs due together in one pipe message, so that they leave the worker
-        together and the last of them does not wait for a hop per run before it. A run won in
-        the cluster carries its lease value, under which its runner starts it."""
-        going = []
+        """Delivers the runs due together in one pipe message, the quick ones in piles (see
+        QUICK_RUN), so that they leave the worker together and the last of them does not wait
+        for a hop per run before it. A run won in the cluster carries its lease value, under
+        which its runner starts it."""
+        going: list[Run] = []
         for row, job, sec, lease in due:
             if origin.begin(job):
                 going.append((row, job, sec, lease))
@@ -110,10 +122,37 @@ class CronExec:
         now = time.time()
         for row, _job, _sec, _lease in going:
             runs.set_status(row, RunStatus.DELIVERED, now)
+        # One message: the worker picks a task worker for each pile and spreads the rest in
+        # one turn, before any task worker has read its share and turned busy.
+        piles, spread = self._piles(origin, going)
+        self._send(origin, runs, [run for pile in piles for run in pile] + spread,
+                   [len(pile) for pile in piles])
+
+    @staticmethod
+    def _piles(origin: OriginTable, going: list[Run]) -> tuple[list[list[Run]], list[Run]]:
+        """(piles of quick runs, each for one task worker; the other runs). A cluster run
+        never piles: it asks Redis before its second, which the runs before it would delay."""
+        piles: list[list[Run]] = []
+        spread: list[Run] = []
+        total = 0.0
+        for run in going:
+            took = origin.last_duration(run[1]) if run[3] is None else None
+            if took is None or took >= QUICK_RUN:
+                spread.append(run)
+                continue
+            if not piles or total + took > PILE_BUDGET:
+                piles.append([])
+                total = 0.0
+            piles[-1].append(run)
+            total += took
+        return piles, spread
+
+    def _send(self, origin: OriginTable, runs: RunTable, going: list[Run],
+              piles: list[int]) -> None:
         try:
             roles.current().deliver_many_by_process([
                 (CRON_TASK, "run", [row, job, sec] if lease is None else [row, job, sec, lease])
-                for row, job, sec, lease in going], origin_role=ORIGIN_CRON)
+                for row, job, sec, lease in going], origin_role=ORIGIN_CRON, piles=piles)
         except Exception as exc:
             for row, job, sec, lease in going:
                 log.error("crontab: run of %s.%s due at %d not delivered: %s",
@@ -123,7 +162,6 @@ class CronExec:
                 if self.race is not None and lease is not None:
                     # Its lease expires unstarted: another node takes the run.
                     self.race.drop(row)
-            return
 
     def _settle_skipped(self, row: int, job: int, sec: int, lease: str) -> None:
         """A won run skipped for overlap=False is settled in Redis too, so that no other node

@@ -140,9 +140,13 @@ class Role:
 
     def deliver_many_by_process(self, calls: list[tuple[str, str, Sequence[Any]]],
                                 worker_id: int = -1, timeout: float = 3.0,
-                                origin_role: int = ORIGIN_USER_PROCESS) -> None:
+                                origin_role: int = ORIGIN_USER_PROCESS,
+                                piles: Sequence[int] = ()) -> None:
         """ASYNC delivery of many tasks in one pipe message (a user process's, the crontab's:
-        ``origin_role`` is what the tasks see as their origin's role, an ORIGIN_* value)."""
+        ``origin_role`` is what the tasks see as their origin's role, an ORIGIN_* value). They
+        leave the worker together; the first come in piles of the sizes in ``piles``, each
+        to one task worker, which runs them one after another (for tasks known to be quick),
+        and the rest are spread."""
         raise DeliveryError("deliver_many_by_process works in the user processes of a server")
 
     def task_context(self) -> TaskContext:

@@ -91,13 +91,13 @@ class ClusterWorker(Worker):
         return _raise_or_return(self._wait_blocking({seq: waiting}, timeout)[0])
 
     def _deliver_for(self, name: str, method: str, envelope: bytes,
-                     relayed: relay.Relayed) -> Any:
+                     relayed: relay.Relayed, burst: relay.Burst | None = None) -> Any:
         """A user process's (or the crontab's) delivery of a cluster task goes to the cluster
         like this worker's own ASYNC ones, its envelope as the process packed it; the relay
         waits for its result as for a local one."""
         queue = registry.queue_of(name)
         if queue is None:
-            return super()._deliver_for(name, method, envelope, relayed)
+            return super()._deliver_for(name, method, envelope, relayed, burst)
         self._check_thread("Task.deliver")
         return self._send_async(queue, name, method, envelope, relayed)
 

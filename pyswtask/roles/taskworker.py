@@ -167,6 +167,10 @@ class TaskWorker(ChildRole):
                                 "runs none now (a hook, timer or listener runs between tasks)")
         return context_from_wire(raw[0], raw[1], raw[2], raw[3], raw[4], self.worker_id)
 
+    def not_counted(self, seconds: float) -> None:
+        """The running task waited this long on purpose: see TaskLoop.not_counted."""
+        self.task_loop.not_counted(seconds)
+
     def task_dispatcher(self, api: str) -> Dispatcher:
         raise DeliveryError(f"{api} cannot be called from a task worker: task workers run one "
                             "task at a time, and waiting there on another task can deadlock; "

@@ -140,11 +140,12 @@ class UserProcess(ChildRole):
 
     def deliver_many_by_process(self, calls: list[tuple[str, str, Sequence[Any]]],
                                 worker_id: int = -1, timeout: float = 3.0,
-                                origin_role: int = ORIGIN_USER_PROCESS) -> None:
+                                origin_role: int = ORIGIN_USER_PROCESS,
+                                piles: Sequence[int] = ()) -> None:
         self.checked_mailbox("deliver_many_by_process")
         if worker_id == -1:
             worker_id = self.relay.least_loaded()
-        self.send_message(pack_tasks(calls, origin_role), worker_id, PIPE_TASKS, timeout)
+        self.send_message(pack_tasks(calls, origin_role, piles), worker_id, PIPE_TASKS, timeout)
 
     def _send(self, mailbox: Mailbox, dst: int, body: bytes, timeout: float) -> None:
         # Behind whatever ASYNC deliveries are queued, held in a burst as they are, and never

@@ -280,10 +280,19 @@ class Worker(ChildRole):
         return False
 
     def _deliver_for(self, name: str, method: str, envelope: bytes,
-                     relayed: relay.Relayed) -> Any:
+                     relayed: relay.Relayed, burst: relay.Burst | None = None) -> Any:
         """ASYNC on a user process's (or the crontab's) behalf: its envelope names it as the
-        origin, with its CO deadline, and FINISH_TASK gets its origin from ``relayed``."""
-        return self.task_dispatcher("Task.deliver").submit(envelope, -1, relayed)
+        origin, with its CO deadline, and FINISH_TASK gets its origin from ``relayed``. The
+        tasks of one "tasks" message (``burst``) leave together (see relay.Burst)."""
+        dispatcher = self.task_dispatcher("Task.deliver")
+        if burst is None:
+            return dispatcher.submit(envelope, -1, relayed)
+        dst = -1
+        if burst.pile >= 0:
+            dst = burst.dsts.get(burst.pile, -1)
+            if dst < 0:
+                dst = burst.dsts[burst.pile] = dispatcher.pick_for_burst()
+        return dispatcher.submit(envelope, dst, relayed, True)
 
     def _finish(self, task_id: int, result: Any, callback: FinishCallback | None) -> None:
         """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""

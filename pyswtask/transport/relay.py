@@ -4,7 +4,8 @@ A user process has no channel to the task workers. It sends a pipe message of ty
 (``[request id, name, method, envelope, wants reply, pid, origin role]``: the task's envelope
 packed by the process itself, naming it as the origin, with a CO delivery's deadline) or
 ``"tasks"`` (many fire-and-forget calls, the crontab's:
-``[pid, origin role, [[name, method, params], ...]]``) to a worker; the worker delivers each
+``[pid, origin role, [[name, method, params], ...], [pile size, ...]]``: the first calls
+come in piles, see ``Burst``) to a worker; the worker delivers each
 task ASYNC on the process's behalf (a "task" message's envelope as it came: the worker never
 unpacks and packs its params again), and, when asked,
 sends the outcome back as a ``"task.result"`` message
@@ -39,7 +40,7 @@ from ..errors import TaskError, TaskTimeout
 from .pipe import dispatch_messages, pack_raw
 from .writebehind import WriteBehind
 
-__all__ = ["PIPE_TASK", "PIPE_TASKS", "PIPE_TASK_RESULT", "RelayClient", "Relayed",
+__all__ = ["PIPE_TASK", "PIPE_TASKS", "PIPE_TASK_RESULT", "Burst", "RelayClient", "Relayed",
            "handle_message", "pack_tasks"]
 
 log = logging.getLogger("pyswtask.pipe")
@@ -227,12 +228,28 @@ def _task_reply(data: Any) -> tuple[int, bool, Any] | None:
     return None
 
 
-def pack_tasks(calls: Sequence[Sequence[Any]], role: int) -> list[Any]:
-    """The data of a "tasks" message from this process, whose role is ``role`` (ORIGIN_*)."""
-    return [os.getpid(), role, [list(c) for c in calls]]
+def pack_tasks(calls: Sequence[Sequence[Any]], role: int,
+               piles: Sequence[int] = ()) -> list[Any]:
+    """The data of a "tasks" message from this process, whose role is ``role`` (ORIGIN_*);
+    piles: the sizes of the piles the first calls come in (see Burst)."""
+    return [os.getpid(), role, [list(c) for c in calls], list(piles)]
 
 
 # -- the worker's side ------------------------------------------------------------------------
+
+
+class Burst:
+    """The tasks of one "tasks" message, in the worker: they leave it together, in one record
+    per task worker. The first ones may come in piles (the crontab's quick runs of a second):
+    each pile goes to one task worker, which runs its tasks one after another with no wake-up
+    between them; the others are spread. ``pile`` is the pile of the task being delivered
+    (-1: none), ``dsts`` the task worker each pile went to, picked for its first task."""
+
+    __slots__ = ("pile", "dsts")
+
+    def __init__(self) -> None:
+        self.pile = -1
+        self.dsts: dict[int, int] = {}
 
 
 class Relayed:
@@ -266,8 +283,9 @@ def _silent_relayed(pid: int, role: int) -> Relayed:
     return relayed
 
 
-# deliver(name, method, envelope, relayed): the packed task, ASYNC on the process's behalf.
-Deliver = Callable[[str, str, bytes, Relayed], Any]
+# deliver(name, method, envelope, relayed, burst): the packed task, ASYNC on the process's
+# behalf; burst: None for a "task" message's, the message's Burst for a "tasks" message's.
+Deliver = Callable[[str, str, bytes, Relayed, "Burst | None"], Any]
 Send = Callable[[Any, int, str], None]
 
 
@@ -298,7 +316,7 @@ def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send
     else:
         relayed = _silent_relayed(pid, role)
     try:
-        deliver(name, method, envelope, relayed)
+        deliver(name, method, envelope, relayed, None)
     except Exception as exc:
         log.error("task %s.%s for process %d not delivered: %s", name, method, src, exc)
         if reply:
@@ -306,16 +324,20 @@ def handle_message(mtype: str, data: Any, src: int, deliver: Deliver, send: Send
 
 
 def _deliver_many(data: Any, src: int, deliver: Deliver, limit: int) -> None:
-    if not (isinstance(data, list) and len(data) == 3 and type(data[0]) is int
-            and type(data[1]) is int and isinstance(data[2], list)):
+    if not (isinstance(data, list) and len(data) == 4 and type(data[0]) is int
+            and type(data[1]) is int and isinstance(data[2], list) and isinstance(data[3], list)
+            and all(type(n) is int and n > 0 for n in data[3])):
         log.error("malformed tasks message from process %d dropped: %s", src, brief_repr(data))
         return
     relayed = _silent_relayed(data[0], data[1])
-    for call in data[2]:
+    burst = Burst()
+    piles = [k for k, n in enumerate(data[3]) for _ in range(n)]
+    for i, call in enumerate(data[2]):
+        burst.pile = piles[i] if i < len(piles) else -1
         try:
             name, method, params = call
             deliver(name, method, pack_task(name, method, params, TYPE_ASYNC, limit, None,
-                                            relayed.wire), relayed)
+                                            relayed.wire), relayed, burst)
         except Exception as exc:
             log.error("task %s for process %d not delivered: %s", brief_repr(call), src, exc)
 
