@@ -287,12 +287,7 @@ class Worker(ChildRole):
         dispatcher = self.task_dispatcher("Task.deliver")
         if burst is None:
             return dispatcher.submit(envelope, -1, relayed)
-        dst = -1
-        if burst.pile >= 0:
-            dst = burst.dsts.get(burst.pile, -1)
-            if dst < 0:
-                dst = burst.dsts[burst.pile] = dispatcher.pick_for_burst()
-        return dispatcher.submit(envelope, dst, relayed, True)
+        return dispatcher.submit(envelope, burst.dst(dispatcher.pick_for_burst), relayed, True)
 
     def _finish(self, task_id: int, result: Any, callback: FinishCallback | None) -> None:
         """The dispatcher's on_finish: the FINISH_TASK event, then the delivery's own callback."""

@@ -243,13 +243,23 @@ class Burst:
     per task worker. The first ones may come in piles (the crontab's quick runs of a second):
     each pile goes to one task worker, which runs its tasks one after another with no wake-up
     between them; the others are spread. ``pile`` is the pile of the task being delivered
-    (-1: none), ``dsts`` the task worker each pile went to, picked for its first task."""
+    (-1: none)."""
 
-    __slots__ = ("pile", "dsts")
+    __slots__ = ("pile", "_dsts")
 
     def __init__(self) -> None:
         self.pile = -1
-        self.dsts: dict[int, int] = {}
+        self._dsts: dict[int, int] = {}
+
+    def dst(self, pick: Callable[[], int]) -> int:
+        """The task worker for the task being delivered: -1 (spread) outside a pile; in one,
+        the task worker ``pick`` chose for the pile's first task."""
+        if self.pile < 0:
+            return -1
+        dst = self._dsts.get(self.pile)
+        if dst is None:
+            dst = self._dsts[self.pile] = pick()
+        return dst
 
 
 class Relayed:
