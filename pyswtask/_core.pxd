@@ -9,6 +9,7 @@ cimport cython
 
 include "core/frame.pxd"
 include "core/unpack.pxd"
+include "core/pack.pxd"
 include "core/arena.pxd"
 include "core/channel.pxd"
 include "core/msgqueue.pxd"

@@ -88,6 +88,7 @@ cimport cython
 # modules. Each file owns one job; their shapes are declared in _core.pxd and core/*.pxd.
 include "core/frame.pyx"
 include "core/unpack.pyx"
+include "core/pack.pyx"
 include "core/arena.pyx"
 include "core/channel.pyx"
 include "core/msgqueue.pyx"

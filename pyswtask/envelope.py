@@ -16,11 +16,11 @@ import contextvars
 import time
 from typing import Any, Sequence
 
-from ._core import pack_envelope
+from ._core import envelope_to_submit, pack_envelope, packed_size
 
 __all__ = ["TYPE_CO", "TYPE_ASYNC", "ORIGIN_WORKER", "ORIGIN_USER_PROCESS", "ORIGIN_CRON",
-           "ORIGIN_PROGRAM", "ORIGIN_NAMES", "trace_ids", "pack_task", "pack_call", "check_type",
-           "check_timeout", "check_length", "deadline_after", "params_error",
+           "ORIGIN_PROGRAM", "ORIGIN_NAMES", "trace_ids", "pack_task", "task_to_submit",
+           "pack_call", "check_type", "check_timeout", "check_length", "deadline_after", "params_error",
            "describe_unpackable"]
 
 TYPE_CO = 1
@@ -77,8 +77,7 @@ def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: i
     """The envelope of one call, checked: TypeError for names or params that cannot be sent,
     ValueError above ``limit`` bytes (0: no limit). ``deadline``: when a CO caller gives up
     (unix time); ``origin``: (pid, ORIGIN_*) of the process a worker delivers it for."""
-    if not isinstance(name, str) or not isinstance(method, str):
-        raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
+    _check_names(name, method)
     logid, spanid = trace_ids.get()
     try:
         if origin is None and deadline is None:
@@ -94,6 +93,27 @@ def pack_task(name: str, method: str, params: Sequence[Any], type: int, limit: i
     if limit and len(body) > limit:
         check_length(f"params of {name}.{method} pack", len(body), limit)
     return body
+
+
+def task_to_submit(name: str, method: str, params: Sequence[Any], type: int,
+                   limit: int) -> bytes | tuple[Any, ...]:
+    """pack_task for a worker's ASYNC delivery, checked the same way: its bytes, or for a large
+    body the envelope's fields, which the dispatcher packs where the body leaves from."""
+    _check_names(name, method)
+    logid, spanid = trace_ids.get()
+    try:
+        body = envelope_to_submit(name, method, params, type, logid, spanid)  # type: ignore[arg-type]
+        size = len(body) if body.__class__ is bytes else packed_size(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise params_error(name, method, params, exc) from None
+    if limit and size > limit:
+        check_length(f"params of {name}.{method} pack", size, limit)
+    return body
+
+
+def _check_names(name: Any, method: Any) -> None:
+    if not isinstance(name, str) or not isinstance(method, str):
+        raise TypeError(f"task name and method must be strings, not {name!r} and {method!r}")
 
 
 def pack_call(call: Sequence[Any], index: int, limit: int, deadline: float | None = None) -> bytes:

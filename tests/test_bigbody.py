@@ -42,6 +42,15 @@ class Big:
     def slow(self, data, seconds):
         time.sleep(seconds)
         return [hashlib.sha256(data).hexdigest(), len(data)]
+    def seq(self, data, i, meta=None):
+        # 2 ms each: a burst fills the task worker's window faster than it takes bodies.
+        started = time.time()
+        Big.ran.append(i)
+        time.sleep(0.002)
+        return [hashlib.sha256(data).hexdigest(), i, meta, started]
+    def ran_so_far(self):
+        return list(Big.ran)
+Big.ran = []
 
 def blob(size, seed):
     # Different bytes for every task, so that a body read from a reused block shows.
@@ -66,7 +75,8 @@ def params_for(body_size, co=False):
 
 def arena():
     d = roles.current().dispatcher
-    return {"used": d.arena_used, "sent": d.arena_counts[0], "full": d.arena_counts[1]}
+    return {"used": d.arena_used, "sent": d.arena_counts[0], "full": d.arena_counts[1],
+            "waiting": d.backlog_count}
 '''
 
 
@@ -111,6 +121,117 @@ def test_bodies_around_the_threshold_and_up_to_a_mib_arrive_intact(servers: Serv
     assert done["ok"] == [True] * 21
     assert (done["sent"], done["full"]) == (6 + 18, 0)
     assert done["used"] == 0, "an arena still holds bodies read long ago"
+
+
+@pytest.mark.timeout(90)
+def test_large_tasks_beyond_the_arena_window_wait_in_the_worker_in_order_as_delivered(
+        servers: ServerRunner) -> None:
+    """A task worker gets a window of large bodies in its arena at a time; the rest wait in the
+    worker, packed later from what they were delivered with, and leave in order as it takes
+    bodies. Params that could change meanwhile (a dict in them) are packed at once, and the
+    list of params is copied: what the caller changes after deliver() is never what runs."""
+    srv = servers.run(script('''
+        import hashlib
+        server = Server(worker_num=1, task_worker_num=1)
+        N = 120
+
+        def go(server, wid):
+            order, wrong = [], []
+            def finish(tid, result):
+                i = want[tid][1]
+                order.append(i)
+                if result[:3] != want[tid]:
+                    wrong.append(i)
+                if len(order) == N:
+                    server.after(100, lambda: done())
+            def done():
+                emit(event="done", order=order, wrong=wrong, **arena())
+                server.shutdown()
+            want = {}
+            for i in range(N):
+                data = blob(65536, i)
+                meta = {"i": i} if i % 2 else None
+                params = [data, i, meta] if meta else [data, i]
+                tid = Task.deliver("Big", "seq", params, Task.TYPE_ASYNC, callback=finish)
+                want[tid] = [hashlib.sha256(data).hexdigest(), i, meta and {"i": i}]
+                params[1] = -1
+                if meta:
+                    meta["i"] = -1
+            emit(event="burst", **arena())
+        server.on("worker_start", go)
+        server.start()
+    '''), timeout=80)
+    burst = srv.by_event("burst")[0]
+    # 120 bodies of 64 KiB: a window of 2 MiB of them in the arena (more as the task worker
+    # takes them), the rest waiting.
+    assert burst["sent"] + burst["waiting"] == 120, burst
+    assert burst["sent"] >= 20 and burst["waiting"] > 0, burst
+    done = srv.by_event("done")[0]
+    assert done["wrong"] == [] and done["order"] == list(range(120)), done
+    assert (done["waiting"], done["used"], done["full"]) == (0, 0, 0), done
+
+
+@pytest.mark.timeout(90)
+def test_a_blocking_callback_does_not_hold_back_large_tasks_beyond_the_window(
+        servers: ServerRunner) -> None:
+    """The flush watch sends what waits beyond the window while the delivering code blocks,
+    as the task worker takes bodies: none waits for the loop to come back."""
+    srv = servers.run(script('''
+        server = Server(worker_num=1, task_worker_num=1)
+        N = 100
+
+        def go(server, wid):
+            starts = []
+            def finish(tid, result):
+                starts.append(result[3])
+                if len(starts) == N:
+                    emit(event="done", last_start=max(starts), sleep_end=sleep_end)
+                    server.shutdown()
+            for i in range(N):
+                Task.deliver("Big", "seq", [blob(65536, i), i], Task.TYPE_ASYNC, callback=finish)
+            emit(event="burst", delivered=time.time(), **arena())
+            time.sleep(1.5)
+            sleep_end = time.time()
+        server.on("worker_start", go)
+        server.start()
+    '''), timeout=80)
+    burst = srv.by_event("burst")[0]
+    assert burst["waiting"] > 0, burst
+    done = srv.by_event("done")[0]
+    # 100 tasks of 2 ms each: all started during the 1.5 s sleep.
+    assert done["last_start"] < burst["delivered"] + 1.0 < done["sleep_end"], (burst, done)
+
+
+@pytest.mark.timeout(90)
+def test_a_co_call_behind_large_tasks_waiting_keeps_its_turn_and_one_given_up_never_runs(
+        servers: ServerRunner) -> None:
+    srv = servers.run(script('''
+        from pyswtask import TaskTimeout
+        server = Server(worker_num=1, task_worker_num=1)
+
+        def go(server, wid):
+            for i in range(60):
+                Task.deliver("Big", "slow", [blob(65536, i), 0.004], Task.TYPE_ASYNC)
+            waiting = arena()["waiting"]
+            try:
+                Task.deliver("Big", "seq", [b"gave up", -1], timeout=0.05)
+                first = "ran"
+            except TaskTimeout:
+                first = "timed out"
+            t0 = time.monotonic()
+            ran = Task.deliver("Big", "ran_so_far", timeout=30)
+            emit(event="co", waiting=waiting, first=first, ran=ran,
+                 seconds=time.monotonic() - t0)
+            server.shutdown()
+        server.on("worker_start", go)
+        server.start()
+    '''), timeout=80)
+    co = srv.by_event("co")[0]
+    assert co["waiting"] > 0 and co["first"] == "timed out", co
+    # The call given up while it waited in the worker was never sent, so never ran.
+    assert co["ran"] == [], co
+    # The second call waited for the 60 tasks ahead of it (0.24 s of sleeps at least).
+    assert co["seconds"] > 0.15, co
 
 
 @pytest.mark.timeout(90)
@@ -181,7 +302,10 @@ def test_a_task_worker_killed_with_bodies_in_its_arena_leaks_none(servers: Serve
     '''))
     recs = read_records(srv, lambda r: any(x["event"] == "burst" for x in r))
     burst = next(r for r in recs if r["event"] == "burst")
-    assert burst["sent"] == 40 and burst["used"] > 0
+    # 40 bodies of 64 KiB are more than a task worker's window in the arena (2 MiB): the rest
+    # wait in the worker, and go to the successor with those sent again.
+    assert burst["sent"] + burst["waiting"] == 40 and burst["used"] > 0, burst
+    assert burst["sent"] >= 20 and burst["waiting"] > 0, burst
     tw_pid = next(r["pid"] for r in recs if r["event"] == "tw")
     time.sleep(0.4)
     os.kill(tw_pid, signal.SIGKILL)

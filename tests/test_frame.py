@@ -20,6 +20,8 @@ from pyswtask._core import (
     brief_repr,
     pack_envelope,
     pack_frame,
+    pack_value,
+    packed_size,
     parse_frames,
     unpack_envelope,
 )
@@ -148,6 +150,81 @@ def test_pack_envelope_needs_a_list_or_tuple_of_packable_params() -> None:
         pack_envelope("t", "m", {"a": 1})
     with pytest.raises(TypeError):
         pack_envelope("t", "m", [object()])
+
+
+# The core packs bodies itself (core/pack.pyx): the bytes msgpack packs, at every boundary of
+# every format, and msgpack's own result or error for whatever it leaves to msgpack.
+_PACKB = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_BOUNDS = [0, 1, 15, 16, 31, 32, 127, 128, 255, 256, 65535, 65536, 70000]
+_INTS = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63,
+         2**64 - 1, 2**64, -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1,
+         -2**63, -2**63 - 1]
+
+
+def _outcome(pack, value):
+    try:
+        return pack(value)
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+_COVERED = [
+    *[i for i in _INTS if -2**63 <= i < 2**64], None, True, False, 0.5, -0.0, float("inf"),
+    float("nan"), 1e300,
+    *["x" * n for n in _BOUNDS], *[b"y" * n for n in _BOUNDS],
+    "\u00e9\u4e2d\U0001f600" * 50,
+    *[[1] * n for n in _BOUNDS[:9]], *[tuple(range(n)) for n in (15, 16, 65536)],
+    *[{i: "v" for i in range(n)} for n in (0, 15, 16, 65536)], {b"k": [None, {"a": (1,)}]},
+]
+# Left to msgpack: subclasses, other buffers, what does not encode or fit 64 bits.
+_LEFT = [_Str("s"), _Int(3), [_Str("s")], bytearray(b"ab"), memoryview(b"cd"), "\ud800",
+         [2**64], [-2**63 - 1], [object()], {"k": {1, 2}}]
+
+
+@pytest.mark.parametrize("value", _COVERED, ids=repr)
+def test_the_core_packs_what_msgpack_packs(value: object) -> None:
+    assert pack_value(value) == _PACKB(value)
+    assert packed_size(value) == len(_PACKB(value))
+
+
+@pytest.mark.parametrize("value", _LEFT, ids=repr)
+def test_what_the_core_leaves_to_msgpack_packs_or_fails_as_there(value: object) -> None:
+    assert packed_size(value) == -1
+    assert _outcome(pack_value, value) == _outcome(_PACKB, value)
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.sampled_from(_INTS) | st.floats() | st.text(max_size=300)
+    | st.binary(max_size=300) | st.builds(lambda n: "x" * n, st.sampled_from(_BOUNDS)),
+    lambda inner: st.lists(inner, max_size=20) | st.tuples(inner, inner)
+    | st.dictionaries(st.integers() | st.text(max_size=5), inner, max_size=20),
+    max_leaves=60)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values)
+def test_the_core_packs_any_value_as_msgpack_does(value: object) -> None:
+    assert _outcome(pack_value, value) == _outcome(_PACKB, value)
+
+
+def test_values_nested_deeper_than_the_core_packs_are_packed_by_msgpack() -> None:
+    deep: list[object] = []
+    for _ in range(200):
+        deep = [deep]
+    assert packed_size(deep) == -1
+    assert pack_value(deep) == _PACKB(deep)
+    for _ in range(400):
+        deep = [deep]
+    assert _outcome(pack_value, deep) == _outcome(_PACKB, deep)
 
 
 # msgpack nests up to 1024 levels: this decodes, and repr() of it exceeds the recursion limit.

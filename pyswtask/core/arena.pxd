@@ -29,6 +29,7 @@ cdef class Arena:
     cdef int _map_ahead(self, uint64_t end, uint64_t n, bint write) noexcept
 
     cdef int64_t reserve(self, size_t n) noexcept
+    cdef uint64_t held(self) noexcept
     cdef const char *block(self, uint64_t pos, uint32_t n) noexcept
     cdef void consumed(self, uint64_t end) noexcept
     cdef object copy_out(self, uint64_t pos, uint32_t n)

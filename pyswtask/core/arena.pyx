@@ -88,6 +88,9 @@ cdef class Arena:
     @property
     def used(self):
         """Bytes held by blocks not known to be read yet (and the lap ends skipped between)."""
+        return self.held()
+
+    cdef uint64_t held(self) noexcept:
         return pyswtask_load_u64(self.head) - pyswtask_load_u64(self.tail)
 
     cdef int _map_ahead(self, uint64_t end, uint64_t n, bint write) noexcept:

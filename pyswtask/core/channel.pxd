@@ -51,8 +51,14 @@ cdef class Channel:
 
     cdef size_t queued(self) noexcept
     cdef char *reserve(self, size_t n) except NULL
+    cdef char *put_arena_space(self, uint8_t ftype, uint8_t flags, uint64_t task_id,
+                               uint16_t src, size_t n, uint8_t resent=*) except? NULL
+    cdef char *put_space(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                         size_t n, uint8_t resent=*) except? NULL
     cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
                  const char *body, size_t n, uint8_t resent=*) except -1
+    cdef int put_fragments(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                           const char *body, size_t n, uint8_t resent=*) except -1
     cdef size_t record_size(self) noexcept
     cdef int flush(self) except -1
     cdef int update_interest(self, int epfd, size_t high_water) except -1

@@ -72,35 +72,60 @@ cdef class Channel:
         self.out.end += n
         return data
 
-    cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
-                 const char *body, size_t n, uint8_t resent=0) except -1:
-        """Queues one frame, split into fragments when its body exceeds one record."""
+    cdef char *put_arena_space(self, uint8_t ftype, uint8_t flags, uint64_t task_id,
+                               uint16_t src, size_t n, uint8_t resent=0) except? NULL:
+        """Queues a reference frame to a new arena block of n bytes, which the caller writes at
+        the pointer returned; NULL when the body is too small for the arena or the arena has
+        no room for it (nothing is queued then)."""
         cdef char *p
-        cdef size_t off = 0, chunk
-        cdef uint8_t fl
         cdef int64_t pos
         self.spilled = 0
-        if n >= _ARENA_MIN_BODY and self.tx_arena is not None and n <= 0xFFFFFFFF:
-            pos = self.tx_arena.reserve(n)
-            if pos >= 0:
-                # The body goes into shared memory, a reference to it on the socket. Without
-                # room, it goes through the socket as any body does: never a wait.
-                memcpy(self.tx_arena.ring + <uint64_t>pos % self.tx_arena.capacity, body, n)
-                p = self.reserve(_HEADER_SIZE + _ARENA_REF_SIZE)
-                write_header(p, ftype, flags | _FLAG_ARENA, task_id, src, _ARENA_REF_SIZE, resent)
-                write_ref(p + _HEADER_SIZE, <uint64_t>pos, <uint32_t>n)
-                self.spilled = arena_end(<uint64_t>pos, n)
-                self.spilled_at = <uint64_t>pos
-                self.arena_sent += 1
-                return 0
+        if n < _ARENA_MIN_BODY or self.tx_arena is None or n > 0xFFFFFFFF:
+            return NULL
+        pos = self.tx_arena.reserve(n)
+        if pos < 0:
             self.arena_full += 1
+            return NULL
+        p = self.reserve(_HEADER_SIZE + _ARENA_REF_SIZE)
+        write_header(p, ftype, flags | _FLAG_ARENA, task_id, src, _ARENA_REF_SIZE, resent)
+        write_ref(p + _HEADER_SIZE, <uint64_t>pos, <uint32_t>n)
+        self.spilled = arena_end(<uint64_t>pos, n)
+        self.spilled_at = <uint64_t>pos
+        self.arena_sent += 1
+        return self.tx_arena.ring + <uint64_t>pos % self.tx_arena.capacity
+
+    cdef char *put_space(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                         size_t n, uint8_t resent=0) except? NULL:
+        """Queues one frame whose body of n bytes the caller writes at the pointer returned:
+        its arena block (the body goes into shared memory, a reference to it on the socket) or
+        its place in the queue. Without room in the arena, a large body goes through the socket
+        as any body does: never a wait. NULL when it needs fragments (it exceeds one record):
+        then put() it."""
+        cdef char *p = self.put_arena_space(ftype, flags, task_id, src, n, resent)
+        if p != NULL:
+            return p
         if n <= self.frag_max:
             p = self.reserve(_HEADER_SIZE + n)
             write_header(p, ftype, flags, task_id, src, <uint32_t>n, resent)
+            return p + _HEADER_SIZE
+        return NULL
+
+    cdef int put(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                 const char *body, size_t n, uint8_t resent=0) except -1:
+        """Queues one frame, split into fragments when its body exceeds one record."""
+        cdef char *p = self.put_space(ftype, flags, task_id, src, n, resent)
+        if p != NULL:
             if n:
-                memcpy(p + _HEADER_SIZE, body, n)
+                memcpy(p, body, n)
             return 0
-        fl = _FLAG_FRAG_FIRST
+        return self.put_fragments(ftype, flags, task_id, src, body, n, resent)
+
+    cdef int put_fragments(self, uint8_t ftype, uint8_t flags, uint64_t task_id, uint16_t src,
+                           const char *body, size_t n, uint8_t resent=0) except -1:
+        """Queues one frame as fragments, for a body larger than one record."""
+        cdef char *p
+        cdef size_t off = 0, chunk
+        cdef uint8_t fl = _FLAG_FRAG_FIRST
         while off < n:
             chunk = n - off
             if chunk > self.frag_max:

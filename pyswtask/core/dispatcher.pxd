@@ -4,6 +4,12 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
+    # Bodies in a channel's arena not yet taken by its task worker, beyond which large ASYNC
+    # calls wait in the worker as their unpacked fields (Dispatcher._put): the task worker
+    # always has this much to run, and the ring's pages in use stay few and warm.
+    _ARENA_WINDOW = 2 << 20
+
+cdef enum:
     _P_ASYNC = 0
     _P_SYNC = 1
     _P_FUTURE = 2
@@ -28,6 +34,7 @@ cdef class _Pending:
     cdef uint64_t arena_pos     # and where it starts,
     cdef uint32_t arena_len     # and the body's length
     cdef uint8_t resent         # how often that happened (the frame header carries it)
+    cdef bint held              # waits in its channel's backlog, not sent yet
 
 
 cdef struct _Deadline:
@@ -134,11 +141,20 @@ cdef class Dispatcher(RecordReader):
     cdef public double spin
     cdef readonly double rtt        # moving average of CO round trips, seconds
     cdef public size_t high_water
+    cdef list backlog               # per out channel, a deque of (task id, entry, body, flags)
+                                    #   waiting for room in its arena; None without arenas
+    cdef Py_ssize_t nbacklog        # tasks in those deques
 
     cdef int _pick(self, int dst, bint pile) except -1
     cdef int _pick_quick(self) noexcept
-    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
+    cdef uint64_t _submit(self, object body, int dst, uint8_t flags, _Pending entry,
                           bint pile) except? 0
+    cdef int _put(self, Channel ch, uint64_t task_id, uint8_t flags, _Pending entry,
+                  object body) except -1
+    cdef bint _window_full(self, Channel ch, Py_ssize_t n) noexcept
+    cdef int _drain(self, Channel ch) except -1
+    cdef int _drain_all(self) except -1
+    cdef bint _unsent(self) noexcept
     cdef int _wait_for_room(self) except -1
     cdef int _sent_record(self, Channel ch) except -1
     cdef void _timed_out(self, int tw) noexcept

@@ -6,6 +6,7 @@
 import signal
 import threading
 import weakref
+from collections import deque
 
 from libc.errno cimport EINTR, errno
 from libc.stdlib cimport calloc, free, realloc
@@ -14,7 +15,8 @@ from posix.unistd cimport close, read, usleep, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1,
                               epoll_event, epoll_wait)
-from .includes.python cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyErr_CheckSignals
+from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                               PyErr_CheckSignals)
 
 # A task worker's byte in the shared busy flags (see dispatcher.pxd), for tests and tools.
 TW_BUSY = _BUSY
@@ -176,7 +178,7 @@ cdef class PendingTable:
         for key, value in self.entries.items():
             task_id = key
             entry = <_Pending>value
-            if entry.tw != tw or task_id >> 32 != self.epoch:
+            if entry.tw != tw or task_id >> 32 != self.epoch or entry.held:
                 continue
             if task_id <= done_upto:
                 lost.append(task_id)
@@ -364,8 +366,9 @@ cdef class _FlushWatch:
             except Exception:
                 # A send that fails here fails the same way for the loop's flush, which raises it
                 # where the deliveries are made; the watch only retries later.
-                sent = False
+                sent = 0
             if sent:
+                # All sent, or some: a backlog drains as its task worker takes bodies.
                 self.backoff = 0
             elif self.backoff < 6:
                 # The sockets are full: the task workers have work, and EPOLLOUT brings the loop
@@ -408,6 +411,19 @@ cdef class _FlushWatch:
             sent0 = sent
             usleep(_HOLD_PERIOD_US << self.backoff)
         return 0
+
+
+cdef object _frozen(tuple env):
+    """env, with its params as a tuple, when each param is an exact immutable scalar: packed
+    later, it packs to the bytes it packs to now. None when a param could still change."""
+    cdef object params = env[2]
+    for x in params:
+        t = type(x)
+        if not (x is None or t is str or t is bytes or t is int or t is float or t is bool):
+            return None
+    if type(params) is tuple:
+        return env
+    return env[:2] + (tuple(params),) + env[3:]
 
 
 cdef class Dispatcher(RecordReader):
@@ -470,6 +486,8 @@ cdef class Dispatcher(RecordReader):
         self.outs = self.channels if outs is None else list(outs)
         self.nout = len(self.outs)
         self.via_queue = outs is not None
+        if arenas is not None and outs is None:
+            self.backlog = [deque() for _ in range(self.nout)]
         if self.nout == 0 or self.nout > self.nchan:
             raise ValueError("a dispatcher needs one out channel per task worker, or one queue")
 
@@ -520,6 +538,11 @@ cdef class Dispatcher(RecordReader):
             sent += ch.arena_sent
             full += ch.arena_full
         return sent, full
+
+    @property
+    def backlog_count(self):
+        """Tasks waiting in this worker for room in their task worker's arena window."""
+        return self.nbacklog
 
     @property
     def pending_count(self):
@@ -608,8 +631,10 @@ cdef class Dispatcher(RecordReader):
                 return j
         return -1
 
-    cdef uint64_t _submit(self, bytes body, int dst, uint8_t flags, _Pending entry,
+    cdef uint64_t _submit(self, object body, int dst, uint8_t flags, _Pending entry,
                           bint pile) except? 0:
+        # body: the packed envelope (bytes), or its fields (a tuple, sized by the caller's
+        # check): those are packed where they leave from, the arena block of a large body.
         cdef int j
         cdef size_t n
         cdef Channel ch
@@ -619,22 +644,73 @@ cdef class Dispatcher(RecordReader):
         j = self._pick(dst, pile)
         ch = <Channel>self.outs[j]
         entry.tw = j
-        entry.body = body
         # The channel the result will come back on, when known (not in contention mode).
         self.last = <Channel>self.channels[j] if self.nout == self.nchan else None
         task_id = self.table.new_id()
         self.delivered += 1
         if self.stat_sent != NULL:
             self.stat_sent[j] += 1
-        n = <size_t>PyBytes_GET_SIZE(body)
-        if n >= _ARENA_MIN_BODY and ch.tx_arena is not None:
-            n = _ARENA_REF_SIZE
-        if ch.queued() and ch.queued() + _HEADER_SIZE + n > _RECORD_MAX:
-            # A full record goes now, before the frame that would overflow it: one send per
-            # record, where flushing after the put also sent that one frame alone.
+        if self.backlog is not None:
+            q = self.backlog[j]
+            if q or type(body) is tuple and self._window_full(ch, mp_packed_size(body)):
+                # Behind the others waiting (a channel keeps its order), or the task worker
+                # has a window of bodies to run already: this one waits in the worker, its
+                # fields kept unpacked when nothing in them can change until it is packed.
+                if type(body) is tuple:
+                    held = _frozen(<tuple>body)
+                    body = held if held is not None else mp_packb(body)
+                entry.held = True
+                q.append((task_id, entry, body, flags))
+                self.nbacklog += 1
+                self.table.add(task_id, entry)
+                return task_id
+        if type(body) is bytes:
+            n = <size_t>PyBytes_GET_SIZE(body)
+            if n >= _ARENA_MIN_BODY and ch.tx_arena is not None:
+                n = _ARENA_REF_SIZE
+            if ch.queued() and ch.queued() + _HEADER_SIZE + n > _RECORD_MAX:
+                # A full record goes now, before the frame that would overflow it: one send per
+                # record, where flushing after the put also sent that one frame alone.
+                self._sent_record(ch)
+        self._put(ch, task_id, flags, entry, body)
+        self.table.add(task_id, entry)
+        if ch.queued() >= _RECORD_MAX or ch.spilled:
+            # A body in the arena goes at once: one send is little next to writing the body,
+            # and the task worker starts on it while the next ones are written (held until the
+            # turn's end, a burst of them would reach it all at once, and fill the arena).
             self._sent_record(ch)
+        return task_id
+
+    cdef int _put(self, Channel ch, uint64_t task_id, uint8_t flags, _Pending entry,
+                  object body) except -1:
+        """Queues the task's frame on ch, and keeps what sending it again would need: its
+        arena block, or its body. Sends nothing: the watch's flush calls it too."""
+        cdef Py_ssize_t n
+        cdef char *p
+        if type(body) is tuple:
+            n = mp_packed_size(body)
+            p = ch.put_space(_FRAME_TASK, flags, task_id, self.worker_id, <size_t>n,
+                             entry.resent)
+            if p != NULL:
+                mp_pack_into(p, body)
+                entry.arena_end = ch.spilled
+                if ch.spilled:
+                    entry.body = None
+                    entry.arena_pos = ch.spilled_at
+                    entry.arena_len = <uint32_t>n
+                else:
+                    # No room in the arena: a copy from the queue, to send it again.
+                    entry.body = PyBytes_FromStringAndSize(p, n)
+                return 0
+            # Over one record, and no room in the arena.
+            body = mp_packb(body)
+            ch.put_fragments(_FRAME_TASK, flags, task_id, self.worker_id,
+                             PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), entry.resent)
+            entry.arena_end = 0
+            entry.body = body
+            return 0
         ch.put(_FRAME_TASK, flags, task_id, self.worker_id, PyBytes_AS_STRING(body),
-               PyBytes_GET_SIZE(body))
+               PyBytes_GET_SIZE(body), entry.resent)
         entry.arena_end = ch.spilled
         if ch.spilled:
             # The body stays in the arena block until a task worker starts the task, which is
@@ -643,13 +719,58 @@ cdef class Dispatcher(RecordReader):
             entry.body = None
             entry.arena_pos = ch.spilled_at
             entry.arena_len = <uint32_t>PyBytes_GET_SIZE(body)
-        self.table.add(task_id, entry)
-        if ch.queued() >= _RECORD_MAX or ch.spilled:
-            # A body in the arena goes at once: one send is little next to writing the body,
-            # and the task worker starts on it while the next ones are written (held until the
-            # turn's end, a burst of them would reach it all at once, and fill the arena).
-            self._sent_record(ch)
-        return task_id
+        else:
+            entry.body = body
+        return 0
+
+    cdef bint _window_full(self, Channel ch, Py_ssize_t n) noexcept:
+        # A body of n bytes would go beyond the channel's window in its arena.
+        cdef uint64_t held
+        if n < _ARENA_MIN_BODY or ch.tx_arena is None:
+            return False
+        held = ch.tx_arena.held()
+        return held > 0 and held + <uint64_t>n > _ARENA_WINDOW
+
+    cdef int _drain(self, Channel ch) except -1:
+        """Sends the tasks waiting in ch's backlog, in order, as far as its window goes."""
+        cdef object q = self.backlog[ch.peer]
+        cdef _Pending entry
+        cdef bint sent = False
+        while q:
+            task_id, entry, body, flags = q[0]
+            if self.table.entries.get(task_id) is not entry:
+                # Its caller stopped waiting (forget, a timeout): it is never sent.
+                q.popleft()
+                self.nbacklog -= 1
+                continue
+            if self._window_full(ch, mp_packed_size(body) if type(body) is tuple
+                                 else PyBytes_GET_SIZE(body)):
+                break
+            self._put(ch, task_id, flags, entry, body)
+            entry.held = False
+            q.popleft()
+            self.nbacklog -= 1
+            if ch.spilled or ch.queued() >= _RECORD_MAX:
+                ch.flush()
+                sent = True
+        if ch.queued():
+            ch.flush()
+            sent = True
+        if sent:
+            ch.update_interest(self.epfd, _READ_ALWAYS)
+        return 0
+
+    cdef int _drain_all(self) except -1:
+        cdef Channel ch
+        if self.nbacklog:
+            for ch in self.outs:
+                if self.backlog[ch.peer]:
+                    self._drain(ch)
+        return 0
+
+    cdef bint _unsent(self) noexcept:
+        # Frames queued, or tasks waiting in a backlog.
+        return self.nbacklog > 0 or any_queued(self.outs)
 
     cdef int _sent_record(self, Channel ch) except -1:
         self._flush_channel(ch)
@@ -659,14 +780,19 @@ cdef class Dispatcher(RecordReader):
 
     # -- delivering -----------------------------------------------------------------------------
 
-    def submit(self, bytes body, int dst=-1, callback=None, bint together=False):
+    def submit(self, body, int dst=-1, callback=None, bint together=False):
         """Sends an ASYNC task; returns its id. The first task of a loop turn (every task
         without a loop) is written at once; later ones are coalesced and leave when a record
         fills, at the end of the turn, or a millisecond or two after the deliveries stop,
         whichever comes first. together: one of many handed over at once (a user process's
         or the crontab's "tasks" message), which all leave at the end of the turn, the first
         not apart from the rest: a task worker then runs them as one record, with no send
-        and no wake-up between them. The result comes back through on_finish."""
+        and no wake-up between them. The result comes back through on_finish.
+
+        body: the packed envelope, or its fields as pack_envelope packs them (from
+        envelope_to_submit): a large one is then packed straight into its arena block, or,
+        while the task worker has a window of bodies there to run, waits unpacked in the
+        worker (see _ARENA_WINDOW)."""
         cdef _Pending entry = _Pending.__new__(_Pending)
         entry.kind = _P_ASYNC
         entry.obj = callback
@@ -730,7 +856,7 @@ cdef class Dispatcher(RecordReader):
         cdef Channel ch = self.last
         cdef double started = monotonic()
         self._flush_all()
-        if ch is not None and not any_queued(self.outs):
+        if ch is not None and not any_queued(self.outs) and not entry.held:
             self._wait_on(ch, entry, started + timeout)
         else:
             self._wait(entry, None, started + timeout)
@@ -841,7 +967,7 @@ cdef class Dispatcher(RecordReader):
         if self.holding:
             # A delivery: the watch waits while they go on (see _HOLD_PERIOD_US).
             self.watch.held += 1
-        elif any_queued(self.outs):
+        elif self._unsent():
             self._hold()
         return 0
 
@@ -875,17 +1001,20 @@ cdef class Dispatcher(RecordReader):
         return 0
 
     def _flush_held(self):
-        """The watch's flush: sends what the sockets take now, and never waits or reads (the
-        loop may be in the middle of reading a record). True when nothing is left queued."""
+        """The watch's flush: sends what the sockets and the arenas' windows take now, and
+        never waits or reads (the loop may be in the middle of reading a record). 1 when
+        nothing is left to send, 2 when some was sent and more waits, 0 when none could be."""
         cdef Channel ch
+        cdef Py_ssize_t waiting = self.nbacklog
+        self._drain_all()
         for ch in self.outs:
             if ch.queued():
                 ch.flush()
                 ch.update_interest(self.epfd, _READ_ALWAYS)
-        if any_queued(self.outs):
-            return False
+        if self._unsent():
+            return 2 if self.nbacklog < waiting else 0
         self._release()
-        return True
+        return 1
 
     cdef int _schedule_deferred(self) except -1:
         # Finish callbacks of results read while waiting run from the loop, not from the wait.
@@ -907,10 +1036,11 @@ cdef class Dispatcher(RecordReader):
 
     cdef int _flush_all(self) except -1:
         cdef Channel ch
+        self._drain_all()
         for ch in self.outs:
             if ch.queued():
                 self._flush_channel(ch)
-        if self.holding and not any_queued(self.outs):
+        if self.holding and not self._unsent():
             self._release()
         return 0
 
@@ -1030,7 +1160,10 @@ cdef class Dispatcher(RecordReader):
             if got < 2 or self.read_bytes >= _READ_BYTES:
                 # Nothing more waiting, or the rest waits for the next turn (epoll is
                 # level-triggered).
-                return 0
+                break
+        if self.nbacklog and self.backlog[ch.peer]:
+            # Results: the task worker took their bodies, which makes room in its window.
+            self._drain(ch)
         return 0
 
     cdef int on_frame(self, Channel ch, FrameHeader *h, const char *body, size_t n) except -1:

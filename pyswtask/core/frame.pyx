@@ -48,11 +48,8 @@ def brief_repr(obj, Py_ssize_t limit=200):
     return _brief.repr(obj)[:limit]
 
 
-cdef object _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-
-
 cdef bytes packb(object value):
-    return _packb(value)
+    return mp_packb(value)
 
 
 cdef object unpackb(const char *p, Py_ssize_t n):
@@ -116,6 +113,29 @@ def parse_frames(data):
     return frames
 
 
+cdef tuple _envelope_fields(str name, str method, params, int type, str logid, int spanid,
+                            deadline, uint32_t origin_pid, uint8_t origin_role):
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
+    if deadline is not None:
+        deadline = float(deadline)
+    if origin_pid:
+        return (name, method, params, type, logid, spanid, deadline, origin_pid, origin_role)
+    if deadline is not None:
+        return (name, method, params, type, logid, spanid, deadline)
+    return (name, method, params, type, logid, spanid)
+
+
+def envelope_to_submit(str name, str method, params, int type=1, str logid="", int spanid=0):
+    """What an ASYNC delivery hands Dispatcher.submit: pack_envelope's bytes; or, for a body
+    of ARENA_MIN_BODY bytes and more, the envelope's fields unpacked (a tuple), which submit
+    packs straight into the arena block the body leaves from (see Dispatcher._put)."""
+    cdef tuple fields = _envelope_fields(name, method, params, type, logid, spanid, None, 0, 0)
+    if mp_packed_size(fields) >= _ARENA_MIN_BODY:
+        return fields
+    return packb(fields)
+
+
 def pack_envelope(str name, str method, params, int type=1, str logid="", int spanid=0,
                   deadline=None, uint32_t origin_pid=0, uint8_t origin_role=0):
     """Packs a task call. params must be a list or tuple; raises TypeError from msgpack when a
@@ -124,16 +144,8 @@ def pack_envelope(str name, str method, params, int type=1, str logid="", int sp
     Six fields, as before; seven with a deadline (a float, unix time); nine when origin_pid is
     given (the deadline then may be None): a reader of the six-field format reads the common
     case unchanged, and the extra fields cost nothing when they are not used."""
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"params must be a list or tuple, not {params.__class__.__name__}")
-    if deadline is not None:
-        deadline = float(deadline)
-    if origin_pid:
-        return packb((name, method, params, type, logid, spanid, deadline, origin_pid,
-                      origin_role))
-    if deadline is not None:
-        return packb((name, method, params, type, logid, spanid, deadline))
-    return packb((name, method, params, type, logid, spanid))
+    return packb(_envelope_fields(name, method, params, type, logid, spanid, deadline,
+                                  origin_pid, origin_role))
 
 
 cdef tuple _check_envelope(obj):

@@ -545,11 +545,25 @@ cdef class TaskLoop(RecordReader):
                     object value, object envelope) except -1:
         cdef bytes out
         cdef Py_buffer buf
+        cdef Py_ssize_t n
+        cdef char *p
         if ch is self.qchan and (flags & _FLAG_COMMAND) and (flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
-        # The result is packed in the packer's own buffer and copied from there into the frame
-        # queue or the arena: no bytes object for it (for a large result, a fresh allocation
-        # and a copy fewer).
+        if ok and ch is not self.qchan:
+            # Packed where it leaves from, the frame queue or the arena block, when the core's
+            # encoder covers it: no copy of it at all (a large result was copied twice).
+            n = mp_packed_size(value)
+            if n >= 0 and not (self.body_max and <size_t>n > self.body_max):
+                p = ch.put_space(_FRAME_RESULT, 0, task_id, self.worker_id, <size_t>n)
+                if p != NULL:
+                    mp_pack_into(p, value)
+                    if ch.spilled:
+                        # A result in the arena leaves at once, not with the rest of the
+                        # record's: the worker reads it while this task worker runs the next.
+                        ch.flush()
+                    return 0
+        # Otherwise the result is packed in the packer's own buffer and copied from there into
+        # the frame queue or the arena: no bytes object for it.
         _result_packer.reset()
         if ok:
             try:

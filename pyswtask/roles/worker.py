@@ -31,6 +31,7 @@ from ..envelope import (
     deadline_after,
     pack_call,
     pack_task,
+    task_to_submit,
 )
 from ..errors import DeliveryError, TaskError, TaskTimeout, TaskWorkerLost
 from ..events import Event, events
@@ -179,7 +180,7 @@ class Worker(ChildRole):
                 callback: FinishCallback | None, dst_worker_id: int) -> Any:
         dispatcher = self.task_dispatcher("Task.deliver")
         if type == TYPE_ASYNC:
-            body = pack_task(name, method, params, type, self.package_max_length)
+            body = task_to_submit(name, method, params, type, self.package_max_length)
             return dispatcher.submit(body, dst_worker_id, callback)
         check_type(type)
         _refuse_in_coroutine("Task.deliver (CO)", "await Task.co(...)")
