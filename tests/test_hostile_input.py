@@ -451,6 +451,20 @@ def test_every_truncation_and_any_trailing_byte_raises(value: Any) -> None:
         unpack_value(data + b"\xc0")
 
 
+@pytest.mark.parametrize("size", [129, 200, 4096, 65537])
+def test_long_text_decodes_as_msgpack_decodes_it_whatever_its_first_non_ascii_byte(
+        size: int) -> None:
+    """Long str bodies are copied while they are checked, a block of 64 bytes at a time: a
+    non-ASCII character (or invalid UTF-8) in any block, on either side of a block's edge, and
+    in the tail after the last whole block, gives what msgpack gives."""
+    for at in sorted({0, 1, 62, 63, 64, 65, size // 2, size - 65, size - 64, size - 2, size - 1}):
+        text = "x" * at + "\u00e9" + "y" * (size - at - 2)
+        for data in (msgpack.packb(text), msgpack.packb(text).replace(b"\xc3\xa9", b"\xff\xfe"),
+                     msgpack.packb([1, 2, 3, text])):
+            check_decoder(data)
+    check_decoder(msgpack.packb("z" * size))
+
+
 @FAST
 @given(st.binary(max_size=300))
 def test_random_bytes_decode_or_raise_as_with_msgpack(data: bytes) -> None:

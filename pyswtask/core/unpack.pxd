@@ -4,7 +4,7 @@ cdef enum:
     # msgpack's own unpacker holds at most 1024 open arrays and maps (its stack): the same bound
     # here keeps every input that decodes there decoding here, and caps the C recursion.
     _MP_DEPTH_MAX = 1024
-    # Longer ASCII strs are left to PyUnicode_DecodeUTF8, whose check runs a word at a time.
+    # Longer strs are copied while they are checked (pyswtask_copy_ascii), a block at a time.
     _ASCII_FAST_MAX = 128
 
 

@@ -146,14 +146,49 @@ cdef object _decode(MpReader *r, int depth):
     return PyBytes_FromStringAndSize(<const char *>p + hdr, n)
 
 
+cdef extern from *:
+    """
+    /* Copies n bytes to dst while checking them, a block of 64 at a time; 0 at the first
+       block with a byte above 0x7f (what was copied is then of no use). One pass: a body
+       just written by another process is read once, where a check then a copy read it twice
+       (CPython's decoder does so whenever the text is not 8-byte aligned in the body). */
+    static int pyswtask_copy_ascii(unsigned char *dst, const unsigned char *src, size_t n) {
+        size_t i = 0;
+        while (i + 64 <= n) {
+            uint64_t w[8], seen = 0;
+            memcpy(w, src + i, 64);
+            for (int k = 0; k < 8; k++)
+                seen |= w[k];
+            if (seen & 0x8080808080808080ULL)
+                return 0;
+            memcpy(dst + i, w, 64);
+            i += 64;
+        }
+        for (; i < n; i++) {
+            if (src[i] & 0x80)
+                return 0;
+            dst[i] = src[i];
+        }
+        return 1;
+    }
+    """
+    int pyswtask_copy_ascii(unsigned char *dst, const unsigned char *src, size_t n) nogil
+
+
 cdef object _str(const unsigned char *s, size_t n):
-    # Names, keys and short texts are mostly ASCII: such a str is made and filled directly, the
-    # same object PyUnicode_DecodeUTF8 makes without its layers of calls. The others, and the
-    # shortest (which CPython keeps as singletons), go through it; strict: invalid UTF-8 raises
-    # UnicodeDecodeError, as in msgpack.
+    # Text is mostly ASCII: such a str is made and filled directly, in one pass, the same
+    # object PyUnicode_DecodeUTF8 makes. The others, and the shortest (which CPython keeps as
+    # singletons), go through it; strict: invalid UTF-8 raises UnicodeDecodeError, as in
+    # msgpack. A long text that turns out not to be ASCII was copied in part for nothing:
+    # mostly its first block.
     cdef size_t i = 0
     cdef uint64_t word, seen = 0
-    if n < 2 or n > _ASCII_FAST_MAX:
+    if n < 2:
+        return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
+    if n > _ASCII_FAST_MAX:
+        out = PyUnicode_New(n, 127)
+        if pyswtask_copy_ascii(<unsigned char *>PyUnicode_DATA(out), s, n):
+            return out
         return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
     while i + 8 <= n:
         memcpy(&word, s + i, 8)
