@@ -7,7 +7,7 @@ cdef enum:
     # Bodies in a channel's arena not yet taken by its task worker, beyond which large ASYNC
     # calls wait in the worker as their unpacked fields (Dispatcher._put): the task worker
     # always has this much to run, and the ring's pages in use stay few and warm.
-    _ARENA_WINDOW = 2 << 20
+    _ARENA_WINDOW = 1 << 20
 
 cdef enum:
     _P_ASYNC = 0
