@@ -4,10 +4,11 @@ A worker's ``Task.deliver``, a user process's ``deliver_by_process``, a pipe mes
 separate program's delivery all refuse the same bad input with the same words: a task name or
 method that is not a string, a delivery type that is neither CO nor ASYNC, params msgpack cannot
 pack (naming the value and where it sits), a body above the server's ``package_max_length``.
-The bytes themselves are the core's business (``pack_envelope``); this module owns only the
-checks and what every envelope carries besides the call: the trace ids, the deadline of a CO
-delivery, and the origin of a task a worker delivers on another process's behalf (its pid and
-one of the ``ORIGIN_*`` roles). It must not import a role or a transport.
+The bytes themselves are the core's business (``pack_envelope``; ``envelope_to_submit`` for a
+worker's ASYNC task, whose large body the dispatcher packs into its arena block); this module
+owns only the checks and what every envelope carries besides the call: the trace ids, the
+deadline of a CO delivery, and the origin of a task a worker delivers on another process's
+behalf (its pid and one of the ``ORIGIN_*`` roles). It must not import a role or a transport.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from ._core import envelope_to_submit, pack_envelope, packed_size
 
 __all__ = ["TYPE_CO", "TYPE_ASYNC", "ORIGIN_WORKER", "ORIGIN_USER_PROCESS", "ORIGIN_CRON",
            "ORIGIN_PROGRAM", "ORIGIN_NAMES", "trace_ids", "pack_task", "task_to_submit",
-           "pack_call", "check_type", "check_timeout", "check_length", "deadline_after", "params_error",
-           "describe_unpackable"]
+           "pack_call", "check_type", "check_timeout", "check_length", "deadline_after",
+           "params_error", "describe_unpackable"]
 
 TYPE_CO = 1
 TYPE_ASYNC = 2

@@ -555,13 +555,18 @@ cdef class TaskLoop(RecordReader):
             n = mp_packed_size(value)
             if n >= 0 and not (self.body_max and <size_t>n > self.body_max):
                 p = ch.put_space(_FRAME_RESULT, 0, task_id, self.worker_id, <size_t>n)
-                if p != NULL:
-                    mp_pack_into(p, value)
-                    if ch.spilled:
-                        # A result in the arena leaves at once, not with the rest of the
-                        # record's: the worker reads it while this task worker runs the next.
-                        ch.flush()
+                if p == NULL:
+                    # Over one record, and no room in the arena: in fragments.
+                    out = mp_packb(value)
+                    ch.put_fragments(_FRAME_RESULT, 0, task_id, self.worker_id,
+                                     PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
                     return 0
+                mp_pack_into(p, value)
+                if ch.spilled:
+                    # A result in the arena leaves at once, not with the rest of the record's:
+                    # the worker reads it while this task worker runs the next task.
+                    ch.flush()
+                return 0
         # Otherwise the result is packed in the packer's own buffer and copied from there into
         # the frame queue or the arena: no bytes object for it.
         _result_packer.reset()
