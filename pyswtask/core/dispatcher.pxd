@@ -5,8 +5,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
     # Bodies in a channel's arena not yet taken by its task worker, beyond which large ASYNC
-    # calls wait in the worker as their unpacked fields (Dispatcher._put): the task worker
-    # always has this much to run, and the ring's pages in use stay few and warm.
+    # tasks wait in the worker's backlog, unpacked when nothing in them can change (see
+    # Dispatcher._submit): the task worker always has this much to run, and the ring's pages
+    # in use stay few and warm.
     _ARENA_WINDOW = 1 << 20
 
 cdef enum:

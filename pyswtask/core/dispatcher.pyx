@@ -441,7 +441,10 @@ cdef class Dispatcher(RecordReader):
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
     _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
     next) are neither written through nor watched: all of a turn's leave in one record at its
-    flush. Without a loop every task is sent at once."""
+    flush. Without a loop every task is sent at once. Either way, large ASYNC tasks given as
+    their fields (submit) wait in the worker beyond their task worker's window in its arena
+    (_ARENA_WINDOW), in order, and leave as its results are read (with a loop, also from the
+    watch while the delivering code blocks)."""
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = -1
