@@ -131,9 +131,10 @@ def envelope_to_submit(str name, str method, params, int type=1, str logid="", i
     of ARENA_MIN_BODY bytes and more, the envelope's fields unpacked (a tuple), which submit
     packs straight into the arena block the body leaves from (see Dispatcher._put)."""
     cdef tuple fields = _envelope_fields(name, method, params, type, logid, spanid, None, 0, 0)
-    if mp_packed_size(fields) >= _ARENA_MIN_BODY:
+    cdef Py_ssize_t n = mp_packed_size(fields)
+    if n >= _ARENA_MIN_BODY:
         return fields
-    return packb(fields)
+    return mp_packb_sized(fields, n)
 
 
 def pack_envelope(str name, str method, params, int type=1, str logid="", int spanid=0,

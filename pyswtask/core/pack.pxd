@@ -10,3 +10,4 @@ cdef enum:
 cdef Py_ssize_t mp_packed_size(object o) except -2
 cdef char *mp_pack_into(char *p, object o) noexcept
 cdef bytes mp_packb(object o)
+cdef bytes mp_packb_sized(object o, Py_ssize_t n)

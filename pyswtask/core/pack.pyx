@@ -230,7 +230,11 @@ cdef char *mp_pack_into(char *p, object o) noexcept:
 
 cdef bytes mp_packb(object o):
     """msgpack.packb(o, use_bin_type=True): in one copy when this encoder covers o."""
-    cdef Py_ssize_t n = _size(o, 0)
+    return mp_packb_sized(o, _size(o, 0))
+
+
+cdef bytes mp_packb_sized(object o, Py_ssize_t n):
+    """mp_packb(o), given n = mp_packed_size(o)."""
     if n < 0:
         return _mp_fallback(o)
     out = PyBytes_FromStringAndSize(NULL, n)

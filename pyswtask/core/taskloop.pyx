@@ -7,7 +7,6 @@ from posix.unistd cimport close, read, write
 from .includes.clock cimport monotonic
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
                                PyErr_CheckSignals, PyTuple_GET_SIZE, PyTuple_GetSlice)
@@ -28,10 +27,6 @@ cdef uint64_t _GAVE_UP = <uint64_t>-2
 cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
     cdef FrameHeader h
     return check_header(text, n, &h) == NULL and is_later_part(&h)
-
-
-# Packs results (one at a time: a task worker runs one task at a time).
-cdef object _result_packer = msgpack.Packer(use_bin_type=True, autoreset=False)
 
 
 # A method whose runs average more than this is "slow": results already queued are sent before
@@ -543,77 +538,61 @@ cdef class TaskLoop(RecordReader):
 
     cdef int _reply(self, Channel ch, uint64_t task_id, uint8_t flags, uint16_t src, bint ok,
                     object value, object envelope) except -1:
-        cdef bytes out
-        cdef Py_buffer buf
-        cdef Py_ssize_t n
+        # The result is packed where it leaves from, the frame queue or its arena block, when
+        # the core's encoder covers it (no copy of it at all); out holds the bytes otherwise:
+        # a value msgpack packs, or the error that takes the result's place.
+        cdef bytes out = None
+        cdef Py_ssize_t n = -1
         cdef char *p
+        cdef uint8_t ftype
         if ch is self.qchan and (flags & _FLAG_COMMAND) and (flags & _FLAG_ASYNC):
             return 0        # a command's ASYNC task: nobody takes its result
-        if ok and ch is not self.qchan:
-            # Packed where it leaves from, the frame queue or the arena block, when the core's
-            # encoder covers it: no copy of it at all (a large result was copied twice).
-            n = mp_packed_size(value)
-            if n >= 0 and not (self.body_max and <size_t>n > self.body_max):
-                p = ch.put_space(_FRAME_RESULT, 0, task_id, self.worker_id, <size_t>n)
-                if p == NULL:
-                    # Over one record, and no room in the arena: in fragments.
-                    out = mp_packb(value)
-                    ch.put_fragments(_FRAME_RESULT, 0, task_id, self.worker_id,
-                                     PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
-                    return 0
-                mp_pack_into(p, value)
-                if ch.spilled:
-                    # A result in the arena leaves at once, not with the rest of the record's:
-                    # the worker reads it while this task worker runs the next task.
-                    ch.flush()
-                return 0
-        # Otherwise the result is packed in the packer's own buffer and copied from there into
-        # the frame queue or the arena: no bytes object for it.
-        _result_packer.reset()
         if ok:
-            try:
-                _result_packer.pack(value)
-            except Exception as exc:
-                _result_packer.reset()
-                ok = False
-                value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
+            n = mp_packed_size(value)
+            if n < 0:
+                try:
+                    out = mp_packb(value)
+                except Exception as exc:
+                    ok = False
+                    value = ["TypeError", f"the result of the task cannot be packed: {exc}", ""]
         if not ok:
-            _result_packer.pack(value)
-        PyObject_GetBuffer(_result_packer, &buf, PyBUF_SIMPLE)
-        try:
-            if self.body_max and <size_t>buf.len > self.body_max:
-                what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
-                ok = False
-                out = packb(["ValueError", f"the result of {what} packs to {buf.len} bytes, "
-                             f"above the server's package_max_length ({self.body_max})", ""])
+            out = packb(value)
+        if out is not None:
+            n = PyBytes_GET_SIZE(out)
+        if self.body_max and <size_t>n > self.body_max:
+            what = f"{envelope[0]}.{envelope[1]}" if envelope is not None else "the task"
+            ok = False
+            out = packb(["ValueError", f"the result of {what} packs to {n} bytes, "
+                         f"above the server's package_max_length ({self.body_max})", ""])
+        if ch is self.qchan:
+            # From the queue: a command's task answers to the command (unless ASYNC); a
+            # worker's (ipc modes 2 and 3) on the channel back to that worker.
+            if flags & _FLAG_COMMAND:
+                if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
+                    self.on_reply(task_id, ok, out if out is not None else mp_packb(value))
+                return 0
+            if src >= len(self.channels):
+                self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "
+                                       "which does not exist; its result dropped")
+                return 0
+            ch = <Channel>self.channels[src]
+        ftype = _FRAME_RESULT if ok else _FRAME_ERROR
+        if out is not None:
+            ch.put(ftype, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
+                   PyBytes_GET_SIZE(out))
+        else:
+            p = ch.put_space(ftype, 0, task_id, self.worker_id, <size_t>n)
+            if p == NULL:
+                # Over one record, and no room in the arena: in fragments.
+                out = mp_packb(value)
+                ch.put_fragments(ftype, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
+                                 PyBytes_GET_SIZE(out))
             else:
-                out = None
-            if ch is self.qchan:
-                # From the queue: a command's task answers to the command (unless ASYNC); a
-                # worker's (ipc modes 2 and 3) on the channel back to that worker.
-                if flags & _FLAG_COMMAND:
-                    if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
-                        self.on_reply(task_id, ok, out if out is not None else
-                                      PyBytes_FromStringAndSize(<char *>buf.buf, buf.len))
-                    return 0
-                if src >= len(self.channels):
-                    self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "
-                                           "which does not exist; its result dropped")
-                    return 0
-                ch = <Channel>self.channels[src]
-            if out is not None:
-                ch.put(_FRAME_ERROR, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
-                       PyBytes_GET_SIZE(out))
-            else:
-                ch.put(_FRAME_RESULT if ok else _FRAME_ERROR, 0, task_id, self.worker_id,
-                       <const char *>buf.buf, <size_t>buf.len)
-                if ch.spilled:
-                    # A result in the arena leaves at once, not with the rest of the record's:
-                    # the worker reads it while this task worker runs the next task.
-                    ch.flush()
-        finally:
-            PyBuffer_Release(&buf)
-            _result_packer.reset()
+                mp_pack_into(p, value)
+        if ch.spilled:
+            # A result in the arena leaves at once, not with the rest of the record's: the
+            # worker reads it while this task worker runs the next task.
+            ch.flush()
         return 0
 
     cdef int _count(self, object key, bint ok, double seconds) except -1:

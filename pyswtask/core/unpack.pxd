@@ -4,8 +4,6 @@ cdef enum:
     # msgpack's own unpacker holds at most 1024 open arrays and maps (its stack): the same bound
     # here keeps every input that decodes there decoding here, and caps the C recursion.
     _MP_DEPTH_MAX = 1024
-    # Longer strs are copied while they are checked (pyswtask_copy_ascii), a block at a time.
-    _ASCII_FAST_MAX = 128
 
 
 ctypedef struct MpReader:

@@ -148,14 +148,16 @@ cdef object _decode(MpReader *r, int depth):
 
 cdef extern from *:
     """
-    /* Copies n bytes to dst while checking them, a block of 64 at a time; 0 at the first
-       block with a byte above 0x7f (what was copied is then of no use). One pass: a body
-       just written by another process is read once, where a check then a copy read it twice
-       (CPython's decoder does so whenever the text is not 8-byte aligned in the body). */
+    /* Copies n bytes to dst while checking them, a block of 64 at a time, then a word, then a
+       byte; 0 at the first one with a byte above 0x7f (what was copied is then of no use).
+       One pass: a body just written by another process is read once, where a check then a
+       copy read it twice (CPython's decoder does so whenever the text is not 8-byte aligned
+       in the body). */
     static int pyswtask_copy_ascii(unsigned char *dst, const unsigned char *src, size_t n) {
         size_t i = 0;
+        uint64_t w[8], seen;
         while (i + 64 <= n) {
-            uint64_t w[8], seen = 0;
+            seen = 0;
             memcpy(w, src + i, 64);
             for (int k = 0; k < 8; k++)
                 seen |= w[k];
@@ -163,6 +165,12 @@ cdef extern from *:
                 return 0;
             memcpy(dst + i, w, 64);
             i += 64;
+        }
+        for (; i + 8 <= n; i += 8) {
+            memcpy(w, src + i, 8);
+            if (w[0] & 0x8080808080808080ULL)
+                return 0;
+            memcpy(dst + i, w, 8);
         }
         for (; i < n; i++) {
             if (src[i] & 0x80)
@@ -179,29 +187,14 @@ cdef object _str(const unsigned char *s, size_t n):
     # Text is mostly ASCII: such a str is made and filled directly, in one pass, the same
     # object PyUnicode_DecodeUTF8 makes. The others, and the shortest (which CPython keeps as
     # singletons), go through it; strict: invalid UTF-8 raises UnicodeDecodeError, as in
-    # msgpack. A long text that turns out not to be ASCII was copied in part for nothing:
-    # mostly its first block.
-    cdef size_t i = 0
-    cdef uint64_t word, seen = 0
+    # msgpack. A text that turns out not to be ASCII was copied in part for nothing: mostly
+    # its first block.
     if n < 2:
         return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
-    if n > _ASCII_FAST_MAX:
-        out = PyUnicode_New(n, 127)
-        if pyswtask_copy_ascii(<unsigned char *>PyUnicode_DATA(out), s, n):
-            return out
-        return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
-    while i + 8 <= n:
-        memcpy(&word, s + i, 8)
-        seen |= word
-        i += 8
-    while i < n:
-        seen |= s[i]
-        i += 1
-    if seen & 0x8080808080808080ULL:
-        return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
     out = PyUnicode_New(n, 127)
-    memcpy(PyUnicode_DATA(out), s, n)
-    return out
+    if pyswtask_copy_ascii(<unsigned char *>PyUnicode_DATA(out), s, n):
+        return out
+    return PyUnicode_DecodeUTF8(<const char *>s, n, NULL)
 
 
 # Bytes from a type byte 0xc0 + i to the data (or to the end of a fixed-size value); 0 for the
