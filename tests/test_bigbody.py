@@ -10,6 +10,7 @@ import signal
 import socket
 import textwrap
 import time
+from typing import Any
 
 import pytest
 from _testbase import ServerRunner
@@ -18,9 +19,12 @@ from test_process import read_records
 from pyswtask._core import (
     ARENA_MIN_BODY,
     FLAG_ARENA,
+    FLAG_ASYNC,
     FRAME_RESULT,
+    FRAME_TASK,
     Arena,
     Dispatcher,
+    TaskLoop,
     pack_envelope,
     pack_frame,
     parse_frames,
@@ -162,10 +166,10 @@ def test_large_tasks_beyond_the_arena_window_wait_in_the_worker_in_order_as_deli
         server.start()
     '''), timeout=80)
     burst = srv.by_event("burst")[0]
-    # 120 bodies of 64 KiB: a window of 1 MiB of them in the arena (more as the task worker
-    # takes them), the rest waiting.
+    # 120 bodies of 64 KiB: a window of 512 KiB of them in the arena (7 whole ones, more as the
+    # task worker takes them), the rest waiting.
     assert burst["sent"] + burst["waiting"] == 120, burst
-    assert burst["sent"] >= 10 and burst["waiting"] > 0, burst
+    assert burst["sent"] >= 7 and burst["waiting"] > 0, burst
     done = srv.by_event("done")[0]
     assert done["wrong"] == [] and done["order"] == list(range(120)), done
     assert (done["waiting"], done["used"], done["full"]) == (0, 0, 0), done
@@ -302,10 +306,10 @@ def test_a_task_worker_killed_with_bodies_in_its_arena_leaks_none(servers: Serve
     '''))
     recs = read_records(srv, lambda r: any(x["event"] == "burst" for x in r))
     burst = next(r for r in recs if r["event"] == "burst")
-    # 40 bodies of 64 KiB are more than a task worker's window in the arena (1 MiB): the rest
+    # 40 bodies of 64 KiB are more than a task worker's window in the arena (512 KiB): the rest
     # wait in the worker, and go to the successor with those sent again.
     assert burst["sent"] + burst["waiting"] == 40 and burst["used"] > 0, burst
-    assert burst["sent"] >= 10 and burst["waiting"] > 0, burst
+    assert burst["sent"] >= 7 and burst["waiting"] > 0, burst
     tw_pid = next(r["pid"] for r in recs if r["event"] == "tw")
     time.sleep(0.4)
     os.kill(tw_pid, signal.SIGKILL)
@@ -461,14 +465,24 @@ def test_a_reference_outside_the_arena_is_dropped_and_named() -> None:
 
 
 
-def test_a_body_in_the_arena_leaves_at_once_with_the_frames_held_before_it() -> None:
-    # Inside a loop turn, small ASYNC tasks after the first are held for the turn's end; a task
-    # whose body goes to the arena is sent at once, behind them, in order.
+def test_a_body_in_the_arena_leaves_in_one_record_with_the_frames_around_it() -> None:
+    # Inside a loop turn, ASYNC tasks after the first are held for the turn's end, a task whose
+    # body goes to the arena too (its reference is one more frame): the turn's flush sends them
+    # in one record, in order, with no send per body.
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     right.setblocking(False)
     tasks, results = Arena(1 << 20), Arena(1 << 20)
     busy = mmap.mmap(-1, 1)
-    scheduled: list[object] = []
+    scheduled: list[Any] = []
+
+    def records() -> list[list[tuple[int, bool]]]:
+        out = []
+        while True:
+            try:
+                frames = parse_frames(right.recv(65536))
+            except BlockingIOError:
+                return out
+            out.append([(f[2], bool(f[1] & FLAG_ARENA)) for f in frames])
     try:
         d = Dispatcher(0, [left.fileno()], busy, on_finish=lambda *a: None,
                        make_error=RuntimeError, make_lost=RuntimeError,
@@ -478,21 +492,57 @@ def test_a_body_in_the_arena_leaves_at_once_with_the_frames_held_before_it() -> 
         first = d.submit(small)
         held = d.submit(small)
         big = d.submit(pack_envelope("Big", "digest", [b"b" * ARENA_MIN_BODY]))
-        frames = []
-        while True:
-            try:
-                frames += parse_frames(right.recv(65536))
-            except BlockingIOError:
-                break
-        assert [(f[2], bool(f[1] & FLAG_ARENA)) for f in frames] == [
-            (first, False), (held, False), (big, True)]
-        assert len(scheduled) == 1, "the turn's flush ran"
-        scheduled.clear()
+        big2 = d.submit(pack_envelope("Big", "digest", [b"c" * ARENA_MIN_BODY]))
+        last = d.submit(small)
+        # The first went through at once; the rest wait for the turn's flush.
+        assert records() == [[(first, False)]]
+        assert len(scheduled) == 1, "one flush scheduled for the turn's end"
+        scheduled.pop()()
+        assert records() == [[(held, False), (big, True), (big2, True), (last, False)]]
         del d
     finally:
         left.close()
         right.close()
         busy.close()
+
+
+def test_large_results_of_one_record_leave_together_in_one_record() -> None:
+    # A task worker sends the results of a record's quick tasks together when the record is
+    # done, large ones in its arena too: one send and one wake-up of the worker for all four,
+    # not one each.
+    worker_end, task_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tasks, results = Arena(1 << 20), Arena(1 << 20)
+    stop_r, stop_w = os.pipe()
+    worker_end.send(b"".join(
+        pack_frame(FRAME_TASK, FLAG_ASYNC, i, 0, pack_envelope("Big", "echo", [i]))
+        for i in range(1, 5)))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            loop = TaskLoop(1, 0, [task_end.fileno()], bytearray(1), stop_r,
+                            execute=lambda env, task_id, src: (True, bytes([env[2][0]]) * 40000),
+                            on_signal=lambda b: 1, on_protocol_error=print,
+                            arenas=[(tasks, results)])
+            loop.run(2.0)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        worker_end.settimeout(10.0)
+        frames = parse_frames(worker_end.recv(65536))
+        assert [(f[0], f[2], bool(f[1] & FLAG_ARENA)) for f in frames] == [
+            (FRAME_RESULT, i, True) for i in range(1, 5)]
+        # Each reference names a block of its result's size: 40,000 bytes and their header.
+        assert [int.from_bytes(f[4][8:12], "little") for f in frames] == [40003] * 4
+        assert results.used >= 4 * 40003
+    finally:
+        os.write(stop_w, b"\x0f")
+        os.waitpid(pid, 0)
+        for fd in (stop_r, stop_w):
+            os.close(fd)
+        worker_end.close()
+        task_end.close()
 
 
 def _rss_kib(size_kib: int) -> int:

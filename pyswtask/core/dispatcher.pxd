@@ -7,8 +7,12 @@ cdef enum:
     # Bodies in a channel's arena not yet taken by its task worker, beyond which large ASYNC
     # tasks wait in the worker's backlog, unpacked when nothing in them can change (see
     # Dispatcher._submit): the task worker always has this much to run, and the ring's pages
-    # in use stay few and warm.
-    _ARENA_WINDOW = 1 << 20
+    # in use stay few and warm, in the caches of the two processes that write and read them.
+    # Measured with perf/bench_dispatch.py's ASYNC workload: 64 KiB tasks ran as fast with
+    # 256 or 512 KiB, 0.9x with 1 MiB and 0.6x with 2 MiB; against 256 KiB, 512 KiB ran 16 KiB
+    # tasks at 0.9x and 128-256 KiB ones at 1.1-1.2x. A body larger than the window goes
+    # alone, also the fastest for 1 MiB ones (two or four at a time: 0.8x, 0.55x).
+    _ARENA_WINDOW = 512 << 10
 
 cdef enum:
     _P_ASYNC = 0

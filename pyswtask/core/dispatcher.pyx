@@ -434,8 +434,8 @@ cdef class Dispatcher(RecordReader):
     the first task of a loop turn is sent at once, as Swoole's task() writes at once; tasks
     delivered after it in the same turn are queued and leave together, one record (64 KiB,
     ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
-    for the end of the turn; a task whose body went to the arena leaves at once, with what is
-    held before it. They never wait for the loop itself: when the code that delivered
+    for the end of the turn; a task whose body went to the arena is no exception (its
+    reference is one frame of the record). They never wait for the loop itself: when the code that delivered
     them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
     within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
     filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
@@ -677,10 +677,10 @@ cdef class Dispatcher(RecordReader):
                 self._sent_record(ch)
         self._put(ch, task_id, flags, entry, body)
         self.table.add(task_id, entry)
-        if ch.queued() >= _RECORD_MAX or ch.spilled:
-            # A body in the arena goes at once: one send is little next to writing the body,
-            # and the task worker starts on it while the next ones are written (held until the
-            # turn's end, a burst of them would reach it all at once, and fill the arena).
+        if ch.queued() >= _RECORD_MAX:
+            # A reference to a body in the arena waits for the record, as any frame does: a send
+            # and the task worker's wake-up cost about what writing a 64 KiB body does, and the
+            # window (_window_full) already keeps a burst from filling the arena.
             self._sent_record(ch)
         return task_id
 
@@ -753,7 +753,7 @@ cdef class Dispatcher(RecordReader):
             entry.held = False
             q.popleft()
             self.nbacklog -= 1
-            if ch.spilled or ch.queued() >= _RECORD_MAX:
+            if ch.queued() >= _RECORD_MAX:
                 ch.flush()
                 sent = True
         if ch.queued():

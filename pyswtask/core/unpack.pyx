@@ -148,29 +148,55 @@ cdef object _decode(MpReader *r, int depth):
 
 cdef extern from *:
     """
-    /* Copies n bytes to dst while checking them, a block of 64 at a time, then a word, then a
+    /* Copies n bytes to dst while checking them, a block at a time, then a word, then a
        byte; 0 at the first one with a byte above 0x7f (what was copied is then of no use).
        One pass: a body just written by another process is read once, where a check then a
        copy read it twice (CPython's decoder does so whenever the text is not 8-byte aligned
-       in the body). */
+       in the body). A block is four 16-byte registers where SSE2 has them (every x86-64):
+       gcc -O2 made the portable block loop go through the stack, and 64 KiB tasks ran
+       1.2-1.3x as fast with these. */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
     static int pyswtask_copy_ascii(unsigned char *dst, const unsigned char *src, size_t n) {
         size_t i = 0;
-        uint64_t w[8], seen;
+        uint64_t w;
+    #if defined(__SSE2__)
+        __m128i a, b, c, d;
         while (i + 64 <= n) {
-            seen = 0;
-            memcpy(w, src + i, 64);
-            for (int k = 0; k < 8; k++)
-                seen |= w[k];
-            if (seen & 0x8080808080808080ULL)
+            a = _mm_loadu_si128((const __m128i *)(src + i));
+            b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+            c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+            d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+            if (_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d))))
                 return 0;
-            memcpy(dst + i, w, 64);
+            _mm_storeu_si128((__m128i *)(dst + i), a);
+            _mm_storeu_si128((__m128i *)(dst + i + 16), b);
+            _mm_storeu_si128((__m128i *)(dst + i + 32), c);
+            _mm_storeu_si128((__m128i *)(dst + i + 48), d);
             i += 64;
         }
-        for (; i + 8 <= n; i += 8) {
-            memcpy(w, src + i, 8);
-            if (w[0] & 0x8080808080808080ULL)
+    #else
+        uint64_t w0, w1, w2, w3;
+        while (i + 32 <= n) {
+            memcpy(&w0, src + i, 8);
+            memcpy(&w1, src + i + 8, 8);
+            memcpy(&w2, src + i + 16, 8);
+            memcpy(&w3, src + i + 24, 8);
+            if ((w0 | w1 | w2 | w3) & 0x8080808080808080ULL)
                 return 0;
-            memcpy(dst + i, w, 8);
+            memcpy(dst + i, &w0, 8);
+            memcpy(dst + i + 8, &w1, 8);
+            memcpy(dst + i + 16, &w2, 8);
+            memcpy(dst + i + 24, &w3, 8);
+            i += 32;
+        }
+    #endif
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&w, src + i, 8);
+            if (w & 0x8080808080808080ULL)
+                return 0;
+            memcpy(dst + i, &w, 8);
         }
         for (; i < n; i++) {
             if (src[i] & 0x80)
