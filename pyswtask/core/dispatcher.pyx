@@ -435,11 +435,11 @@ cdef class Dispatcher(RecordReader):
     delivered after it in the same turn are queued and leave together, one record (64 KiB,
     ~600 small tasks) per send, when a record fills or when the loop runs the flush scheduled
     for the end of the turn; a task whose body went to the arena is no exception (its
-    reference is one frame of the record). They never wait for the loop itself: when the code that delivered
-    them goes on synchronously (a blocking sleep, CPU work), a flush watch thread sends them
-    within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on without
-    filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code); see
-    _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
+    reference is one frame of the record). They never wait for the loop itself: when the code
+    that delivered them goes on synchronously (a blocking sleep, CPU work), a flush watch thread
+    sends them within 1-2 ms of the last delivery, or within ~6 ms while slow deliveries go on
+    without filling a record (plus a GIL switch interval, 5 ms, under CPU-bound Python code);
+    see _FlushWatch. Tasks whose result resolves a future (submit_future: a coroutine awaits it
     next) are neither written through nor watched: all of a turn's leave in one record at its
     flush. Without a loop every task is sent at once. Either way, large ASYNC tasks given as
     their fields (submit) wait in the worker beyond their task worker's window in its arena
