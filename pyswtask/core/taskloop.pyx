@@ -569,7 +569,8 @@ cdef class TaskLoop(RecordReader):
             # worker's (ipc modes 2 and 3) on the channel back to that worker.
             if flags & _FLAG_COMMAND:
                 if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
-                    self.on_reply(task_id, ok, out if out is not None else mp_packb(value))
+                    self.on_reply(task_id, ok,
+                                  out if out is not None else mp_packb_sized(value, n))
                 return 0
             if src >= len(self.channels):
                 self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "
@@ -584,7 +585,7 @@ cdef class TaskLoop(RecordReader):
             p = ch.put_space(ftype, 0, task_id, self.worker_id, <size_t>n)
             if p == NULL:
                 # Over one record, and no room in the arena: in fragments.
-                out = mp_packb(value)
+                out = mp_packb_sized(value, n)
                 ch.put_fragments(ftype, 0, task_id, self.worker_id, PyBytes_AS_STRING(out),
                                  PyBytes_GET_SIZE(out))
             else:
