@@ -289,7 +289,9 @@ class ChildRole(Role):
         raise NotImplementedError
 
     def checked_mailbox(self, api: str) -> Mailbox:
-        mailbox = super().checked_mailbox(api)
+        mailbox = self.mailbox
+        if mailbox is None:
+            return super().checked_mailbox(api)     # raises ServerNotRunning
         # An orphan's messages would still be accepted by the surviving children's inboxes, so
         # look at the master, but at most every 10 ms: getppid() per message costs a syscall.
         now = time.monotonic()

@@ -41,7 +41,8 @@ def pack_message(type: str, data: Any, limit: int = 0) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:
         what = describe_unpackable([data], exc).replace("params[0]", "data")
         raise TypeError(f"pipe message {type!r} cannot be packed: {what}") from None
-    check_length(f"pipe message {type!r} packs", len(body), limit)
+    if limit and len(body) > limit:     # the message's name is built only for the error
+        check_length(f"pipe message {type!r} packs", len(body), limit)
     return body
 
 

@@ -106,13 +106,10 @@ class RelayClient:
         with self.behind.lock:
             self.mailbox.send(dst, body, timeout)
 
-    def send_message(self, dst: int, body: bytes, timeout: float) -> None:
+    def send_message(self, dst: int, body: bytes, timeout: float = -1.0) -> None:
         """A pipe message: written at once, or held in a burst as fire-and-forget deliveries
         are; TimeoutError when the inbox stays full (more than HIGH_WATER waiting) for timeout
-        seconds."""
-        self._send_behind(dst, body, timeout)
-
-    def _send_behind(self, dst: int, body: bytes, timeout: float = -1.0) -> None:
+        seconds (< 0: no limit)."""
         now = time.monotonic()
         at_once = now - self._last >= BURST_GAP
         self._last = now
@@ -164,7 +161,7 @@ class RelayClient:
         body = pack_raw(PIPE_TASK, (req_id, name, method, envelope, wants_reply, self.pid,
                                     ORIGIN_USER_PROCESS))
         if not wants_reply:
-            self._send_behind(worker_id, body)
+            self.send_message(worker_id, body)
             return req_id
         self.callbacks[req_id] = callback
         try:

@@ -27,14 +27,18 @@ class WriteBehind:
     coming and the sender's own writes carry them.
     """
 
-    __slots__ = ("name", "lock", "pending", "closed", "_flush", "_wait", "_linger", "_activity",
-                 "_thread")
+    __slots__ = ("name", "lock", "pending", "armed", "closed", "_flush", "_wait", "_linger",
+                 "_activity", "_thread")
 
     def __init__(self, name: str, flush: Callable[[], bool], wait: Callable[[], None], *,
                  linger: float = 0.0, activity: Callable[[], int] | None = None) -> None:
         self.name = name
         self.lock = threading.Lock()
         self.pending = threading.Event()        # set while something is queued unsent
+        # pending, read without a call: wake() runs once per queued delivery of a burst. The
+        # thread clears both under lock after a flush that left nothing, and a sender queues
+        # under lock before waking, so a True read late belongs to a flush that took its bytes.
+        self.armed = False
         self.closed = False
         self._flush = flush
         self._wait = wait
@@ -44,8 +48,9 @@ class WriteBehind:
 
     def wake(self) -> None:
         """Tells the thread that something is queued (starting it the first time)."""
-        if self.pending.is_set():
+        if self.armed:
             return
+        self.armed = True
         self.pending.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -71,6 +76,7 @@ class WriteBehind:
                         continue
             with self.lock:
                 if self._flush():
+                    self.armed = False
                     self.pending.clear()
                     continue
             self._wait()
