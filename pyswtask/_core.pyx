@@ -74,7 +74,7 @@ Each is defined, with its layout, in the file that alone builds and reads it:
   (``sentinel``, ``is_sentinel``); a record never starts with zero bytes. The wake-up, four
   0xFF bytes then a pid, ends that process's task loop's msgrcv (``wake_message``).
 - Reply datagrams (core/reply.pyx): a command's CO results on its reply socket, one record per
-  datagram (``reply_records``, ``ReplyAssembler``).
+  datagram (``reply_records``; ``ReplyWriter`` sends them, ``ReplyAssembler`` reads them).
 - Task-worker state (core/state.pyx): per task worker, uint64 slots [running task, its worker,
   last task id read from each worker] in shared memory, and the LOST frames the master makes
   from them (``TaskWorkerStates``).

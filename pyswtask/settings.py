@@ -222,10 +222,13 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds in-flight tasks get to finish when the server stops"),
     # A result that comes within the spin saves waking a sleeping process: about 8 us of a 23 us
     # round trip across CPUs on one machine, two thirds of a 100 us one on a VM whose wake-ups
-    # across CPUs cost some 40 us each. The adaptive rule bounds what it can waste.
+    # across CPUs cost some 40 us each. The adaptive rule bounds what it can waste. The task
+    # workers' side (at most 1 ms) saves the other wake-up of a program's CO round trip.
     Setting("task_wait_spin", 0.0002, _non_negative_number,
             "seconds a CO caller polls for its result before sleeping (adaptive: skipped while "
-            "round trips average more than twice this; 0 turns it off)"),
+            "round trips average more than twice this; 0 turns it off); with task_ipc_mode 2 "
+            "or 3, also how long a task worker polls the message queue after answering a "
+            "separate program's CO task, when it answered one within twice this before"),
     # Not checked: opening it at start fails on a path that cannot be written.
     Setting("pid_file", None, None, "write the master's pid here while it runs"),
     Setting("respawn_backoff_max", 5.0, _non_negative_number,

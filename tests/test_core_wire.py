@@ -7,10 +7,12 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -29,6 +31,7 @@ from pyswtask._core import (
     RECORD_MAX,
     QueueReader,
     ReplyAssembler,
+    ReplyWriter,
     TaskWorkerStates,
     hold_size,
     is_sentinel,
@@ -80,6 +83,80 @@ def test_reply_records_round_trip_at_the_fragment_boundaries(size: int, ok: bool
     assert got[:-1] == [[]] * (len(records) - 1)
     assert got[-1] == [(TID, ok, msgpack.unpackb(body))]
     assert not errors and a.bad_records == 0
+
+
+def reply_pair(pid: int, sndtimeo: float = 1.0, **kw: Any) -> tuple[
+        ReplyWriter, socket.socket, ReplyAssembler, list[tuple[int, bool]]]:
+    """A task worker's writer and a program's bound reply socket with its assembler, on a
+    prefix of this test process only."""
+    prefix = b"\0pyswtask-reply-test/%d/" % os.getpid()
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(prefix + b"%d" % pid)
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    usec = int(sndtimeo * 1e6)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", usec // 10**6,
+                                                                     usec % 10**6))
+    dropped: list[tuple[int, bool]] = []
+    writer = ReplyWriter(tx, prefix, 3, lambda tid, gone: dropped.append((tid, gone)))
+    return writer, rx, ReplyAssembler(on_protocol_error=pytest.fail, **kw), dropped
+
+
+@pytest.mark.parametrize("size", [1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+def test_a_reply_writer_reaches_the_program_by_its_pid_in_the_task_id(size: int) -> None:
+    """The writer sends what reply_records makes to the socket the task id's pid names; the
+    assembler receives it from the socket itself, whole, in its own buffer."""
+    body = msgpack.packb(None) if size == 1 else packed_of_size(size)
+    writer, rx, a, dropped = reply_pair(4242)
+    with rx:
+        writer.send(TID, True, body)
+        writer.send(TID + 1, False, msgpack.packb(["ValueError", "no", ""]))
+        got: list[tuple[int, bool, Any]] = []
+        while len(got) < 2:
+            results = a.receive(rx.fileno(), 0.0, 5.0)
+            assert results is not None, "a reply did not come"
+            got += results
+    assert got == [(TID, True, msgpack.unpackb(body)), (TID + 1, False, ["ValueError", "no", ""])]
+    assert not dropped
+
+
+def test_a_reply_to_a_gone_or_full_program_is_dropped_and_said_so() -> None:
+    writer, rx, a, dropped = reply_pair(4243, sndtimeo=0.05)
+    with rx:
+        # No socket of pid 9999: the program is gone.
+        writer.send((9999 << 32) | 1, True, msgpack.packb(1))
+        assert dropped == [((9999 << 32) | 1, True)]
+        # A program that never reads: its socket fills, and a send waits SO_SNDTIMEO, then
+        # drops that one result, and the writer goes on.
+        tid = 4243 << 32
+        while len(dropped) == 1:
+            tid += 1
+            writer.send(tid, True, msgpack.packb(tid))
+        assert dropped[1] == (tid, False)
+        first = a.receive(rx.fileno(), 0.0, 1.0)
+        assert first == [((4243 << 32) | 1, True, (4243 << 32) | 1)]
+
+
+def test_receive_polls_then_waits_and_gives_none_when_nothing_came() -> None:
+    writer, rx, a, _ = reply_pair(4244)
+    with rx:
+        t = time.monotonic()
+        assert a.receive(rx.fileno(), 0.0, 0.0) is None
+        assert a.receive(rx.fileno(), 0.02, 0.0) is None
+        assert a.receive(rx.fileno(), 0.0, 0.1) is None
+        assert time.monotonic() - t >= 0.11
+        # A reply sent during the wait ends it.
+        threading.Timer(0.05, writer.send, ((4244 << 32) | 5, True, msgpack.packb("late"))).start()
+        t = time.monotonic()
+        assert a.receive(rx.fileno(), 0.0, 5.0) == [((4244 << 32) | 5, True, "late")]
+        assert time.monotonic() - t < 4.0
+        # Longer than a record: dropped and said so, as feed() does.
+        errors: list[str] = []
+        b = ReplyAssembler(on_protocol_error=errors.append)
+        tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with tx:
+            tx.sendto(b"\0" * (RECORD_MAX + 1), rx.getsockname())
+            assert b.receive(rx.fileno(), 0.0, 1.0) == [] and b.bad_records == 1
+        assert f"a datagram of {RECORD_MAX + 1} bytes" in errors[0]
 
 
 def test_replies_of_several_tasks_interleave_and_come_out_whole() -> None:

@@ -177,6 +177,58 @@ def test_a_co_caller_polls_only_briefly_for_a_slow_result(servers: ServerRunner)
     stop(srv)
 
 
+SPIN_SERVER = '''
+    KEY, MODE, SPIN = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    server = Server(worker_num=1, task_worker_num=2, task_ipc_mode=MODE, message_queue_key=KEY,
+                    task_wait_spin=SPIN, max_wait_time=2.0)
+    # Written where the test reads them while the server runs (its output comes at the end).
+    server.on("task_worker_start",
+              lambda s, wid: open(f"task-worker-{wid}.pid", "w").write(str(os.getpid())))
+    server.start()
+'''
+
+
+def blocked_waits(pid: int) -> int:
+    """How often the main thread of pid has slept (voluntary context switches): a task worker
+    waiting in msgrcv for its next task counts one each time."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
+
+
+@pytest.mark.parametrize("mode", [2, 3])
+def test_task_workers_poll_the_queue_for_a_program_calling_in_a_loop(servers: ServerRunner,
+                                                                     mode: int) -> None:
+    """After answering a program's CO task, a task worker that answered another one lately
+    polls the queue for task_wait_spin before waiting in msgrcv: a program calling in a loop
+    finds them awake, instead of waking one per call. task_wait_spin=0 turns it off."""
+    n = 2000
+    slept = {}
+    for spin in (0.0002, 0.0):
+        key = new_key()
+        srv = servers.start(SPIN_SERVER, args=[str(key), str(mode), str(spin)])
+        wait_ready(srv, key)
+        files = [servers.tmp_path / f"task-worker-{wid}.pid" for wid in (1, 2)]
+        wait_for(lambda files=files: all(f.exists() and f.read_text() for f in files),
+                 timeout=10)
+        pids = [int(f.read_text()) for f in files]
+        for f in files:
+            f.unlink()
+        before = sum(blocked_waits(pid) for pid in pids)
+        out = command(f'''
+            results = [Task.deliver("Demo", "echo", [i]) for i in range({n})]
+            emit(event="done", ok=results == list(range({n})))
+        ''', key)
+        slept[spin] = sum(blocked_waits(pid) for pid in pids) - before
+        assert out == [{"event": "done", "ok": True}]
+        stop(srv)
+    # Off, each task is a wake-up of the task worker that takes it; on, nearly none is.
+    assert slept[0.0] >= 0.9 * n, slept
+    assert slept[0.0002] <= 0.5 * n, slept
+
+
 WORKER_WORK = '''
     KEY, MODE = int(sys.argv[1]), int(sys.argv[2])
     server = Server(worker_num=2, task_worker_num=2, task_ipc_mode=MODE, max_wait_time=2.0,

@@ -41,7 +41,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from .includes.atomic cimport (pyswt_add32, pyswt_add64, pyswt_addf64, pyswt_addi64, pyswt_cas32,
                                pyswt_load32, pyswt_pause, pyswt_store32)
 from .includes.clock cimport monotonic
-from .includes.posix cimport strnlen
+from .includes.posix cimport sched_yield, strnlen
 from .includes.python cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
                                PyErr_CheckSignals, PyFloat_FromDouble, PyLong_FromLongLong,
                                PyObject, PyUnicode_DecodeUTF8)
@@ -57,9 +57,6 @@ cdef extern from "Python.h":
     double PyFloat_AS_DOUBLE(object o)
     bint PyBytes_Check(object o)
     bint PyDict_Next(object d, Py_ssize_t *pos, PyObject **k, PyObject **v)
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
 
 TABLE_LAYOUT_VERSION = _STABLE_VERSION
 # Column types as the segment records them.

@@ -39,6 +39,9 @@ cdef class TaskLoop(RecordReader):
     cdef uint64_t qopen_task        # that body's task id, and its flags << 16 | worker
     cdef uint32_t qopen_sf
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
+    cdef double queue_spin          # (direct) how long to poll the queue after answering a program
+    cdef double spin_until          # polls the queue until then before msgrcv blocks (0: not)
+    cdef double last_reply          # monotonic time of the last answer to a program's CO task
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
     cdef TaskWorkerStates state     # read by the master if this process dies, or None
     cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
@@ -86,6 +89,8 @@ cdef class TaskLoop(RecordReader):
     cdef int _take_over(self) except -1
     cdef int _read_queue(self) except -1
     cdef int _wait_direct(self, epoll_event *evs, int wait_ms) except? -2
+    cdef int _spin_direct(self) noexcept nogil
+    cdef void _spin_after_reply(self) noexcept
     cdef int _track_open_body(self, const char *text, size_t n) except -1
     cdef int _release_queue(self) except -1
     cdef uint64_t _frame_pos(self, FrameHeader *h, const char *p) noexcept

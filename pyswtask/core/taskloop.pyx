@@ -5,6 +5,7 @@ from libc.errno cimport EINTR, errno
 from posix.unistd cimport close, read, write
 
 from .includes.clock cimport monotonic
+from .includes.posix cimport sched_yield
 from .includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_DEL, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                               epoll_create1, epoll_ctl, epoll_event, epoll_wait)
 
@@ -32,6 +33,9 @@ cdef inline bint _starts_with_later_part(const char *text, size_t n) noexcept:
 # A method whose runs average more than this is "slow": results already queued are sent before
 # it starts, so a fast task's result never waits behind a slow one that shared its record.
 cdef double _SLOW_TASK = 0.0002
+# The longest a task worker polls the queue for a program's next CO task (queue_spin): a stop
+# or a timer waits for the poll to end.
+cdef double _QUEUE_SPIN_MAX = 0.001
 # Tasks quicker than this on average mark their task worker _IDLE_QUICK while it waits: about
 # what waking a sleeping process costs here (tens of microseconds across CPUs).
 cdef double _QUICK_TASK = 0.00005
@@ -82,8 +86,8 @@ cdef class TaskLoop(RecordReader):
     def __init__(self, int worker_id, int index, fds, busy, int stop_fd, *, execute, on_signal,
                  on_protocol_error, int inbox_fd=-1, on_inbox=None, size_t high_water=4 << 20,
                  QueueReader reader=None, int queue_fd=-1, on_reply=None, on_stopping=None,
-                 TaskWorkerStates state=None, uint64_t max_tasks=0, size_t max_body=0,
-                 arenas=None):
+                 double queue_spin=0.0, TaskWorkerStates state=None, uint64_t max_tasks=0,
+                 size_t max_body=0, arenas=None):
         cdef Channel ch
         self.worker_id = worker_id
         self.who = f"task worker {worker_id}"
@@ -125,6 +129,7 @@ cdef class TaskLoop(RecordReader):
         self.qchan.body_max = max_body
         self.qopen = _NO_OPEN
         self.on_reply = on_reply
+        self.queue_spin = min(max(queue_spin, 0.0), _QUEUE_SPIN_MAX)
         self.on_stopping = on_stopping
         if reader is not None and reader.direct:
             # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
@@ -284,10 +289,19 @@ cdef class TaskLoop(RecordReader):
         if self.reader.used:
             self._read_queue()      # more than one turn's budget was waiting
         else:
-            if wait_ms > 0:
-                deadline = monotonic() + wait_ms * 1e-3
-            with nogil:
-                r = self.reader.receive(deadline, wait_ms != 0)
+            r = RECV_EMPTY
+            if self.spin_until > 0:
+                if wait_ms > 0:
+                    self.spin_until = min(self.spin_until, monotonic() + wait_ms * 1e-3)
+                if wait_ms != 0:
+                    with nogil:
+                        r = self._spin_direct()
+                self.spin_until = 0
+            if r == RECV_EMPTY:
+                if wait_ms > 0:
+                    deadline = monotonic() + wait_ms * 1e-3
+                with nogil:
+                    r = self.reader.receive(deadline, wait_ms != 0)
             if r == RECV_RECORD:
                 self.busy[self.index] = self._running_flag()
                 self._read_queue()
@@ -302,6 +316,30 @@ cdef class TaskLoop(RecordReader):
                 poll_ms = 1 if wait_ms != 0 else 0
         with nogil:
             return epoll_wait(self.epfd, evs, _EVENTS_MAX, poll_ms)
+
+    cdef int _spin_direct(self) noexcept nogil:
+        # Polls the queue until spin_until, yielding the CPU between polls: a program's next
+        # CO task is taken without a wake-up of this process, and the process a wake-up puts
+        # on this CPU meanwhile (the other task worker, the program) runs at once. With every
+        # task worker that answered lately polling, none waits in msgrcv to be handed it.
+        cdef int r
+        while True:
+            r = self.reader.receive(0, False)
+            if r != RECV_EMPTY or monotonic() >= self.spin_until:
+                return r
+            sched_yield()
+
+    cdef void _spin_after_reply(self) noexcept:
+        # Adaptive, as a CO caller's spin is: only while this task worker's answers to programs
+        # come within twice the spin of each other (a program calling in a loop), so a lone call
+        # costs no polling.
+        cdef double now
+        if self.queue_spin <= 0 or self.reader is None or not self.reader.direct:
+            return
+        now = monotonic()
+        if now - self.last_reply <= 2 * self.queue_spin:
+            self.spin_until = now + self.queue_spin
+        self.last_reply = now
 
     cdef int _read(self, Channel ch) except -1:
         # One record per wake-up: epoll is level-triggered, so a channel with more waiting comes
@@ -571,6 +609,7 @@ cdef class TaskLoop(RecordReader):
                 if not (flags & _FLAG_ASYNC) and self.on_reply is not None:
                     self.on_reply(task_id, ok,
                                   out if out is not None else mp_packb_sized(value, n))
+                    self._spin_after_reply()
                 return 0
             if src >= len(self.channels):
                 self.on_protocol_error(f"{self.who}: a queued task names worker {src}, "

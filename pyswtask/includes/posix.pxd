@@ -8,7 +8,11 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_RCVTIMEO
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_TRUNC
+        AF_UNIX
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr,
+                   unsigned int addrlen)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int setsockopt(int fd, int level, int name, const void *val, unsigned int n)
 
@@ -31,6 +35,11 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
 
+cdef extern from "<sys/un.h>" nogil:
+    struct sockaddr_un:
+        unsigned short sun_family
+        char sun_path[108]
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -40,6 +49,9 @@ cdef extern from "<poll.h>" nogil:
         POLLIN
         POLLOUT
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)

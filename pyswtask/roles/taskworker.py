@@ -153,7 +153,7 @@ class TaskWorker(ChildRole):
                           worker_id)
 
         return {"reader": reader, "queue_fd": -1 if direct else wake_fd,
-                "on_reply": replies.send,
+                "on_reply": replies.send, "queue_spin": self.server.settings["task_wait_spin"],
                 "on_stopping": on_stopping}
 
     def timer_loop(self, api: str, ms: float) -> tuple[asyncio.AbstractEventLoop, float]:

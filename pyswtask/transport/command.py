@@ -17,7 +17,6 @@ import atexit
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from typing import Any
@@ -139,7 +138,10 @@ class QueueClient:
                                   activity=lambda: int(self.sender.puts))
         self.lock = self.behind.lock
         self.reply: socket.socket | None = None
-        self.reply_wait = 0.0       # the reply socket's SO_RCVTIMEO, in seconds
+        # The reply assemblers, one per thread (each receives into a buffer of its own), kept
+        # for the thread's life: a result whose call timed out may still be coming in
+        # fragments, and completes there (then is skipped) rather than reading as strays.
+        self.assemblers = threading.local()
         self.closed = False
         atexit.register(self.close)
 
@@ -164,14 +166,16 @@ class QueueClient:
             return task_id
         started = time.monotonic()
         deadline = started + timeout
-        sock = self._reply_socket()
+        fd = self._reply_socket().fileno()
         with self.lock:
             # Everything delivered before this goes first, then this task alone.
-            self._make_room(deadline, 1, name, method)
+            if self.sender.queued:
+                self._make_room(deadline, 1, name, method)
             task_id = self.sender.put(body, dst)
             before = self.sender.queued
-            self._make_room(deadline, 1, name, method, taking_back=before)
-        result = self._wait_reply(sock, task_id, name, method, deadline, timeout)
+            if not self._flush_once():
+                self._make_room(deadline, 1, name, method, taking_back=before)
+        result = self._wait_reply(fd, task_id, name, method, deadline, timeout)
         self.rtt = self.rtt * 0.9 + (time.monotonic() - started) * 0.1
         return result
 
@@ -248,65 +252,31 @@ class QueueClient:
 
     def _reply_socket(self) -> socket.socket:
         if self.reply is None:
-            # A blocking socket with SO_RCVTIMEO: Python's own timeouts cost a poll() before
-            # each recv and an ioctl() to set them, two system calls of a round trip's few.
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(reply_address(self.msqid, self.pid))
             self.reply = sock
-            self.reply_wait = 0.0
         return self.reply
 
-    def _wait_reply(self, sock: socket.socket, task_id: int, name: str, method: str,
-                    deadline: float, timeout: float) -> Any:
-        replies = ReplyAssembler(on_protocol_error=log.error,
-                                 max_body=self.info.package_max_length)
-        # The first wait is the whole timeout (set again only when a call's timeout differs);
-        # any later one is what is left of it.
-        wait = timeout
+    def _wait_reply(self, fd: int, task_id: int, name: str, method: str, deadline: float,
+                    timeout: float) -> Any:
         # Polled first, while results usually come within twice the spin, as a worker's CO
         # caller does (task_wait_spin): a reply that finds this process running saves waking
-        # it, the larger part of a round trip where wake-ups across CPUs are dear.
+        # it, the larger part of a round trip where wake-ups across CPUs are dear. The core
+        # polls and waits without a Python call or exception per empty read.
         spin = self.wait_spin if self.wait_spin and self.rtt <= 2 * self.wait_spin else 0.0
+        replies = getattr(self.assemblers, "replies", None)
+        if replies is None:
+            replies = self.assemblers.replies = ReplyAssembler(
+                on_protocol_error=log.error, max_body=self.info.package_max_length)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TaskTimeout.after(f"task {name}.{method}", timeout)
-            record = _poll_reply(sock, spin) if spin else None
+            results = replies.receive(fd, spin, left)
             spin = 0.0
-            if record is None:
-                if wait != self.reply_wait:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait))
-                    self.reply_wait = wait
-                wait = left
-                try:
-                    record = sock.recv(1 << 17)
-                except BlockingIOError:     # SO_RCVTIMEO ran out
-                    continue
-            try:
-                results = replies.feed(record)
-            except ValueError as exc:
-                log.error("malformed reply dropped: %s", exc)
-                continue
-            for tid, ok, value in results:
+            for tid, ok, value in results or ():
                 if tid != task_id:
                     continue        # the reply to an earlier call that timed out
                 if not ok:
                     raise TaskError.from_wire(value)
                 return value
-
-
-def _poll_reply(sock: socket.socket, seconds: float) -> bytes | None:
-    """A record the reply socket receives within seconds, polling without sleeping; None."""
-    until = time.monotonic() + seconds
-    while True:
-        try:
-            return sock.recv(1 << 17, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if time.monotonic() >= until:
-                return None
-
-
-def _timeval(seconds: float) -> bytes:
-    """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO; never zero, which means "for ever"."""
-    usec = max(1, round(seconds * 1e6))
-    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)

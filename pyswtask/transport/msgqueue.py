@@ -47,6 +47,7 @@ import sysv_ipc  # type: ignore[import-not-found]
 from .._core import (
     PART_TYPE_BASE,
     RECORD_MAX,
+    ReplyWriter,
     hold_size,
     is_last_part,
     is_sentinel,
@@ -60,7 +61,7 @@ from .._core import (
 from ..sysv import pid_alive, private_queue_key
 
 __all__ = ["ServerQueue", "QueueInfo", "read_info", "parse_key", "system_msgmax",
-           "reply_address", "queue_stat", "ReplySender", "IPC_MODES", "IpcMode"]
+           "reply_address", "reply_prefix", "queue_stat", "ReplySender", "IPC_MODES", "IpcMode"]
 
 log = logging.getLogger("pyswtask.queue")
 
@@ -102,7 +103,12 @@ def system_msgmax() -> int:
 
 def reply_address(msqid: int, pid: int) -> bytes:
     """The abstract unix socket a command reads its CO results on."""
-    return b"\0pyswtask-reply/%d/%d" % (msqid, pid)
+    return reply_prefix(msqid) + b"%d" % pid
+
+
+def reply_prefix(msqid: int) -> bytes:
+    """The reply sockets' addresses of one queue, up to the command's pid."""
+    return b"\0pyswtask-reply/%d/" % msqid
 
 
 @dataclass(frozen=True)
@@ -400,26 +406,23 @@ class ServerQueue:
 
 
 class ReplySender:
-    """A task worker's side of the reply sockets: results of CO tasks from commands."""
+    """A task worker's side of the reply sockets: results of CO tasks from commands. ``send``
+    is the core's writer itself (no Python call per result); only a result it could not
+    deliver comes back here, to be logged."""
 
     def __init__(self, msqid: int, worker_id: int) -> None:
-        self.msqid = msqid
-        self.worker_id = worker_id
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        # A command that does not read its replies must not hold up the task worker for long.
-        # SO_SNDTIMEO, not settimeout(): Python polls before each send of a socket with a
-        # timeout, a system call per reply that a reply socket with room never needs.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 1, 0))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # A command that does not read its replies must not hold up the task worker for long:
+        # SO_SNDTIMEO on a blocking socket (settimeout would make the core's sends fail at once
+        # on a full socket).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 1, 0))
+        self.send = ReplyWriter(sock, reply_prefix(msqid), worker_id, _reply_dropped).send
 
-    def send(self, task_id: int, ok: bool, body: bytes) -> None:
-        addr = reply_address(self.msqid, task_id >> 32)
-        try:
-            for record in reply_records(task_id, ok, self.worker_id, body):
-                self.sock.sendto(record, addr)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("result of task %d dropped: its command (pid %d) is gone", task_id,
-                     task_id >> 32)
-        except BlockingIOError:     # SO_SNDTIMEO ran out
-            log.warning("result of task %d dropped: its command (pid %d) does not read "
-                        "its replies", task_id, task_id >> 32)
 
+def _reply_dropped(task_id: int, gone: bool) -> None:
+    if gone:
+        log.info("result of task %d dropped: its command (pid %d) is gone", task_id,
+                 task_id >> 32)
+    else:
+        log.warning("result of task %d dropped: its command (pid %d) does not read its "
+                    "replies", task_id, task_id >> 32)
