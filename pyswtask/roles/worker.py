@@ -285,7 +285,10 @@ class Worker(ChildRole):
         """ASYNC on a user process's (or the crontab's) behalf: its envelope names it as the
         origin, with its CO deadline, and FINISH_TASK gets its origin from ``relayed``. The
         tasks of one "tasks" message (``burst``) leave together (see relay.Burst)."""
-        dispatcher = self.task_dispatcher("Task.deliver")
+        # On the loop's thread (its mailbox reader), so only the dispatcher itself is checked.
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            dispatcher = self.task_dispatcher("Task.deliver")   # raises: no task workers
         if burst is None:
             return dispatcher.submit(envelope, -1, relayed)
         return dispatcher.submit(envelope, burst.dst(dispatcher.pick_for_burst), relayed, True)

@@ -85,7 +85,9 @@ def dispatch_messages(mailbox: Mailbox, target: Any, intercept: Intercept | None
         count += 1
         if intercept is not None and intercept(mtype, data, src):
             continue
-        events.trigger(Event.PIPE_MESSAGE, target, mtype, data, src)
+        # Checked first: a user process's task messages come by the thousand, mostly unheard.
+        if events.has_listeners(Event.PIPE_MESSAGE):
+            events.trigger(Event.PIPE_MESSAGE, target, mtype, data, src)
     return count
 
 
