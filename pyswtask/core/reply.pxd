@@ -23,3 +23,5 @@ cdef class ReplyWriter:
     cdef size_t prefix_len
     cdef unsigned int addr_len
     cdef long pid                   # whose address addr holds (-1: none yet)
+
+    cdef void _shrink(self) noexcept

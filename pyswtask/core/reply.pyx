@@ -11,6 +11,7 @@
 from libc.errno cimport EAGAIN, ECONNREFUSED, EINTR, ENOENT, errno
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdio cimport snprintf
+from libc.stdlib cimport free
 from libc.string cimport memcpy
 
 from .includes.clock cimport monotonic
@@ -170,6 +171,7 @@ cdef class ReplyWriter:
                     PyErr_CheckSignals()
                     continue
                 ch.out.start = ch.out.end        # the rest of a body is of no use alone
+                self._shrink()
                 if err == ECONNREFUSED or err == ENOENT:
                     self.on_dropped(task_id, True)
                 elif err == EAGAIN:
@@ -178,3 +180,13 @@ cdef class ReplyWriter:
                     raise OSError(err, f"send of the result of task {task_id} failed")
                 return
             ch.out.start += n
+        self._shrink()
+
+    cdef void _shrink(self) noexcept:
+        # A large result's fragments grew the buffer: let it go, so that one big answer does not
+        # hold its size for the task worker's life.
+        cdef Channel ch = self.chan
+        if ch.out.cap > (<size_t>_RECORD_MAX) * 4:
+            free(ch.out.data)
+            ch.out.data = NULL
+            ch.out.cap = ch.out.start = ch.out.end = 0
