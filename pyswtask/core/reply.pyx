@@ -75,7 +75,9 @@ cdef class ReplyAssembler(RecordReader):
             if err == EAGAIN and wait > 0:
                 pfd.fd = fd
                 pfd.events = POLLIN
-                r = poll(&pfd, 1, <int>(wait * 1000.0) + 1)
+                # At most a day per call (the caller waits again for what is left): an int of
+                # milliseconds holds about 24 days.
+                r = poll(&pfd, 1, <int>(min(wait, 86400.0) * 1000.0) + 1)
                 if r > 0:
                     n = recv(fd, self.scratch, _RECORD_MAX, MSG_DONTWAIT | MSG_TRUNC)
                     err = errno if n < 0 else 0

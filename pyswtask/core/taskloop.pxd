@@ -40,8 +40,8 @@ cdef class TaskLoop(RecordReader):
     cdef uint32_t qopen_sf
     cdef object on_reply            # on_reply(task_id, ok, body): results for commands
     cdef double queue_spin          # (direct) how long to poll the queue after answering a program
-    cdef double spin_until          # polls the queue until then before msgrcv blocks (0: not)
     cdef double last_reply          # monotonic time of the last answer to a program's CO task
+    cdef bint spin_next             # poll until last_reply + queue_spin before msgrcv blocks
     cdef object on_stopping         # on_stopping(): tells the reader thread to finish
     cdef TaskWorkerStates state     # read by the master if this process dies, or None
     cdef readonly uint64_t max_tasks  # stop after this many tasks (0: never)
@@ -89,7 +89,7 @@ cdef class TaskLoop(RecordReader):
     cdef int _take_over(self) except -1
     cdef int _read_queue(self) except -1
     cdef int _wait_direct(self, epoll_event *evs, int wait_ms) except? -2
-    cdef int _spin_direct(self) noexcept nogil
+    cdef int _spin_direct(self, double until) noexcept nogil
     cdef void _spin_after_reply(self) noexcept
     cdef int _track_open_body(self, const char *text, size_t n) except -1
     cdef int _release_queue(self) except -1

@@ -129,7 +129,9 @@ cdef class TaskLoop(RecordReader):
         self.qchan.body_max = max_body
         self.qopen = _NO_OPEN
         self.on_reply = on_reply
-        self.queue_spin = min(max(queue_spin, 0.0), _QUEUE_SPIN_MAX)
+        # Only a loop that waits in msgrcv itself polls the queue.
+        self.queue_spin = (min(max(queue_spin, 0.0), _QUEUE_SPIN_MAX)
+                           if reader is not None and reader.direct else 0.0)
         self.on_stopping = on_stopping
         if reader is not None and reader.direct:
             # This thread waits in msgrcv; the reader's watch thread waits on this epoll.
@@ -285,18 +287,19 @@ cdef class TaskLoop(RecordReader):
         here, at once), until the watch or a signal ends it (the channels' and other events
         are then polled), or wait_ms (< 0: no limit). As epoll_wait, returns the events."""
         cdef int r, poll_ms = 0
-        cdef double deadline = 0.0
+        cdef double deadline = 0.0, until
         if self.reader.used:
             self._read_queue()      # more than one turn's budget was waiting
         else:
             r = RECV_EMPTY
-            if self.spin_until > 0:
-                if wait_ms > 0:
-                    self.spin_until = min(self.spin_until, monotonic() + wait_ms * 1e-3)
+            if self.spin_next:
+                self.spin_next = False
                 if wait_ms != 0:
+                    until = self.last_reply + self.queue_spin
+                    if wait_ms > 0:
+                        until = min(until, monotonic() + wait_ms * 1e-3)
                     with nogil:
-                        r = self._spin_direct()
-                self.spin_until = 0
+                        r = self._spin_direct(until)
             if r == RECV_EMPTY:
                 if wait_ms > 0:
                     deadline = monotonic() + wait_ms * 1e-3
@@ -317,15 +320,15 @@ cdef class TaskLoop(RecordReader):
         with nogil:
             return epoll_wait(self.epfd, evs, _EVENTS_MAX, poll_ms)
 
-    cdef int _spin_direct(self) noexcept nogil:
-        # Polls the queue until spin_until, yielding the CPU between polls: a program's next
+    cdef int _spin_direct(self, double until) noexcept nogil:
+        # Polls the queue until then, yielding the CPU between polls: a program's next
         # CO task is taken without a wake-up of this process, and the process a wake-up puts
         # on this CPU meanwhile (the other task worker, the program) runs at once. With every
         # task worker that answered lately polling, none waits in msgrcv to be handed it.
         cdef int r
         while True:
             r = self.reader.receive(0, False)
-            if r != RECV_EMPTY or monotonic() >= self.spin_until:
+            if r != RECV_EMPTY or monotonic() >= until:
                 return r
             sched_yield()
 
@@ -334,11 +337,10 @@ cdef class TaskLoop(RecordReader):
         # come within twice the spin of each other (a program calling in a loop), so a lone call
         # costs no polling.
         cdef double now
-        if self.queue_spin <= 0 or self.reader is None or not self.reader.direct:
+        if self.queue_spin <= 0:
             return
         now = monotonic()
-        if now - self.last_reply <= 2 * self.queue_spin:
-            self.spin_until = now + self.queue_spin
+        self.spin_next = now - self.last_reply <= 2 * self.queue_spin
         self.last_reply = now
 
     cdef int _read(self, Channel ch) except -1:
